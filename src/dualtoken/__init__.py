@@ -1,0 +1,24 @@
+"""DualToken: one vision tokenizer, two residual-quantized vocabularies (pixel and semantic)."""
+
+from .config import DecoderConfig, QuantizerConfig, TokenizerConfig, get_config, list_models
+from .errors import CheckpointError, CodesError, ConfigError, DataError, DualTokenError, ImageError
+from .tokenizer import DualTokenizer, DualTokenizerOutput, DualTokens
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DualTokenizer",
+    "DualTokens",
+    "DualTokenizerOutput",
+    "TokenizerConfig",
+    "QuantizerConfig",
+    "DecoderConfig",
+    "get_config",
+    "list_models",
+    "DualTokenError",
+    "ConfigError",
+    "ImageError",
+    "CodesError",
+    "CheckpointError",
+    "DataError",
+]

@@ -1,0 +1,71 @@
+"""The backbone contract: what the tokenizer asks of a pretrained vision network, and nothing more.
+
+A backbone is a stack of ``num_layers`` numbered layers between an embedding (layer 0) and a pooling head.
+The tokenizer runs it layer by layer, reads token features at the taps, and at the semantic tap replaces the
+layer's output with quantized features before the remaining layers run. Every tap is seen on one token grid.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class Backbone(nn.Module, ABC):
+    """A pretrained vision network seen as ``embed -> layer 1..L -> pool``, with token views at every layer."""
+
+    image_size: tuple[int, int]  # (H, W) the input the network expects
+    grid: tuple[int, int]  # (h, w) the token grid shared by every tap
+    num_layers: int  # L
+    pooled_width: int  # width of pool()'s output (SigLIP: W; a classifier: its number of classes)
+
+    @abstractmethod
+    def tap_width(self, layer: int) -> int:
+        """Channels of the token features of ``layer`` (as returned by :meth:`to_tokens`)."""
+
+    @abstractmethod
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Layer 0: images (B, 3, H, W) in [-1, 1] -> the backbone's native state."""
+
+    @abstractmethod
+    def run_layer(self, layer: int, state: torch.Tensor) -> torch.Tensor:
+        """Apply layer ``layer`` (1-based) to the state left by layer ``layer - 1``."""
+
+    @abstractmethod
+    def to_tokens(self, layer: int, state: torch.Tensor) -> torch.Tensor:
+        """The state after ``layer`` as tokens (B, h*w, tap_width(layer)), row-major over the grid."""
+
+    @abstractmethod
+    def from_tokens(self, layer: int, tokens: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_tokens`: a native state after ``layer`` built from tokens."""
+
+    @abstractmethod
+    def pool(self, state: torch.Tensor) -> torch.Tensor:
+        """The head on the state after the last layer -> (B, pooled_width)."""
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute layer activations in the backward pass (saves memory); a no-op where unsupported."""
+        self.gradient_checkpointing = enabled
+
+    def forward_all(self, images: torch.Tensor, stop: int | None = None) -> list[torch.Tensor]:
+        """Unquantized states [layer 0, ..., layer stop] (default: all layers): what a frozen teacher gives."""
+        stop = self.num_layers if stop is None else stop
+        state = self.embed(images)
+        states = [state]
+        for layer in range(1, stop + 1):
+            state = self.run_layer(layer, state)
+            states.append(state)
+        return states
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config, model_dir: str | Path | None = None) -> Backbone:
+        """Build with random weights from the config (weights usually follow from a checkpoint)."""
+
+    @classmethod
+    @abstractmethod
+    def teacher(cls, config, model_dir: str | Path | None = None) -> Backbone:
+        """The frozen pretrained network (from ``config.pretrained``): the distillation target in training."""

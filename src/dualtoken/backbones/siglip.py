@@ -1,0 +1,121 @@
+"""SigLIP / SigLIP 2 vision tower through transformers' own SigLIP modules, run layer by layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.checkpoint import checkpoint
+from transformers import SiglipVisionConfig, SiglipVisionModel
+
+from ..config import SiglipBackboneConfig
+from ..errors import CheckpointError, ConfigError
+from .base import Backbone
+
+
+def _hf_config(config: SiglipBackboneConfig) -> SiglipVisionConfig:
+    hf = SiglipVisionConfig(
+        hidden_size=config.width,
+        intermediate_size=config.mlp_width,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        hidden_act=config.hidden_act,
+        layer_norm_eps=config.layer_norm_eps,
+    )
+    hf._attn_implementation = "sdpa"
+    return hf
+
+
+def resolve_pretrained(config: SiglipBackboneConfig, model_dir: str | Path | None) -> Path | None:
+    """The pretrained SigLIP folder of ``config`` (relative paths are taken from the model folder)."""
+    if config.pretrained is None:
+        return None
+    path = Path(config.pretrained)
+    if not path.is_absolute() and model_dir is not None:
+        path = Path(model_dir) / path
+    return path
+
+
+def config_from_pretrained(path: str | Path) -> SiglipBackboneConfig:
+    """Read the vision-tower numbers of a local SigLIP folder (SiglipModel or SiglipVisionModel format)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} is not a SigLIP folder in save_pretrained format (no config.json)")
+    hf = SiglipVisionConfig.from_pretrained(path)
+    return SiglipBackboneConfig(
+        image_size=hf.image_size,
+        patch_size=hf.patch_size,
+        width=hf.hidden_size,
+        num_layers=hf.num_hidden_layers,
+        num_heads=hf.num_attention_heads,
+        mlp_width=hf.intermediate_size,
+        layer_norm_eps=hf.layer_norm_eps,
+        hidden_act=hf.hidden_act,
+        pretrained=str(path),
+    )
+
+
+class SiglipBackbone(Backbone):
+    """``embed`` = patch + position embeddings; layer i = encoder layer i; ``pool`` = post-LN + MAP head."""
+
+    def __init__(self, config: SiglipBackboneConfig, vision_model: torch.nn.Module) -> None:
+        super().__init__()
+        if config.image_size % config.patch_size:
+            raise ConfigError(f"image_size {config.image_size} is not a multiple of patch_size {config.patch_size}")
+        self.config = config
+        self.vision_model = vision_model  # transformers' SiglipVisionTransformer
+        side = config.image_size // config.patch_size
+        self.image_size = (config.image_size, config.image_size)
+        self.grid = (side, side)
+        self.num_layers = config.num_layers
+        self.pooled_width = config.width
+        self.gradient_checkpointing = False
+
+    @classmethod
+    def from_config(cls, config: SiglipBackboneConfig, model_dir: str | Path | None = None) -> SiglipBackbone:
+        return cls(config, SiglipVisionModel(_hf_config(config)).vision_model)
+
+    @classmethod
+    def teacher(cls, config: SiglipBackboneConfig, model_dir: str | Path | None = None) -> SiglipBackbone:
+        path = resolve_pretrained(config, model_dir)
+        if path is None:
+            raise ConfigError("backbone.pretrained is not set: a frozen teacher needs the pretrained SigLIP folder")
+        found = config_from_pretrained(path)
+        if (found.width, found.num_layers, found.patch_size, found.image_size) != (
+            config.width,
+            config.num_layers,
+            config.patch_size,
+            config.image_size,
+        ):
+            raise CheckpointError(f"SigLIP folder {path} does not match the backbone config ({found} vs {config})")
+        model = SiglipVisionModel.from_pretrained(path, torch_dtype=torch.float32, attn_implementation="sdpa")
+        teacher = cls(config, model.vision_model).eval()
+        teacher.requires_grad_(False)
+        return teacher
+
+    def tap_width(self, layer: int) -> int:
+        return self.config.width
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        weight = self.vision_model.embeddings.patch_embedding.weight
+        return self.vision_model.embeddings(images.to(weight.dtype))  # (B, h*w, W)
+
+    def run_layer(self, layer: int, state: torch.Tensor) -> torch.Tensor:
+        module = self.vision_model.encoder.layers[layer - 1]
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            out = checkpoint(module, state, None, use_reentrant=False)
+        else:
+            out = module(state, None)
+        return out[0] if isinstance(out, tuple) else out
+
+    def to_tokens(self, layer: int, state: torch.Tensor) -> torch.Tensor:
+        return state
+
+    def from_tokens(self, layer: int, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens
+
+    def pool(self, state: torch.Tensor) -> torch.Tensor:
+        hidden = self.vision_model.post_layernorm(state)
+        return self.vision_model.head(hidden)  # (B, W)

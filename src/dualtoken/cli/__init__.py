@@ -1,0 +1,1 @@
+"""The ``dualtoken`` command line: argument parsing and error reporting; every command calls the Python API."""

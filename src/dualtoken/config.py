@@ -1,0 +1,323 @@
+"""Configs: one dataclass per component, a JSON round trip that rejects unknown keys, and the named-config registry.
+
+Every number the model uses lives here. Backbone configs are chosen by their ``kind`` field, so a new backbone
+family registers its config class with :func:`register_backbone_config` and nothing else changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generic JSON round trip
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A plain JSON-ready dict of a config dataclass (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check ``value`` against a type hint and convert JSON forms (lists -> tuples, dicts -> dataclasses)."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {hint}")
+    if origin is typing.Literal:
+        if value not in typing.get_args(hint):
+            raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(hint))}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(hint)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
+            items = [_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+        else:
+            item_hint = args[0] if args else Any
+            items = [_coerce(v, item_hint, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected an object, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        return from_dict(hint, value, where)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported config type {hint}")
+
+
+def from_dict(cls: type[T], data: Any, where: str | None = None) -> T:
+    """Build config ``cls`` from a dict, raising :class:`ConfigError` on unknown keys or wrong types."""
+    where = where or cls.__name__
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected an object, got {data!r}")
+    if hasattr(cls, "resolve_class"):
+        cls = cls.resolve_class(data, where)  # type: ignore[attr-defined]
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(names)}")
+    kwargs = {name: _coerce(value, hints[name], f"{where}.{name}") for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def apply_overrides(config: T, overrides: list[str]) -> T:
+    """Return a copy of ``config`` with ``key.sub=value`` overrides applied (values parsed as JSON, else string).
+
+    The result goes through :func:`from_dict`, so an unknown key or a wrongly typed value raises ConfigError.
+    """
+    data = to_dict(config)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected the form key.sub=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a config section")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(f"override {item!r}: unknown key {key!r}")
+        node[parts[-1]] = value
+    return from_dict(type(config), data)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Components
+# ----------------------------------------------------------------------------------------------------------------
+
+_BACKBONE_CONFIGS: dict[str, type] = {}
+
+
+def register_backbone_config(kind: str):
+    """Class decorator: make a backbone config class selectable by its ``kind`` value."""
+
+    def wrap(cls):
+        _BACKBONE_CONFIGS[kind] = cls
+        return cls
+
+    return wrap
+
+
+@dataclass
+class BackboneConfig:
+    """Base of the backbone configs; ``kind`` picks the concrete class when reading JSON."""
+
+    kind: str = "siglip"
+
+    @classmethod
+    def resolve_class(cls, data: dict, where: str) -> type:
+        kind = data.get("kind", "siglip")
+        if kind not in _BACKBONE_CONFIGS:
+            # importing the backbones package registers the built-in families
+            from . import backbones  # noqa: F401
+        if kind not in _BACKBONE_CONFIGS:
+            raise ConfigError(f"{where}.kind: unknown backbone {kind!r}; known: {sorted(_BACKBONE_CONFIGS)}")
+        return _BACKBONE_CONFIGS[kind]
+
+
+@register_backbone_config("siglip")
+@dataclass
+class SiglipBackboneConfig(BackboneConfig):
+    """A SigLIP / SigLIP 2 (fixed resolution) vision tower, built with transformers' own SigLIP modules."""
+
+    kind: str = "siglip"
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    mlp_width: int = 3072
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu_pytorch_tanh"
+    # a local SigLIP folder in save_pretrained format (relative paths are resolved against the model folder):
+    # the frozen teacher for training and the text tower for zero-shot evaluation
+    pretrained: str | None = None
+
+
+@dataclass
+class QuantizerConfig:
+    """A residual quantizer with one codebook shared by all depths, updated by EMA with dead-code restart."""
+
+    codebook_size: int = 16384
+    code_dim: int = 32
+    depth: int = 8
+    decay: float = 0.99
+    eps: float = 1e-5
+    restart_unused_codes: bool = True
+    restart_noise: float = 0.01
+    # "per_depth": an EMA update inside each depth (the release's `rq`, pixel branch);
+    # "per_step": one update per forward after all depths (the release's `rq_ema`, semantic branch)
+    ema_schedule: typing.Literal["per_depth", "per_step"] = "per_depth"
+    # the release's `rq_ema` aliasing quirk: the per-step update uses the final residual Q times
+    per_step_final_residual: bool = False
+    # rows per block of the nearest-code search: bounds the distance matrix held in memory
+    search_block_rows: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("codebook_size", "code_dim", "depth", "search_block_rows"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"QuantizerConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.decay < 1.0:
+            raise ConfigError(f"QuantizerConfig.decay must be in [0, 1), got {self.decay}")
+
+
+@dataclass
+class ProjectionConfig:
+    """AttnProjection (down W->D non-causal head-averaged; up D->W causal); heads have width = code_dim."""
+
+    mlp_ratio: int = 2
+    norm_eps: float = 1e-5
+    mlp_norm_eps: float = 1e-6
+
+
+@dataclass
+class DecoderConfig:
+    """Post-quant ResNet block and the taming-style conv decoder."""
+
+    channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 1, 4, 4, 8)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (24,)
+    resolution: int = 384
+    in_channels: int = 1024
+    latent_size: tuple[int, int] | None = None
+    out_channels: int = 3
+    norm_groups: int = 32
+    norm_eps: float = 1e-6
+    dropout: float = 0.0
+
+    @property
+    def upsample_factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+
+@dataclass
+class TokenizerConfig:
+    """The whole DualToken tokenizer: backbone taps, two vocabularies, the pixel decoder."""
+
+    name: str = "custom"
+    backbone: BackboneConfig = field(default_factory=SiglipBackboneConfig)
+    pixel_layer: int = 6
+    shortcut_layer: int | None = 4
+    shortcut_weight: float = 0.6
+    semantic_layer: int = 26
+    pixel_quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    semantic_quantizer: QuantizerConfig = field(
+        default_factory=lambda: QuantizerConfig(ema_schedule="per_step")
+    )
+    projection: ProjectionConfig = field(default_factory=ProjectionConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+
+    def __post_init__(self) -> None:
+        if self.pixel_layer > self.semantic_layer:
+            raise ConfigError(
+                f"pixel_layer ({self.pixel_layer}) must not come after semantic_layer ({self.semantic_layer})"
+            )
+        if self.shortcut_layer is not None and not 1 <= self.shortcut_layer <= self.semantic_layer:
+            raise ConfigError(f"shortcut_layer ({self.shortcut_layer}) must be in 1..semantic_layer")
+        if self.pixel_layer < 1:
+            raise ConfigError(f"pixel_layer must be >= 1, got {self.pixel_layer}")
+        num_layers = getattr(self.backbone, "num_layers", None)
+        if num_layers is not None and self.semantic_layer > num_layers:
+            raise ConfigError(f"semantic_layer ({self.semantic_layer}) exceeds the backbone's {num_layers} layers")
+
+    def to_json(self) -> str:
+        return json.dumps(to_dict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> TokenizerConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config is not valid JSON: {exc}") from None
+        return from_dict(cls, data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> TokenizerConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        return cls.from_json(path.read_text())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Named configs (JSON files shipped in dualtoken/configs)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _named_config_files() -> dict[str, Any]:
+    folder = resources.files("dualtoken") / "configs"
+    return {p.name[: -len(".json")]: p for p in folder.iterdir() if p.name.endswith(".json")}
+
+
+def list_models() -> list[str]:
+    """Names accepted by ``DualTokenizer.from_config`` (architectures) and ``from_pretrained`` (trained models)."""
+    from .pretrained import list_pretrained
+
+    return sorted(set(_named_config_files()) | set(list_pretrained()))
+
+
+def get_config(name: str) -> TokenizerConfig:
+    """The named architecture config, e.g. ``dualtoken-tiny``."""
+    files = _named_config_files()
+    if name not in files:
+        raise ConfigError(f"unknown config name {name!r}; known: {sorted(files)}")
+    return TokenizerConfig.from_json(files[name].read_text())
