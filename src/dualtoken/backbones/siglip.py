@@ -90,7 +90,7 @@ class SiglipBackbone(Backbone):
             config.image_size,
         ):
             raise CheckpointError(f"SigLIP folder {path} does not match the backbone config ({found} vs {config})")
-        model = SiglipVisionModel.from_pretrained(path, torch_dtype=torch.float32, attn_implementation="sdpa")
+        model = SiglipVisionModel.from_pretrained(path, attn_implementation="sdpa").float()
         teacher = cls(config, model.vision_model).eval()
         teacher.requires_grad_(False)
         return teacher

@@ -1,0 +1,301 @@
+"""DualTokenizer: one pretrained backbone, a pixel vocabulary at a shallow tap, a semantic vocabulary at a deep tap.
+
+    image -> backbone layers 1..semantic_layer -> taps -> down-projections -> latents (B, h*w, D)
+          -> residual quantizers -> codes (B, h, w, Q) and quantized latents
+             pixel:    up-projection -> decoder -> image
+             semantic: up-projection -> replaces the semantic layer's output -> remaining layers -> pooled embedding
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .backbones import Backbone, backbone_class
+from .config import TokenizerConfig, get_config
+from .decoder import PixelDecoder
+from .errors import CodesError, ConfigError, ImageError
+from .projection import AttnProjection
+from .quantizer import QuantizerOutput, ResidualQuantizer
+
+BRANCHES = ("pixel", "semantic")
+
+
+@dataclass
+class DualTokens:
+    """The two code tensors of a batch of images, each (B, h, w, Q) int64, row-major over the grid."""
+
+    pixel: torch.Tensor
+    semantic: torch.Tensor
+
+
+@dataclass
+class DualTokenizerOutput:
+    """Everything a training step needs from one forward."""
+
+    pixel_codes: torch.Tensor  # (B, h, w, Qp)
+    semantic_codes: torch.Tensor  # (B, h, w, Qs)
+    pixel_latent: torch.Tensor  # (B, h*w, D) quantizer input
+    semantic_latent: torch.Tensor  # (B, h*w, D)
+    pixel_quantized: torch.Tensor  # (B, h*w, D) straight-through
+    semantic_quantized: torch.Tensor  # (B, h*w, D)
+    semantic_features: torch.Tensor  # (B, h*w, W) replaces the semantic layer's output
+    pooled: torch.Tensor  # (B, pooled_width)
+    reconstruction: torch.Tensor  # (B, 3, H, W), unclamped, [-1, 1] scale
+    pixel_commitment: torch.Tensor  # scalar
+    semantic_commitment: torch.Tensor  # scalar
+    hidden_states: list[torch.Tensor] | None = None  # [layer 0 .. L]; layers after the semantic tap are quantized-path
+
+    @property
+    def tokens(self) -> DualTokens:
+        return DualTokens(self.pixel_codes, self.semantic_codes)
+
+
+@dataclass
+class _Taps:
+    pixel_latent: torch.Tensor  # (B, h*w, D)
+    semantic_latent: torch.Tensor  # (B, h*w, D)
+    hidden_states: list[torch.Tensor] | None
+
+
+class Branch(nn.Module):
+    """One vocabulary: down-projection to the code width, residual quantizer, up-projection back to the tap width."""
+
+    def __init__(self, width: int, quantizer: ResidualQuantizer, projection_config) -> None:
+        super().__init__()
+        code_dim = quantizer.config.code_dim
+        self.down = AttnProjection(width, code_dim, code_dim, projection_config)
+        self.quantizer = quantizer
+        self.up = AttnProjection(code_dim, width, code_dim, projection_config)
+
+
+class DualTokenizer(nn.Module):
+    """The DualToken tokenizer. Build with :meth:`from_config` or :meth:`from_pretrained`."""
+
+    def __init__(self, config: TokenizerConfig, backbone: Backbone) -> None:
+        super().__init__()
+        self.config = config
+        self.model_dir: Path | None = None
+        self.loading_info: dict[str, list[str]] = {"missing": [], "unexpected": []}
+        self.backbone = backbone
+        pixel_width = backbone.tap_width(config.pixel_layer)
+        self.pixel = Branch(pixel_width, ResidualQuantizer(config.pixel_quantizer), config.projection)
+        self.pixel_shortcut = None
+        if config.shortcut_layer is not None:
+            if backbone.tap_width(config.shortcut_layer) != pixel_width:
+                raise ConfigError("the shortcut tap must have the pixel tap's width")
+            code_dim = config.pixel_quantizer.code_dim
+            self.pixel_shortcut = AttnProjection(
+                pixel_width, code_dim, code_dim, config.projection
+            )
+        semantic_width = backbone.tap_width(config.semantic_layer)
+        self.semantic = Branch(semantic_width, ResidualQuantizer(config.semantic_quantizer), config.projection)
+        self.decoder = PixelDecoder(pixel_width, backbone.grid, config.decoder)
+        expected = tuple(s * config.decoder.upsample_factor for s in (config.decoder.latent_size or backbone.grid))
+        if expected != backbone.image_size:
+            raise ConfigError(
+                f"the decoder outputs {expected} images but the backbone takes {backbone.image_size}: "
+                "adjust decoder.channel_mult or decoder.latent_size"
+            )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # construction and checkpoints
+    # ------------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(
+        cls, name_or_config: str | TokenizerConfig, backbone_path: str | Path | None = None
+    ) -> DualTokenizer:
+        """A new tokenizer: random weights, or the backbone's pretrained weights from a local folder."""
+        config = get_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
+        if backbone_path is not None:
+            if not hasattr(config.backbone, "pretrained"):
+                raise ConfigError(f"backbone kind {config.backbone.kind!r} takes no pretrained folder")
+            config = dataclasses.replace(
+                config, backbone=dataclasses.replace(config.backbone, pretrained=str(Path(backbone_path).resolve()))
+            )
+        family = backbone_class(config.backbone.kind)
+        tokenizer = cls(config, family.from_config(config.backbone))
+        if backbone_path is not None:
+            tokenizer.backbone.load_state_dict(family.teacher(config.backbone).state_dict())
+        return tokenizer
+
+    @classmethod
+    def from_pretrained(cls, path_or_name: str | Path, strict: bool = False) -> DualTokenizer:
+        """Load a folder written by :meth:`save_pretrained` (or an embedded model by name), in eval mode."""
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(cls, path_or_name, strict=strict)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (tokenizer weights only, never a teacher)."""
+        from .checkpoint import save_pretrained
+
+        return save_pretrained(self, path)
+
+    def teacher(self) -> Backbone:
+        """The frozen pretrained backbone (the distillation target), built from ``config.backbone``."""
+        return backbone_class(self.config.backbone.kind).teacher(self.config.backbone, self.model_dir)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # shapes
+    # ------------------------------------------------------------------------------------------------------------
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.backbone.image_size
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.backbone.grid
+
+    @property
+    def pixel_depth(self) -> int:
+        return self.config.pixel_quantizer.depth
+
+    @property
+    def semantic_depth(self) -> int:
+        return self.config.semantic_quantizer.depth
+
+    def branch(self, name: str) -> Branch:
+        if name not in BRANCHES:
+            raise CodesError(f"unknown branch {name!r}; expected 'pixel' or 'semantic'")
+        return self.pixel if name == "pixel" else self.semantic
+
+    def codebook_size(self, branch: str) -> int:
+        return self.branch(branch).quantizer.codebook_size
+
+    def codebook(self, branch: str) -> torch.Tensor:
+        """The current code vectors (K, D) of a vocabulary."""
+        return self.branch(branch).quantizer.codebook
+
+    # ------------------------------------------------------------------------------------------------------------
+    # the forward pass
+    # ------------------------------------------------------------------------------------------------------------
+
+    def forward(self, images: torch.Tensor, output_hidden_states: bool = False) -> DualTokenizerOutput:
+        """Tokenize, reconstruct and pool. In training mode the quantizers update their codebooks (EMA)."""
+        taps = self._run_to_taps(images, output_hidden_states)
+        pixel: QuantizerOutput = self.pixel.quantizer(taps.pixel_latent)
+        semantic: QuantizerOutput = self.semantic.quantizer(taps.semantic_latent)
+        semantic_features = self.semantic.up(semantic.quantized)  # (B, h*w, W)
+        pooled = self._pool_from(semantic_features, taps.hidden_states)
+        reconstruction = self.decoder(self.pixel.up(pixel.quantized))
+        return DualTokenizerOutput(
+            pixel_codes=self._grid_codes(pixel.codes),
+            semantic_codes=self._grid_codes(semantic.codes),
+            pixel_latent=taps.pixel_latent,
+            semantic_latent=taps.semantic_latent,
+            pixel_quantized=pixel.quantized,
+            semantic_quantized=semantic.quantized,
+            semantic_features=semantic_features,
+            pooled=pooled,
+            reconstruction=reconstruction,
+            pixel_commitment=pixel.commitment,
+            semantic_commitment=semantic.commitment,
+            hidden_states=taps.hidden_states,
+        )
+
+    def _run_to_taps(self, images: torch.Tensor, keep_hidden: bool = False) -> _Taps:
+        """Run layers 1..semantic_layer and project the taps down to the code width."""
+        self.check_images(images)
+        cfg, backbone = self.config, self.backbone
+        state = backbone.embed(images)
+        hidden = [state] if keep_hidden else None
+        pixel_latent = shortcut_latent = semantic_latent = None
+        for layer in range(1, cfg.semantic_layer + 1):
+            state = backbone.run_layer(layer, state)
+            if hidden is not None:
+                hidden.append(state)
+            if layer == cfg.pixel_layer:
+                pixel_latent = self.pixel.down(backbone.to_tokens(layer, state))
+            if layer == cfg.shortcut_layer:
+                shortcut_latent = self.pixel_shortcut(backbone.to_tokens(layer, state))
+            if layer == cfg.semantic_layer:
+                semantic_latent = self.semantic.down(backbone.to_tokens(layer, state))
+        if shortcut_latent is not None:
+            pixel_latent = pixel_latent + cfg.shortcut_weight * shortcut_latent
+        return _Taps(pixel_latent, semantic_latent, hidden)
+
+    def _pool_from(self, semantic_features: torch.Tensor, hidden: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Continue from the quantized semantic features through the remaining layers, then the head."""
+        state = self.backbone.from_tokens(self.config.semantic_layer, semantic_features)
+        for layer in range(self.config.semantic_layer + 1, self.backbone.num_layers + 1):
+            state = self.backbone.run_layer(layer, state)
+            if hidden is not None:
+                hidden.append(state)
+        return self.backbone.pool(state)
+
+    def _grid_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes.view(codes.shape[0], *self.grid, codes.shape[-1])  # (B, h, w, Q)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # the tokens API
+    # ------------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> DualTokens:
+        """Images (B, 3, H, W) in [-1, 1] -> both code tensors; never updates the codebooks."""
+        taps = self._run_to_taps(images)
+        pixel = self.pixel.quantizer(taps.pixel_latent, update=False)
+        semantic = self.semantic.quantizer(taps.semantic_latent, update=False)
+        return DualTokens(self._grid_codes(pixel.codes), self._grid_codes(semantic.codes))
+
+    def decode(self, pixel_codes: torch.Tensor) -> torch.Tensor:
+        """Pixel codes (B, h, w, k), any 1 <= k <= Q first depths -> images (B, 3, H, W), unclamped."""
+        latent = self.code_embeddings(pixel_codes, "pixel", per_depth=False)  # (B, h, w, D)
+        return self.decoder(self.pixel.up(latent.flatten(1, 2)))
+
+    def semantic_features(self, semantic_codes: torch.Tensor) -> torch.Tensor:
+        """Semantic codes (B, h, w, k) -> up-projected features (B, h*w, W), what the remaining layers receive."""
+        latent = self.code_embeddings(semantic_codes, "semantic", per_depth=False)  # (B, h, w, D)
+        return self.semantic.up(latent.flatten(1, 2))
+
+    def pooled_embedding(self, semantic_codes: torch.Tensor) -> torch.Tensor:
+        """Semantic codes -> the backbone head's output (B, pooled_width) through the remaining layers."""
+        return self._pool_from(self.semantic_features(semantic_codes))
+
+    def code_embeddings(self, codes: torch.Tensor, branch: str, per_depth: bool = True) -> torch.Tensor:
+        """Code vectors (B, h, w, Q, D), or their sum over depth (B, h, w, D) when ``per_depth`` is False."""
+        quantizer = self.branch(branch).quantizer
+        self.check_codes(codes, branch)
+        vectors = quantizer.lookup(codes)
+        return vectors if per_depth else vectors.sum(dim=-2)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # input checks
+    # ------------------------------------------------------------------------------------------------------------
+
+    def check_images(self, images: torch.Tensor) -> None:
+        """Raise ImageError unless ``images`` is a float tensor (B, 3, H, W) of the model's size in [-1, 1]."""
+        expected = f"a float tensor (B, 3, {self.image_size[0]}, {self.image_size[1]}) with values in [-1, 1]"
+        if not isinstance(images, torch.Tensor):
+            raise ImageError(f"images must be {expected}, got {type(images).__name__}")
+        if not images.is_floating_point():
+            raise ImageError(f"images must be {expected}, got dtype {images.dtype}")
+        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != self.image_size:
+            raise ImageError(f"images must be {expected}, got shape {tuple(images.shape)}")
+        if images.numel() == 0:
+            raise ImageError(f"images must be {expected}, got an empty batch")
+        low, high = float(images.min()), float(images.max())
+        if not (low >= -1.01 and high <= 1.01):
+            raise ImageError(
+                f"images must be {expected}, got values in [{low:.3g}, {high:.3g}] "
+                "(use dualtoken.io.load_image, or x / 127.5 - 1 for uint8 data)"
+            )
+
+    def check_codes(self, codes: torch.Tensor, branch: str) -> None:
+        """Raise CodesError unless ``codes`` is an integer tensor (B, h, w, k), 1 <= k <= Q, values in [0, K)."""
+        quantizer = self.branch(branch).quantizer
+        h, w = self.grid
+        expected = f"integer {branch} codes (B, {h}, {w}, k) with 1 <= k <= {quantizer.depth} and values in [0, {quantizer.codebook_size})"
+        if not isinstance(codes, torch.Tensor) or codes.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise CodesError(f"expected {expected}, got {getattr(codes, 'dtype', type(codes).__name__)}")
+        if codes.ndim != 4 or tuple(codes.shape[1:3]) != self.grid or not 1 <= codes.shape[-1] <= quantizer.depth:
+            raise CodesError(f"expected {expected}, got shape {tuple(codes.shape)}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= quantizer.codebook_size):
+            raise CodesError(f"expected {expected}, got values in [{int(codes.min())}, {int(codes.max())}]")
