@@ -1,0 +1,123 @@
+"""Image I/O: read any PIL-readable file safely, resize + centre-crop + normalise to [-1, 1], and back to uint8."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+MAX_PIXELS = 16384 * 16384  # decompression-bomb guard: larger images are refused
+
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
+def open_rgb(source: str | Path | BinaryIO) -> Image.Image:
+    """Decode an image fully as 8-bit RGB: EXIF rotation applied, alpha composited on white, 16-bit scaled down."""
+    name = str(source) if isinstance(source, (str, Path)) else "upload"
+    try:
+        with Image.open(source) as image:
+            image = ImageOps.exif_transpose(image)
+            image.load()
+            return _to_rgb(image)
+    except FileNotFoundError:
+        raise ImageError(f"image file not found: {name}") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{name}: image too large ({exc})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{name}: not a readable image ({exc})") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        scale = 65535.0 if array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / scale * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    if image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(array * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def resize_center_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resize the shortest side to fit ``size`` (H, W) with bicubic filtering, then crop the centre."""
+    height, width = size
+    scale = max(height / image.height, width / image.width)
+    new_size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    if new_size != image.size:
+        image = image.resize(new_size, Image.BICUBIC)
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB PIL image -> float (3, H, W) in [-1, 1] (mean = std = 0.5 normalisation)."""
+    array = np.asarray(image, dtype=np.float32)  # (H, W, 3) in 0..255
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous() / 127.5 - 1.0
+
+
+def load_image(source: str | Path | BinaryIO, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Read an image file -> float (3, H, W) in [-1, 1], resized and centre-cropped to ``size`` when given."""
+    image = open_rgb(source)
+    if size is not None:
+        image = resize_center_crop(image, size)
+    return to_tensor(image)
+
+
+def load_images(sources: list[str | Path], size: tuple[int, int]) -> torch.Tensor:
+    """Several files -> (B, 3, H, W) in [-1, 1]."""
+    return torch.stack([load_image(s, size) for s in sources])
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Images in [-1, 1], (3, H, W) or (B, 3, H, W) -> uint8 (H, W, 3) or (B, H, W, 3); clamps and rounds."""
+    if images.ndim not in (3, 4) or images.shape[-3] != 3:
+        raise ImageError(f"expected (3, H, W) or (B, 3, H, W) images, got {tuple(images.shape)}")
+    pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.movedim(-3, -1).numpy()
+
+
+def save_image(image: torch.Tensor | np.ndarray, path: str | Path) -> Path:
+    """Write one image ((3, H, W) in [-1, 1], or uint8 (H, W, 3)) as a file, atomically."""
+    array = image if isinstance(image, np.ndarray) else to_uint8(image)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    Image.fromarray(array).save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files below ``folder`` (recursive), sorted; ImageError when there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ImageError(f"not a folder: {folder}")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ImageError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    return files
+
+
+def expand_inputs(inputs: list[str | Path]) -> list[Path]:
+    """Files and folders given on a command line -> a flat sorted list of image files."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files.extend(list_images(path))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ImageError(f"no such file or folder: {path}")
+    return files
