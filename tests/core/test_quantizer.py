@@ -1,0 +1,113 @@
+import pytest
+import torch
+
+from dualtoken.config import QuantizerConfig
+from dualtoken.quantizer import ResidualQuantizer, nearest_codes
+
+
+def plain_nearest(vectors, codebook):
+    distances = torch.addmm(vectors.pow(2).sum(1, keepdim=True) + codebook.t().pow(2).sum(0, keepdim=True), vectors, codebook.t(), alpha=-2.0)
+    return distances.argmin(1)
+
+
+@pytest.mark.parametrize("block_rows", [1, 7, 64, 1000])
+def test_blocked_search_equals_the_full_distance_matrix(block_rows):
+    g = torch.Generator().manual_seed(0)
+    vectors, codebook = torch.randn(333, 16, generator=g), torch.randn(500, 16, generator=g)
+    assert torch.equal(nearest_codes(vectors, codebook, block_rows), plain_nearest(vectors, codebook))
+
+
+def test_ties_take_the_first_index():
+    codebook = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    assert nearest_codes(torch.tensor([[1.0, 0.0]]), codebook).item() == 0
+
+
+def make(schedule="per_depth", K=32, D=4, Q=3, **kw):
+    torch.manual_seed(0)
+    return ResidualQuantizer(QuantizerConfig(codebook_size=K, code_dim=D, depth=Q, ema_schedule=schedule, **kw))
+
+
+def test_residual_encoding_and_decoding():
+    q = make().eval()
+    x = torch.randn(2, 5, 4)
+    out = q(x)
+    assert out.codes.shape == (2, 5, 3)
+    # forward value is the sum of the code vectors; decode reproduces it
+    torch.testing.assert_close(out.quantized, q.decode(out.codes), atol=1e-6, rtol=0)
+    # each depth reduces the residual on average
+    errors = [(x - q.decode(out.codes[..., :k])).pow(2).mean() for k in range(1, 4)]
+    assert errors[0] > errors[1] > errors[2]
+    partial = [q.decode(out.codes[..., :k]) for k in range(1, 4)]
+    expected = torch.stack([(x - a).pow(2).mean() for a in partial]).mean()
+    torch.testing.assert_close(out.commitment, expected)
+
+
+def test_gradient_reaches_the_input_only():
+    q = make().train()
+    x = torch.randn(4, 4, requires_grad=True)
+    out = q(x)
+    (out.quantized.sum() + out.commitment).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert list(q.parameters()) == []  # the codebook is a buffer, never optimised
+
+
+def test_eval_mode_and_update_false_change_nothing():
+    q = make().train()
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    q(torch.randn(16, 4), update=False)
+    q.eval()(torch.randn(16, 4))
+    for k, v in q.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_ema_update_follows_the_formula():
+    q = make(restart_unused_codes=False, K=8, D=2, Q=1)
+    vectors = torch.randn(20, 2)
+    codes = torch.randint(0, 8, (20,))
+    cs, es = q.cluster_size.clone(), q.embed_sum.clone()
+    q._ema_update(vectors, codes)
+    counts = torch.bincount(codes, minlength=8).float()
+    sums = torch.zeros(8, 2).index_add_(0, codes, vectors)
+    cs = 0.99 * cs + 0.01 * counts
+    es = 0.99 * es + 0.01 * sums
+    total = cs.sum()
+    smoothed = total * (cs + 1e-5) / (total + 8 * 1e-5)
+    torch.testing.assert_close(q.codebook, es / smoothed[:, None])
+    torch.testing.assert_close(q.cluster_size, cs)
+
+
+def test_dead_codes_are_restarted_from_batch_vectors():
+    q = make(K=8, D=2, Q=1)
+    vectors = torch.randn(3, 2) * 100  # fewer vectors than codes: tiled with small noise
+    q._ema_update(vectors, torch.zeros(3, dtype=torch.long))
+    assert torch.all(q.cluster_size >= 1)  # every dead code restarted with size 1
+    # restarted rows are batch vectors plus noise below 0.01 / sqrt(D)
+    restarted = q.embed_sum[1:]
+    distance = torch.cdist(restarted, vectors).min(dim=1).values
+    assert torch.all(distance < 0.01)
+
+
+def test_per_step_uses_every_depth_residual_unless_the_release_quirk_is_on():
+    x = torch.randn(6, 4)
+    intended, quirk = make("per_step").train(), make("per_step", per_step_final_residual=True).train()
+    calls = {}
+    for name, q in (("intended", intended), ("quirk", quirk)):
+        original = q._ema_update
+        q._ema_update = lambda v, c, name=name, original=original: (calls.__setitem__(name, v.clone()), original(v, c))
+        q(x)
+    codes = make("per_step").eval()(x).codes
+    eval_q = make("per_step").eval()
+    residuals = [x - eval_q.decode(codes[..., :k]) if k else x for k in range(3)]
+    torch.testing.assert_close(calls["intended"], torch.cat(residuals), atol=1e-6, rtol=0)
+    final = x - eval_q.decode(codes)
+    torch.testing.assert_close(calls["quirk"], final.repeat(3, 1), atol=1e-6, rtol=0)
+
+
+def test_bf16_autocast_keeps_the_float32_code_choices():
+    q = make(K=256, D=8, Q=4).eval()
+    x = torch.randn(64, 8)
+    reference = q(x).codes
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = q(x)
+    assert torch.equal(out.codes, reference)
+    assert out.quantized.dtype == torch.float32
