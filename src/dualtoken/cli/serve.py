@@ -1,0 +1,94 @@
+"""``dualtoken serve``: the tokenization service and its web page, on uvicorn (loopback by default)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ..config import apply_overrides, from_dict
+from ..errors import ConfigError
+from ..serving import ServeConfig, create_app
+from ..serving.mllm import load_mllm
+from .tokens import default_model, load_model
+
+
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    """ServeConfig from --config (JSON), then --set overrides, then the explicit flags."""
+    config = ServeConfig()
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise ConfigError(f"--config {path}: no such file; expected a JSON object of ServeConfig fields")
+        try:
+            config = from_dict(ServeConfig, json.loads(path.read_text()))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--config {path} is not valid JSON: {exc}") from None
+    flags = {
+        "host": args.host,
+        "port": args.port,
+        "max_batch": args.max_batch,
+        "max_wait_ms": args.max_wait_ms,
+        "max_queue": args.max_queue,
+        "torch_threads": args.threads,
+    }
+    explicit = [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
+    return apply_overrides(config, [*args.set, *explicit])
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    config = serve_config(args)
+    if config.torch_threads is not None:
+        torch.set_num_threads(config.torch_threads)
+    tokenizer = load_model(args.model or default_model())
+    mllm = load_mllm(args.mllm, tokenizer) if args.mllm else None
+    app = create_app(tokenizer, mllm=mllm, config=config)
+    if not _is_loopback(config.host):
+        print(
+            f"note: listening on {config.host}, reachable from other machines; the API has no authentication",
+            file=sys.stderr,
+        )
+    print(
+        f"dualtoken serve: {tokenizer.config.name} on http://{config.host}:{config.port}/ (API docs at /docs)"
+    )
+    uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level)
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="HTTP tokenization service + web page (loopback by default)")
+    p.add_argument("--model", default=None, help="model folder, embedded model or architecture name")
+    p.add_argument("--mllm", default=None, help="an MLLM folder: adds /v1/chat and /v1/generate")
+    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    p.add_argument(
+        "--max-batch", type=int, default=None, help="micro-batch size; 1 turns batching off (default 8)"
+    )
+    p.add_argument(
+        "--max-wait-ms", type=float, default=None, help="how long a batch waits to fill (default 5)"
+    )
+    p.add_argument(
+        "--max-queue", type=int, default=None, help="waiting requests per queue before 503 (default 64)"
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--config", default=None, help="JSON file of ServeConfig fields")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a ServeConfig field"
+    )
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)

@@ -1,0 +1,222 @@
+"""The ASGI app: the HTTP API over a TokenizerService (and an optional MLLM), its error mapping, and the page.
+
+Route signatures are read by FastAPI at run time, so this module keeps real (not postponed) annotations: the
+limits of the chat and generate fields come from the ServeConfig.
+
+Status codes: 400 for input the model cannot use (unreadable image, wrong code shapes, out-of-range codes), 413 for
+bodies or images over the limits, 422 for requests missing a field or of the wrong type, 503 when a queue is full.
+"""
+
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Annotated, Any
+
+from fastapi import Body, FastAPI, File, Form, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from .. import __version__
+from ..errors import CodesError, DualTokenError
+from .batcher import QueueFullError
+from .codes import code_usage, codes_from_json
+from .config import ServeConfig
+from .limits import BodySizeLimit, ImageTooLargeError
+from .mllm import MllmService, MultimodalModel
+from .schemas import (
+    ChatResponse,
+    DecodeRequest,
+    EncodeResponse,
+    ErrorResponse,
+    HealthResponse,
+    ModelsResponse,
+    ReconstructResponse,
+)
+from .service import BRANCHES, Reconstruction, TokenizerService
+from .visuals import png_bytes, png_data_url
+
+STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
+PNG_RESPONSE = {"content": {"image/png": {}}, "description": "a PNG image"}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    descriptions = {
+        400: "bad input: unreadable image, wrong code shape or out-of-range codes",
+        413: "request body or image over the server's limits",
+        503: "the queue is full; retry later",
+    }
+    return {code: {"model": ErrorResponse, "description": descriptions[code]} for code in codes}
+
+
+def create_app(tokenizer, mllm: MultimodalModel | None = None, config: ServeConfig | None = None) -> FastAPI:
+    """A FastAPI app serving ``tokenizer`` (a DualTokenizer) and, when given, ``mllm`` (see MultimodalModel)."""
+    config = config or ServeConfig()
+    service = TokenizerService(tokenizer, config)
+    chat = MllmService(mllm, config, service.model_lock) if mllm is not None else None
+    batchers = service.batchers + (chat.batchers if chat else [])
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        for batcher in batchers:
+            batcher.close()
+
+    app = FastAPI(
+        title="dualtoken",
+        version=__version__,
+        description="DualToken tokenization service: pixel and semantic residual codes of images, and back.",
+        lifespan=lifespan,
+    )
+    app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
+    app.state.service = service
+    app.state.batchers = {batcher.name: batcher for batcher in batchers}
+    _add_error_handlers(app)
+    _add_tokenizer_routes(app, service, config, has_mllm=chat is not None)
+    if chat is not None:
+        _add_mllm_routes(app, service, chat, config)
+    _add_page_routes(app)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    def reply(status: int, exc: Exception, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
+
+    @app.exception_handler(ImageTooLargeError)
+    async def too_large(_request, exc: ImageTooLargeError) -> JSONResponse:
+        return reply(413, exc)
+
+    @app.exception_handler(DualTokenError)
+    async def bad_input(_request, exc: DualTokenError) -> JSONResponse:
+        return reply(400, exc)
+
+    @app.exception_handler(QueueFullError)
+    async def busy(_request, exc: QueueFullError) -> JSONResponse:
+        return reply(503, exc, headers={"Retry-After": "1"})
+
+
+def _add_tokenizer_routes(
+    app: FastAPI, service: TokenizerService, config: ServeConfig, has_mllm: bool
+) -> None:
+    info = service.describe()
+    grid = tuple(info["grid"])
+    upload = Annotated[UploadFile, File(description="an image file (PNG, JPEG, WebP, ...)")]
+
+    @app.get("/healthz", response_model=HealthResponse)
+    async def healthz() -> dict[str, Any]:
+        pending = {name: batcher.pending for name, batcher in app.state.batchers.items()}
+        return {"status": "ok", "model": service.name, "pending": pending}
+
+    @app.get("/v1/models", response_model=ModelsResponse)
+    async def models() -> dict[str, Any]:
+        batching = {
+            "max_batch": config.max_batch,
+            "max_wait_ms": config.max_wait_ms,
+            "max_queue": config.max_queue,
+        }
+        return {"models": [info], "mllm": has_mllm, "batching": batching}
+
+    @app.post("/v1/encode", response_model=EncodeResponse, responses=_errors(400, 413, 503))
+    async def encode(image: upload) -> dict[str, Any]:
+        """Both code tensors of one image, with their shapes."""
+        tensor = await run_in_threadpool(service.preprocess, await image.read())
+        codes = await service.encoder.run(tensor)
+        return {
+            "model": service.name,
+            **{
+                b: {
+                    "shape": list(codes[b].shape),
+                    "codebook_size": info["codebook_size"][b],
+                    "codes": codes[b].tolist(),
+                }
+                for b in BRANCHES
+            },
+        }
+
+    @app.post("/v1/decode", response_class=Response, responses={200: PNG_RESPONSE, **_errors(400, 413, 503)})
+    async def decode(request: DecodeRequest) -> Response:
+        """Pixel codes (h, w, q) -> a PNG of their reconstruction from the first k depths."""
+        codes = await run_in_threadpool(
+            codes_from_json,
+            request.pixel,
+            grid,
+            service.depth("pixel"),
+            info["codebook_size"]["pixel"],
+            "pixel",
+        )
+        depth = codes.shape[-1]
+        k = depth if request.k is None else request.k
+        if k > depth:
+            raise CodesError(f"k = {k} but the codes have only {depth} depths; expected 1 <= k <= {depth}")
+        pixels = await service.decoder.run((codes, k))
+        return Response(await run_in_threadpool(png_bytes, pixels), media_type="image/png")
+
+    @app.post("/v1/reconstruct", response_model=ReconstructResponse, responses=_errors(400, 413, 503))
+    async def reconstruct(image: upload) -> dict[str, Any]:
+        """The reconstruction and its PSNR / SSIM at every depth prefix k, token maps, and the codes used."""
+        tensor = await run_in_threadpool(service.preprocess, await image.read())
+        result = await service.reconstructor.run(tensor)
+        return await run_in_threadpool(_reconstruction_view, result, info, config)
+
+
+def _reconstruction_view(result: Reconstruction, info: dict[str, Any], config: ServeConfig) -> dict[str, Any]:
+    steps = [
+        {"k": k + 1, "image": png_data_url(image), "psnr": psnr, "ssim": ssim}
+        for k, (image, psnr, ssim) in enumerate(zip(result.reconstructions, result.psnr, result.ssim))
+    ]
+    branches = {}
+    for branch in BRANCHES:
+        size = info["codebook_size"][branch]
+        branches[branch] = {
+            "codes": result.codes[branch].tolist(),
+            "codebook_size": size,
+            "token_maps": [png_data_url(picture) for picture in result.embedding_maps[branch]],
+            "code_maps": [png_data_url(picture) for picture in result.code_maps[branch]],
+            "usage": code_usage(result.codes[branch], size, config.top_codes, config.usage_bins),
+        }
+    return {
+        "model": info["name"],
+        "image_size": info["image_size"],
+        "grid": info["grid"],
+        "original": png_data_url(result.original),
+        "steps": steps,
+        **branches,
+    }
+
+
+def _add_mllm_routes(app: FastAPI, service: TokenizerService, chat: MllmService, config: ServeConfig) -> None:
+    @app.post("/v1/chat", response_model=ChatResponse, responses=_errors(400, 413, 503))
+    async def chat_about_image(
+        image: Annotated[UploadFile, File(description="the image the question is about")],
+        question: Annotated[str, Form(min_length=1, max_length=config.max_prompt_chars)],
+    ) -> dict[str, str]:
+        """Answer a question about an uploaded image."""
+        tensor = await run_in_threadpool(service.preprocess, await image.read())
+        return {"answer": await chat.chatter.run((tensor, question))}
+
+    @app.post(
+        "/v1/generate", response_class=Response, responses={200: PNG_RESPONSE, **_errors(400, 413, 503)}
+    )
+    async def generate(
+        prompt: Annotated[str, Body(min_length=1, max_length=config.max_prompt_chars)],
+        cfg_scale: Annotated[float, Body(ge=0.0, le=config.max_cfg_scale, allow_inf_nan=False)] = 3.0,
+        seed: Annotated[int, Body(ge=0, le=2**63 - 1)] = 0,
+    ) -> Response:
+        """Generate an image from a text prompt (classifier-free guidance scale, seed) as a PNG."""
+        pixels = await chat.generator.run((prompt, cfg_scale, seed))
+        return Response(await run_in_threadpool(png_bytes, pixels), media_type="image/png")
+
+
+def _add_page_routes(app: FastAPI) -> None:
+    folder = resources.files("dualtoken.serving") / "static"
+    # read once: a request names one of these keys, never a file
+    assets = {name: (folder / name).read_bytes() for name in STATIC_FILES}
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(assets["index.html"])
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static(name: str) -> Response:
+        if name not in assets:
+            return JSONResponse({"detail": f"no static file {name!r}"}, status_code=404)
+        return Response(assets[name], media_type=STATIC_FILES[name])

@@ -1,0 +1,99 @@
+"""Request and response bodies of the HTTP API (they make the served OpenAPI document)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+CodeGrid = list[list[list[int]]]  # (h, w, Q): row-major grid, the residual codes of each position
+
+
+class CodeTensor(BaseModel):
+    shape: list[int] = Field(description="[h, w, Q]")
+    codebook_size: int
+    codes: CodeGrid
+
+
+class EncodeResponse(BaseModel):
+    model: str
+    pixel: CodeTensor
+    semantic: CodeTensor
+
+
+class DecodeRequest(BaseModel):
+    pixel: CodeGrid = Field(description="pixel codes (h, w, q), 1 <= q <= the model's pixel depth")
+    k: int | None = Field(
+        default=None, ge=1, description="decode only the first k depths (default: all given)"
+    )
+
+
+class DepthStep(BaseModel):
+    k: int
+    image: str = Field(description="the reconstruction from the first k pixel depths, a PNG data URL")
+    psnr: float | None = Field(description="dB against the preprocessed input; null where exact")
+    ssim: float
+
+
+class CodeUsage(BaseModel):
+    unique: int
+    codebook_fraction: float
+    per_depth_unique: list[int]
+    top: list[list[int]] = Field(description="the most used codes as [code, count] pairs")
+    histogram: list[int] = Field(description="uses per equal range of the codebook")
+
+
+class BranchView(BaseModel):
+    codes: CodeGrid
+    codebook_size: int
+    token_maps: list[str] = Field(
+        description="PNG data URLs, one (h x w) picture per depth prefix k = 1..Q: the summed code embeddings, "
+        "coloured by their three principal components"
+    )
+    code_maps: list[str] = Field(
+        description="PNG data URLs, one (h x w) picture per depth: code ids as colours"
+    )
+    usage: CodeUsage
+
+
+class ReconstructResponse(BaseModel):
+    model: str
+    image_size: list[int]
+    grid: list[int]
+    original: str = Field(description="the preprocessed input, a PNG data URL")
+    steps: list[DepthStep]
+    pixel: BranchView
+    semantic: BranchView
+
+
+class ModelInfo(BaseModel):
+    name: str
+    image_size: list[int]
+    grid: list[int]
+    pixel_depth: int
+    semantic_depth: int
+    codebook_size: dict[str, int]
+
+
+class BatchingInfo(BaseModel):
+    max_batch: int
+    max_wait_ms: float
+    max_queue: int
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelInfo]
+    mllm: bool
+    batching: BatchingInfo
+
+
+class HealthResponse(BaseModel):
+    status: str
+    model: str
+    pending: dict[str, int] = Field(description="requests waiting, per queue")
+
+
+class ChatResponse(BaseModel):
+    answer: str
+
+
+class ErrorResponse(BaseModel):
+    detail: str

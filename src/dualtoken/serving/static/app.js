@@ -1,0 +1,254 @@
+// The dualtoken page: upload an image, walk through the depth prefixes, look at both vocabularies.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { model: null, result: null, file: null };
+
+function setStatus(text, isError = false) {
+  $("status").textContent = text;
+  $("status").classList.toggle("error", isError);
+}
+
+async function errorText(response) {
+  try {
+    const body = await response.json();
+    return typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
+  } catch (_) {
+    return response.statusText;
+  }
+}
+
+async function loadModel() {
+  const response = await fetch("/v1/models");
+  const body = await response.json();
+  const m = body.models[0];
+  state.model = m;
+  $("model-info").textContent =
+    `${m.name} · ${m.image_size[0]}×${m.image_size[1]} px · ${m.grid[0]}×${m.grid[1]} tokens · ` +
+    `pixel ${m.pixel_depth} × ${m.codebook_size.pixel} codes · semantic ${m.semantic_depth} × ${m.codebook_size.semantic} codes`;
+  $("mllm").hidden = !body.mllm;
+}
+
+async function reconstruct(file) {
+  state.file = file;
+  setStatus(`Tokenizing ${file.name}…`);
+  const form = new FormData();
+  form.append("image", file);
+  const response = await fetch("/v1/reconstruct", { method: "POST", body: form });
+  if (!response.ok) {
+    setStatus(`Could not tokenize ${file.name}: ${await errorText(response)}`, true);
+    return;
+  }
+  state.result = await response.json();
+  renderResult();
+  setStatus(`${file.name}: ${state.model.grid[0] * state.model.grid[1]} positions, each with ` +
+    `${state.model.pixel_depth} pixel + ${state.model.semantic_depth} semantic codes.`);
+}
+
+function renderResult() {
+  const r = state.result;
+  const depth = r.steps.length;
+  $("original-image").src = r.original;
+  const slider = $("depth-slider");
+  slider.max = String(depth);
+  slider.value = String(depth);
+  renderStrip();
+  renderQuality();
+  renderUsage("pixel", $("pixel-usage"));
+  renderUsage("semantic", $("semantic-usage"));
+  $("results").hidden = false;
+  showDepth(depth);
+}
+
+function showDepth(k) {
+  const r = state.result;
+  const step = r.steps[k - 1];
+  const kSemantic = Math.min(k, r.semantic.token_maps.length);
+  $("recon-image").src = step.image;
+  $("recon-caption").textContent = `reconstruction, k = ${k}`;
+  $("depth-label").textContent = `k = ${k} of ${r.steps.length}`;
+  $("depth-metrics").textContent = `PSNR ${formatPsnr(step.psnr)} dB · SSIM ${step.ssim.toFixed(3)}`;
+  $("pixel-map").src = r.pixel.token_maps[k - 1];
+  $("semantic-map").src = r.semantic.token_maps[kSemantic - 1];
+  $("pixel-codes").src = r.pixel.code_maps[k - 1];
+  $("semantic-codes").src = r.semantic.code_maps[kSemantic - 1];
+  document.querySelectorAll(".k-now").forEach((e) => (e.textContent = `k = ${k}`));
+  document.querySelectorAll(".k-pixel").forEach((e) => (e.textContent = String(k)));
+  document.querySelectorAll(".k-semantic").forEach((e) => (e.textContent = String(kSemantic)));
+  document.querySelectorAll("#depth-strip figure").forEach((f, i) => f.classList.toggle("active", i === k - 1));
+  document.querySelectorAll("#depth-table tbody tr").forEach((row, i) => row.classList.toggle("active", i === k - 1));
+  document.querySelectorAll("#psnr-chart circle").forEach((c, i) => c.classList.toggle("active", i === k - 1));
+}
+
+function formatPsnr(value) {
+  return value === null ? "∞" : value.toFixed(2);
+}
+
+function renderStrip() {
+  const strip = $("depth-strip");
+  strip.replaceChildren();
+  state.result.steps.forEach((step) => {
+    const figure = document.createElement("figure");
+    const img = document.createElement("img");
+    img.src = step.image;
+    img.alt = `reconstruction, k = ${step.k}`;
+    const caption = document.createElement("figcaption");
+    caption.textContent = `k = ${step.k}`;
+    figure.append(img, caption);
+    figure.addEventListener("click", () => {
+      $("depth-slider").value = String(step.k);
+      showDepth(step.k);
+    });
+    strip.append(figure);
+  });
+}
+
+function renderQuality() {
+  const steps = state.result.steps;
+  const body = $("depth-table").querySelector("tbody");
+  body.replaceChildren();
+  for (const step of steps) {
+    const row = document.createElement("tr");
+    for (const text of [String(step.k), formatPsnr(step.psnr), step.ssim.toFixed(3)]) {
+      const cell = document.createElement("td");
+      cell.textContent = text;
+      row.append(cell);
+    }
+    body.append(row);
+  }
+  drawChart(steps);
+}
+
+function drawChart(steps) {
+  const svg = $("psnr-chart");
+  const ns = "http://www.w3.org/2000/svg";
+  const [width, height, left, right, top, bottom] = [360, 200, 44, 12, 14, 30];
+  const values = steps.map((s) => (s.psnr === null ? 99 : s.psnr));
+  let low = Math.floor(Math.min(...values) - 1);
+  let high = Math.ceil(Math.max(...values) + 1);
+  if (high - low < 2) { low -= 1; high += 1; }
+  const x = (i) => left + (steps.length === 1 ? (width - left - right) / 2 : (i * (width - left - right)) / (steps.length - 1));
+  const y = (v) => top + ((high - v) * (height - top - bottom)) / (high - low);
+  const add = (tag, attrs, text) => {
+    const node = document.createElementNS(ns, tag);
+    for (const [key, value] of Object.entries(attrs)) node.setAttribute(key, value);
+    if (text !== undefined) node.textContent = text;
+    svg.append(node);
+    return node;
+  };
+  svg.replaceChildren();
+  add("line", { x1: left, y1: height - bottom, x2: width - right, y2: height - bottom, class: "axis" });
+  add("line", { x1: left, y1: top, x2: left, y2: height - bottom, class: "axis" });
+  for (const v of [low, (low + high) / 2, high]) {
+    add("text", { x: left - 6, y: y(v) + 4, class: "tick", "text-anchor": "end" }, v.toFixed(0));
+  }
+  add("text", { x: 12, y: top + (height - top - bottom) / 2, class: "tick", transform: `rotate(-90 12 ${top + (height - top - bottom) / 2})`, "text-anchor": "middle" }, "PSNR dB");
+  add("polyline", { points: values.map((v, i) => `${x(i)},${y(v)}`).join(" "), class: "line" });
+  values.forEach((v, i) => {
+    add("text", { x: x(i), y: height - bottom + 16, class: "tick", "text-anchor": "middle" }, `k=${i + 1}`);
+    const dot = add("circle", { cx: x(i), cy: y(v), r: 5, class: "dot" });
+    dot.addEventListener("click", () => {
+      $("depth-slider").value = String(i + 1);
+      showDepth(i + 1);
+    });
+  });
+}
+
+function renderUsage(branch, container) {
+  const view = state.result[branch];
+  const usage = view.usage;
+  container.replaceChildren();
+  const title = document.createElement("h3");
+  title.textContent = `${branch} vocabulary`;
+  const summary = document.createElement("p");
+  summary.className = "usage-summary";
+  summary.textContent =
+    `${usage.unique} distinct codes of ${view.codebook_size} (${(100 * usage.codebook_fraction).toFixed(1)}%); ` +
+    `per depth: ${usage.per_depth_unique.join(", ")}`;
+  const canvas = document.createElement("canvas");
+  canvas.className = "histogram";
+  canvas.width = 512;
+  canvas.height = 60;
+  drawHistogram(canvas, usage.histogram, branch);
+  const axis = document.createElement("p");
+  axis.className = "histogram-axis";
+  axis.innerHTML = `<span>code 0</span><span>uses per range of the codebook</span><span>${view.codebook_size - 1}</span>`;
+  const top = document.createElement("div");
+  top.className = "chips";
+  for (const [code, count] of usage.top) {
+    const chip = document.createElement("span");
+    chip.className = "chip";
+    chip.textContent = `#${code} ×${count}`;
+    top.append(chip);
+  }
+  container.append(title, summary, canvas, axis, top);
+}
+
+function drawHistogram(canvas, counts, branch) {
+  const context = canvas.getContext("2d");
+  const peak = Math.max(1, ...counts);
+  const barWidth = canvas.width / counts.length;
+  context.fillStyle = branch === "pixel" ? "#e4572e" : "#2e86ab";
+  counts.forEach((count, i) => {
+    const barHeight = (count / peak) * (canvas.height - 2);
+    context.fillRect(i * barWidth, canvas.height - barHeight, Math.max(1, barWidth - 0.5), barHeight);
+  });
+}
+
+async function ask(event) {
+  event.preventDefault();
+  if (!state.file) {
+    $("chat-answer").textContent = "Upload an image first.";
+    return;
+  }
+  const form = new FormData();
+  form.append("image", state.file);
+  form.append("question", $("chat-question").value);
+  $("chat-answer").textContent = "…";
+  const response = await fetch("/v1/chat", { method: "POST", body: form });
+  $("chat-answer").textContent = response.ok ? (await response.json()).answer : `Error: ${await errorText(response)}`;
+}
+
+async function generate(event) {
+  event.preventDefault();
+  const body = {
+    prompt: $("gen-prompt").value,
+    cfg_scale: Number($("gen-cfg").value),
+    seed: Number($("gen-seed").value),
+  };
+  const image = $("gen-image");
+  const response = await fetch("/v1/generate", {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify(body),
+  });
+  if (!response.ok) {
+    setStatus(`Could not generate: ${await errorText(response)}`, true);
+    return;
+  }
+  if (image.src) URL.revokeObjectURL(image.src);
+  image.src = URL.createObjectURL(await response.blob());
+  image.hidden = false;
+}
+
+function setUp() {
+  const input = $("file-input");
+  const zone = $("drop-zone");
+  input.addEventListener("change", () => input.files.length && reconstruct(input.files[0]));
+  zone.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    zone.classList.add("over");
+  });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    zone.classList.remove("over");
+    if (event.dataTransfer.files.length) reconstruct(event.dataTransfer.files[0]);
+  });
+  $("depth-slider").addEventListener("input", (event) => showDepth(Number(event.target.value)));
+  $("chat-form").addEventListener("submit", ask);
+  $("gen-form").addEventListener("submit", generate);
+  loadModel().catch((error) => setStatus(`Could not reach the server: ${error}`, true));
+}
+
+setUp();
