@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dualtoken import ImageError
+from dualtoken.io import expand_inputs, load_image, resize_center_crop, save_image, to_uint8
+
+
+def gradient(width=40, height=30):
+    x = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
+    y = np.linspace(0, 255, height, dtype=np.float32)[:, None, None]
+    return np.concatenate([np.broadcast_to(x, (height, width, 1)), np.broadcast_to(y, (height, width, 1)),
+                           np.full((height, width, 1), 128, np.float32)], axis=2).astype(np.uint8)
+
+
+def test_rgb_round_trip_is_exact(tmp_path):
+    array = gradient()
+    Image.fromarray(array).save(tmp_path / "a.png")
+    image = load_image(tmp_path / "a.png")
+    assert image.shape == (3, 30, 40) and image.min() >= -1 and image.max() <= 1
+    assert np.array_equal(to_uint8(image), array)
+
+
+def test_resize_shortest_side_and_centre_crop(tmp_path):
+    Image.fromarray(gradient(80, 40)).save(tmp_path / "wide.png")
+    assert load_image(tmp_path / "wide.png", (32, 32)).shape == (3, 32, 32)
+    cropped = resize_center_crop(Image.new("RGB", (100, 50)), (20, 30))
+    assert cropped.size == (30, 20)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "LA", "CMYK"])
+def test_any_mode_becomes_rgb(tmp_path, mode):
+    rgb = Image.fromarray(gradient())
+    if mode == "I;16":
+        image = Image.fromarray((np.asarray(rgb.convert("L"), dtype=np.uint16) * 257))
+        assert image.mode.startswith("I")
+    else:
+        image = rgb.convert(mode)
+    path = tmp_path / ("x.tiff" if mode == "CMYK" else "x.png")
+    image.save(path)
+    tensor = load_image(path, (16, 16))
+    assert tensor.shape == (3, 16, 16) and torch.isfinite(tensor).all()
+    if mode == "I;16":  # 16-bit scaled to the same brightness as 8-bit
+        expected = load_image(_save(rgb.convert("L"), tmp_path / "l.png"), (16, 16))
+        assert (tensor - expected).abs().max() < 0.02
+
+
+def _save(image, path):
+    image.save(path)
+    return path
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    image = Image.fromarray(gradient(40, 30))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    image.save(tmp_path / "r.jpg", exif=exif)
+    assert load_image(tmp_path / "r.jpg").shape == (3, 40, 30)
+
+
+def test_transparent_pixels_become_white(tmp_path):
+    Image.new("RGBA", (4, 4), (0, 0, 0, 0)).save(tmp_path / "t.png")
+    assert torch.allclose(load_image(tmp_path / "t.png"), torch.ones(3, 4, 4))
+
+
+def test_corrupt_truncated_and_missing_files(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ImageError, match="not a readable image"):
+        load_image(tmp_path / "bad.png")
+    Image.fromarray(gradient()).save(tmp_path / "ok.jpg")
+    data = (tmp_path / "ok.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError):
+        load_image(tmp_path / "cut.jpg")
+    with pytest.raises(ImageError, match="not found"):
+        load_image(tmp_path / "none.png")
+    with pytest.raises(ImageError, match="no such file"):
+        expand_inputs([tmp_path / "none"])
+
+
+def test_to_uint8_rounds_and_clamps(tmp_path):
+    values = torch.tensor([-2.0, -1.0, 0.0, 0.999, 1.5]).view(1, 1, 5).expand(3, 1, 5)
+    assert to_uint8(values)[0, :, 0].tolist() == [0, 0, 128, 255, 255]
+    save_image(values, tmp_path / "v.png")
+    assert np.asarray(Image.open(tmp_path / "v.png")).shape == (1, 5, 3)
