@@ -1,0 +1,73 @@
+"""Understanding input (SPEC 5.3): both code stacks of a grid position -> one LLM input vector.
+
+    e_pix = Σ_d E_pix[c_pix,d],  e_sem = Σ_d E_sem[c_sem,d]         (code tables start as the tokenizer's codebooks)
+    per_branch:   concat(MLP_pix(e_pix), MLP_sem(e_sem))             (each MLP to half the LLM width)
+    concat_first: MLP(concat(e_pix, e_sem))
+The sequence length stays h·w per image: the two vocabularies share a position.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import FusionConfig
+
+BRANCHES = ("pixel", "semantic")
+
+
+def two_layer_mlp(in_width: int, hidden_width: int, out_width: int) -> nn.Sequential:
+    """Linear -> GELU -> Linear (the projector shape of SPEC 5.3 / 5.4)."""
+    return nn.Sequential(nn.Linear(in_width, hidden_width), nn.GELU(), nn.Linear(hidden_width, out_width))
+
+
+class CodeTables(nn.Module):
+    """The MLLM's own embedding tables of both vocabularies, initialised from the tokenizer's codebooks."""
+
+    def __init__(
+        self, pixel_codebook: torch.Tensor, semantic_codebook: torch.Tensor, trainable: bool
+    ) -> None:
+        super().__init__()
+        self.pixel = nn.Embedding.from_pretrained(
+            pixel_codebook.detach().clone().float(), freeze=not trainable
+        )
+        self.semantic = nn.Embedding.from_pretrained(
+            semantic_codebook.detach().clone().float(), freeze=not trainable
+        )
+
+    def table(self, branch: str) -> nn.Embedding:
+        return self.pixel if branch == "pixel" else self.semantic
+
+    def vectors(self, codes: torch.Tensor, branch: str) -> torch.Tensor:
+        """Codes (..., Q) -> code vectors (..., Q, D)."""
+        return self.table(branch)(codes)
+
+    def sums(self, codes: torch.Tensor, branch: str) -> torch.Tensor:
+        """Codes (..., Q) -> the residual reconstruction Σ_d E[c_d] (..., D)."""
+        return self.vectors(codes, branch).sum(dim=-2)
+
+
+class VisualInputFusion(nn.Module):
+    """Summed code embeddings of the configured vocabularies -> (..., llm_width)."""
+
+    def __init__(self, config: FusionConfig, code_dims: dict[str, int], llm_width: int) -> None:
+        super().__init__()
+        self.branches = BRANCHES if config.inputs == "both" else (config.inputs,)
+        self.order = config.order if len(self.branches) == 2 else "concat_first"
+        if self.order == "per_branch":
+            halves = {"pixel": llm_width // 2, "semantic": llm_width - llm_width // 2}
+            self.mlps = nn.ModuleDict(
+                {
+                    b: two_layer_mlp(code_dims[b], config.hidden_width or halves[b], halves[b])
+                    for b in self.branches
+                }
+            )
+        else:
+            in_width = sum(code_dims[b] for b in self.branches)
+            self.mlp = two_layer_mlp(in_width, config.hidden_width or llm_width, llm_width)
+
+    def forward(self, sums: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``sums[branch]``: (..., D_branch) code sums; the branches not used as input are ignored."""
+        if self.order == "per_branch":
+            return torch.cat([self.mlps[b](sums[b]) for b in self.branches], dim=-1)
+        return self.mlp(torch.cat([sums[b] for b in self.branches], dim=-1))
