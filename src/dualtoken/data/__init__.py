@@ -8,6 +8,7 @@
 from .images import ImageSource, SkippedImageWarning, decode_record, open_image_source
 from .sources import Position, Record, RecordSource, resolve_source
 from .stream import TrainLoader
+from .tokenize import encode_dataset
 from .transforms import eval_transform, train_transform
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "Record",
     "Position",
     "TrainLoader",
+    "encode_dataset",
     "train_transform",
     "eval_transform",
 ]
