@@ -1,0 +1,68 @@
+"""Evaluation under torchrun: which images a process takes, and how per-image results come back in data order.
+
+Image i goes to process i mod world_size. Per-image rows travel with their data index, so after gathering they
+are sorted back into data order and every set-level number is computed on exactly what one process would see.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank_and_world() -> tuple[int, int]:
+    if not is_distributed():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def is_mine(index: int) -> bool:
+    """Whether image ``index`` (position in the data) is evaluated by this process."""
+    rank, world = rank_and_world()
+    return index % world == rank
+
+
+def gather_objects(obj):
+    """Every process's ``obj`` in rank order (a one-item list outside torchrun)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_rows(indices: torch.Tensor, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-image rows (first dimension = the images of ``indices``) of all processes, sorted by data index."""
+    parts = gather_objects((indices.cpu(), {name: value.cpu() for name, value in rows.items()}))
+    all_indices = torch.cat([part[0] for part in parts])
+    order = torch.argsort(all_indices)
+    merged = {name: torch.cat([part[1][name] for part in parts])[order] for name in rows}
+    return all_indices[order], merged
+
+
+def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over processes (exact for integer counts)."""
+    if not is_distributed():
+        return tensor
+    return sum(part for part in gather_objects(tensor.cpu()))
+
+
+def init_from_environment() -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1), once; returns whether this call joined it.
+
+    NCCL on GPUs (each process on cuda:LOCAL_RANK), gloo on CPUs.
+    """
+    import os
+
+    if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl")
+    else:
+        dist.init_process_group(backend="gloo")
+    return True

@@ -1,0 +1,111 @@
+"""What the semantic evaluation compares against: the model's own backbone run unquantized, the frozen teacher,
+and a classifier (the SigLIP text tower's zero-shot classifier, or the backbone's own ImageNet head)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..backbones.base import Backbone
+from ..errors import DualTokenError
+from .config import EvalConfig
+from .templates import OPENAI_IMAGENET_TEMPLATES
+from .zeroshot import cached_text_classifier, has_tokenizer, read_class_names
+
+IMAGENET_CLASSES = 1000
+
+
+@dataclass
+class Reference:
+    """Unquantized features of a backbone: tokens at the semantic layer (B, h*w, W) and the pooled output."""
+
+    tokens: torch.Tensor
+    pooled: torch.Tensor
+
+
+@torch.no_grad()
+def run_unquantized(backbone: Backbone, images: torch.Tensor, semantic_layer: int) -> Reference:
+    states = backbone.forward_all(images)
+    return Reference(tokens=backbone.to_tokens(semantic_layer, states[semantic_layer]), pooled=backbone.pool(states[-1]))
+
+
+def token_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine along the feature axis, averaged over tokens: (B, N, W) x (B, N, W) -> (B,)."""
+    return F.cosine_similarity(a.float(), b.float(), dim=-1).mean(dim=-1)
+
+
+def pooled_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.cosine_similarity(a.float(), b.float(), dim=-1)
+
+
+@dataclass
+class Classifier:
+    """How pooled outputs become class scores: ``zeroshot`` (cosine to text embeddings) or ``head`` (logits)."""
+
+    kind: str
+    weights: torch.Tensor | None  # (C, E) for zero-shot
+    num_classes: int
+    description: dict
+
+    def scores(self, pooled: torch.Tensor) -> torch.Tensor:
+        if self.kind == "head":
+            return pooled.float()  # (B, 1000) logits
+        return F.normalize(pooled.float(), dim=-1) @ self.weights.to(pooled.device).T  # (B, C)
+
+
+def pretrained_folder(tokenizer) -> Path | None:
+    """The model's ``config.backbone.pretrained`` folder (relative paths taken from the model folder)."""
+    pretrained = getattr(tokenizer.config.backbone, "pretrained", None)
+    if pretrained is None:
+        return None
+    path = Path(pretrained)
+    model_dir = getattr(tokenizer, "model_dir", None)
+    if not path.is_absolute() and model_dir is not None:
+        path = Path(model_dir) / path
+    return path
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "dualtoken" / "zeroshot"
+
+
+def build_classifier(tokenizer, config: EvalConfig, classes_path: Path | None) -> tuple[Classifier | None, str | None]:
+    """The classifier for this model, or None and the reason why there is none."""
+    backbone = tokenizer.backbone
+    if tokenizer.config.backbone.kind != "siglip" and backbone.pooled_width == IMAGENET_CLASSES:
+        return Classifier("head", None, IMAGENET_CLASSES, {"kind": "backbone classifier head (ImageNet-1k)"}), None
+    folder = pretrained_folder(tokenizer)
+    if folder is None:
+        return None, "no zero-shot classifier: the model's backbone.pretrained SigLIP folder is not set"
+    if not folder.is_dir() or not has_tokenizer(folder):
+        return None, f"no zero-shot classifier: {folder} is missing or holds no tokenizer files"
+    if classes_path is None:
+        return None, "no zero-shot classifier: no class-name file (pass classes=, e.g. imagenet_samples/classes.tsv)"
+    names = read_class_names(classes_path)
+    cache = Path(config.classifier_cache) if config.classifier_cache else default_cache_dir()
+    try:
+        weights, cache_file = cached_text_classifier(
+            folder, names, OPENAI_IMAGENET_TEMPLATES, config.text_context_length, config.text_batch_size,
+            config.text_clean, cache,
+        )
+    except (DualTokenError, OSError, ValueError) as exc:
+        return None, f"no zero-shot classifier: the text tower in {folder} could not be used ({exc})"
+    if weights.shape[1] != backbone.pooled_width:
+        return None, (
+            f"no zero-shot classifier: text embeddings have {weights.shape[1]} dims, the pooled image embedding "
+            f"{backbone.pooled_width}"
+        )
+    description = {
+        "kind": "SigLIP text-tower zero-shot",
+        "text_tower": str(folder),
+        "classes": str(classes_path),
+        "num_classes": len(names),
+        "templates": len(OPENAI_IMAGENET_TEMPLATES),
+        "context_length": config.text_context_length,
+        "clean": config.text_clean,
+        "cache": str(cache_file),
+    }
+    return Classifier("zeroshot", weights, len(names), description), None
