@@ -103,8 +103,13 @@ def _add_tokenizer_routes(
 
     @app.get("/healthz", response_model=HealthResponse)
     async def healthz() -> dict[str, Any]:
-        pending = {name: batcher.pending for name, batcher in app.state.batchers.items()}
-        return {"status": "ok", "model": service.name, "pending": pending}
+        batchers = app.state.batchers.items()
+        return {
+            "status": "ok",
+            "model": service.name,
+            "pending": {name: batcher.pending for name, batcher in batchers},
+            "running": {name: batcher.running for name, batcher in batchers},
+        }
 
     @app.get("/v1/models", response_model=ModelsResponse)
     async def models() -> dict[str, Any]:

@@ -52,8 +52,10 @@ class MicroBatcher(Generic[T, R]):
         self._start_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closed = False
-        # how many model calls ran with each batch size (observability: /healthz, benchmarks, tests)
+        # how many model calls ran with each batch size (observability: benchmarks, tests)
         self.batch_sizes: Counter[int] = Counter()
+        # requests taken from the queue and not yet answered
+        self.running = 0
 
     @property
     def pending(self) -> int:
@@ -122,7 +124,9 @@ class MicroBatcher(Generic[T, R]):
             # a request whose client went away was cancelled: drop it before it costs model time
             live = [(item, future) for item, future in batch if future.set_running_or_notify_cancel()]
             if live:
+                self.running = len(live)
                 self._run_batch(live)
+                self.running = 0
 
     def _run_batch(self, live: list[tuple[T, Future[R]]]) -> None:
         items = [item for item, _ in live]

@@ -89,6 +89,7 @@ class HealthResponse(BaseModel):
     status: str
     model: str
     pending: dict[str, int] = Field(description="requests waiting, per queue")
+    running: dict[str, int] = Field(description="requests in the model call now, per queue")
 
 
 class ChatResponse(BaseModel):
