@@ -1,0 +1,84 @@
+"""``dualtoken serve``: config from file, --set and flags; bad config exits 2; the real command serves."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from dualtoken.cli.main import build_parser, main
+from dualtoken.cli.serve import serve_config
+from dualtoken.errors import ConfigError
+
+from .conftest import REPO
+
+
+def parse(*argv: str):
+    return build_parser().parse_args(["serve", *argv])
+
+
+def test_defaults_bind_loopback():
+    config = serve_config(parse())
+    assert config.host == "127.0.0.1" and config.port == 8000 and config.max_batch > 1
+
+
+def test_file_then_set_then_flags(tmp_path):
+    path = tmp_path / "serve.json"
+    path.write_text(json.dumps({"max_batch": 4, "max_queue": 9, "max_wait_ms": 1.5}))
+    config = serve_config(parse("--config", str(path), "--set", "max_queue=3", "--set", "top_codes=5", "--max-batch", "1"))
+    assert (config.max_batch, config.max_queue, config.max_wait_ms, config.top_codes) == (1, 3, 1.5, 5)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--set", "bogus=1"], "unknown key 'bogus'"),
+        (["--max-batch", "0"], "max_batch must be >= 1"),
+        (["--port", "70000"], "port must be in 1..65535"),
+        (["--config", "/nonexistent/serve.json"], "no such file"),
+    ],
+)
+def test_bad_settings_raise_config_error(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        serve_config(parse(*argv))
+
+
+def test_bad_settings_exit_2_with_one_line(capsys, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert main(["serve", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dualtoken serve: error: --config") and "not valid JSON" in err and "\n" not in err
+
+
+@pytest.mark.slow
+def test_the_command_serves_on_loopback():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "dualtoken", "serve", "--model", "dualtoken-tiny", "--port", str(port)]
+    process = subprocess.Popen(
+        [*argv, "--threads", "1", "--log-level", "warning"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert process.poll() is None, process.stdout.read().decode()
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.25)
+        assert health.json()["model"] == "dualtoken-tiny"
+        assert httpx.get(f"http://127.0.0.1:{port}/").text.count('id="depth-slider"') == 1
+    finally:
+        process.terminate()
+        process.wait(20)
