@@ -16,7 +16,7 @@ import json
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
@@ -181,11 +181,24 @@ def read_captions(source: str | Path) -> list[CaptionRecord]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _lookup_keys(image_id: str) -> list[str]:
+    """Every trailing part of a path-like id, with and without its extension: "a/b/c.jpg" -> "a/b/c.jpg",
+    "a/b/c", "b/c.jpg", "b/c", "c.jpg", "c"."""
+    parts = PurePosixPath(image_id.replace("\\", "/")).parts
+    keys = []
+    for start in range(len(parts)):
+        tail = PurePosixPath(*parts[start:])
+        keys += [str(tail), str(tail.with_suffix("")) if tail.suffix else str(tail)]
+    return keys
+
+
 class TokenCache:
-    """Both code maps of every image in a set of token files, looked up by image id."""
+    """Both code maps of every image in a set of token files, looked up by image id: exactly, or by a unique
+    trailing part of the id's path with or without the extension (so "images/x.jpg" finds the id
+    "../data/coco/images/x.jpg" that `dualtoken encode FOLDER` wrote)."""
 
     def __init__(self, sources: Iterable[str | Path]) -> None:
-        pixel, semantic, self.index, aliases = [], [], {}, {}
+        pixel, semantic, self.ids = [], [], []
         files = []
         for source in sources:
             source = Path(source)
@@ -206,12 +219,15 @@ class TokenCache:
                 raise DataError(
                     f"{path}: code maps of shape {tuple(tokens.pixel.shape[1:])} unlike the other files"
                 )
-            for row, image_id in enumerate(tokens.ids, start=len(self.index)):
-                self.index[image_id] = row
-                aliases.setdefault(str(Path(image_id).with_suffix("")), []).append(row)
+            self.ids += tokens.ids
             pixel.append(tokens.pixel.to(torch.int32))
             semantic.append(tokens.semantic.to(torch.int32))
-        self.aliases = {key: rows[0] for key, rows in aliases.items() if len(rows) == 1}
+        self.exact = {image_id: row for row, image_id in enumerate(self.ids)}
+        aliases: dict[str, int] = {}
+        for row, image_id in enumerate(self.ids):
+            for key in set(_lookup_keys(image_id)):
+                aliases[key] = -1 if aliases.get(key, row) != row else row  # -1: ambiguous
+        self.aliases = {key: row for key, row in aliases.items() if row >= 0}
         self.pixel = torch.cat(pixel)  # (N, h, w, Qp)
         self.semantic = torch.cat(semantic)  # (N, h, w, Qs)
 
@@ -219,8 +235,13 @@ class TokenCache:
         return self.pixel.shape[0]
 
     def row(self, image_id: str) -> int | None:
-        row = self.index.get(image_id)
-        return row if row is not None else self.aliases.get(str(Path(image_id).with_suffix("")))
+        """The row of ``image_id``, or None when it is absent or ambiguous."""
+        if image_id in self.exact:
+            return self.exact[image_id]
+        for key in _lookup_keys(image_id)[:2]:  # the reference itself, with and without its extension
+            if key in self.aliases:
+                return self.aliases[key]
+        return None
 
     def codes(self, image_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixel and semantic codes (M, h, w, Q) int64 of ``image_ids``."""
@@ -229,7 +250,7 @@ class TokenCache:
             row = self.row(image_id)
             if row is None:
                 raise DataError(
-                    f"image {image_id!r} is not in the token cache (e.g. {next(iter(self.index))!r})"
+                    f"image {image_id!r} is not in the token cache (cache ids look like {self.ids[0]!r})"
                 )
             rows.append(row)
         rows = torch.tensor(rows, dtype=torch.long)
@@ -287,7 +308,7 @@ class MLLMDataset:
         if missing:
             raise DataError(
                 f"{len(missing)} image(s) of the data are not in the token cache, e.g. {missing[:3]}; "
-                f"cache ids look like {list(cache.index)[:2]}"
+                f"cache ids look like {cache.ids[:2]}"
             )
 
     def __len__(self) -> int:

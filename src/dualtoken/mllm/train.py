@@ -175,8 +175,18 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def train_mllm(config: MLLMTrainConfig, base_dir: str | Path | None = None, progress: bool = True) -> Path:
-    """Run (or resume) training; returns the folder of the final model (``out_dir/final``, save_pretrained)."""
+def train_mllm(
+    config: MLLMTrainConfig,
+    base_dir: str | Path | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> Path:
+    """Run (or resume) training; returns the folder of the final model (``out_dir/final``, save_pretrained,
+    written when the last step is done).
+
+    ``stop_after`` ends this invocation (with a checkpoint) after that many steps, for time-boxed sessions; the
+    schedule still spans ``config.steps``, and the next call resumes.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -220,7 +230,8 @@ def train_mllm(config: MLLMTrainConfig, base_dir: str | Path | None = None, prog
     bar = tqdm(total=config.steps, initial=start, disable=not progress or rank != 0, desc="train-mllm")
     params = [p for p in model.parameters() if p.requires_grad]
     tick, samples = time.perf_counter(), 0
-    for step in range(start, config.steps):
+    end = config.steps if stop_after is None else min(config.steps, start + stop_after)
+    for step in range(start, end):
         totals: dict[str, float] = {}
         for micro in range(config.grad_accum):
             first = (step * config.grad_accum + micro) * per_micro + rank * config.batch_size
@@ -260,13 +271,14 @@ def train_mllm(config: MLLMTrainConfig, base_dir: str | Path | None = None, prog
                 loss=f"{totals['loss']:.3f}", text=f"{totals['text']:.3f}", pix=f"{totals['pixel']:.3f}"
             )
             tick, samples = time.perf_counter(), 0
-        if done % config.save_every == 0 or done == config.steps:
+        if done % config.save_every == 0 or done == end:
             _save_checkpoint(out_dir, done, model, optimizer, scheduler, config.keep_last, rank)
     bar.close()
     final = out_dir / "final"
     if rank == 0:
         log.close()
-        model.save_pretrained(final)
+        if end == config.steps:
+            model.save_pretrained(final)
     if dist.is_initialized():
         dist.barrier()
     return final

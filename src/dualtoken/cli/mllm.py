@@ -1,0 +1,98 @@
+"""``dualtoken chat | generate | train-mllm``: the unified MLLM from the command line."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ..config import apply_overrides
+from ..io import load_image, save_image
+
+
+def _load(model_dir: str, device: str):
+    from ..mllm import DualTokenMLLM
+
+    model = DualTokenMLLM.from_pretrained(model_dir)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    model = _load(args.model, args.device)
+    image = load_image(args.image, model.visual_tokenizer.image_size) if args.image else None
+    options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seed": args.seed}
+    print(model.chat(image, args.question, **options))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from ..mllm import generate_images
+
+    model = _load(args.model, args.device)
+    out = Path(args.out)
+    prompts = [args.prompt] * args.num
+    result = generate_images(
+        model,
+        prompts,
+        cfg_scale=args.cfg,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    paths = (
+        [out] if args.num == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(args.num)]
+    )
+    for image, path in zip(result.images, paths):
+        save_image(image.clamp(-1, 1), path)
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..mllm.config import MLLMTrainConfig, load_config
+    from ..mllm.train import train_mllm
+
+    config = apply_overrides(load_config(MLLMTrainConfig, args.config), args.set)
+    final = train_mllm(config, Path(args.config).parent, progress=not args.quiet, stop_after=args.stop_after)
+    print(f"model: {final}" if final.is_dir() else "stopped; run the same command again to resume")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("chat", help="answer a question about an image with an MLLM")
+    p.add_argument("question")
+    p.add_argument("--model", required=True, help="MLLM folder written by save_pretrained / train-mllm")
+    p.add_argument("--image", default=None, help="image file (any PIL-readable format); omit for text only")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (the default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_chat)
+
+    p = subparsers.add_parser("generate", help="draw an image from a text prompt with an MLLM")
+    p.add_argument("prompt")
+    p.add_argument("--model", required=True, help="MLLM folder written by save_pretrained / train-mllm")
+    p.add_argument("--out", required=True, help="output PNG (with --num N: OUT_0.png ... OUT_{N-1}.png)")
+    p.add_argument(
+        "--cfg", type=float, default=None, help="classifier-free guidance scale; 1 = off (default 3)"
+    )
+    p.add_argument("--num", type=int, default=1, help="images to draw for the prompt")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_generate)
+
+    p = subparsers.add_parser("train-mllm", help="train or fine-tune an MLLM (resumes from its out_dir)")
+    p.add_argument("--config", required=True, help="MLLMTrainConfig JSON (relative paths: from its folder)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--stop-after", type=int, default=None, metavar="N", help="stop after N steps (resume later)"
+    )
+    p.set_defaults(func=cmd_train)

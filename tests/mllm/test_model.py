@@ -1,0 +1,114 @@
+"""The MLLM's forward pass: input fusion, image slots, the objective, gradients, any causal LM."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dualtoken.errors import DataError
+from dualtoken.mllm import FusionConfig, LLMConfig
+
+
+def test_forward_backward_reaches_every_trainable_part(make_mllm, tiny_codes, mixed_batch):
+    model = make_mllm().train()
+    batch = mixed_batch(model, tiny_codes)
+    losses = model(batch)
+    assert torch.isfinite(losses.loss) and losses.text > 0 and losses.pixel > 0 and losses.semantic > 0
+    assert losses.pixel_per_depth.shape == (4,) and losses.semantic_per_depth.shape == (4,)
+    losses.loss.backward()
+    for name, param in model.named_parameters():
+        if name.startswith(("fusion.", "pixel_head.", "semantic_head.", "llm.")):
+            assert param.grad is not None and torch.isfinite(param.grad).all(), name
+            assert param.grad.abs().sum() > 0, name
+    # the code tables (frozen by default) and the DualToken tokenizer never train
+    assert not any(p.requires_grad for p in model.code_tables.parameters())
+    assert not any(p.requires_grad for p in model.visual_tokenizer.parameters())
+
+
+def test_code_tables_start_as_the_tokenizer_code_embeddings(make_mllm, tiny_tokenizer, tiny_codes):
+    model = make_mllm()
+    for branch in ("pixel", "semantic"):
+        codes = getattr(tiny_codes, branch)
+        ours = model.code_tables.sums(codes, branch)
+        theirs = tiny_tokenizer.code_embeddings(codes, branch, per_depth=False)
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_each_image_takes_h_times_w_slots_between_markers(make_mllm, tiny_tokenizer):
+    model = make_mllm()
+    tokens = 8 * 8
+    sample = model.prompt.conversation([("user", "<image>\nWhat?<image>"), ("assistant", "A cat.")], 2)
+    ids = torch.tensor(sample.input_ids)
+    assert int((ids == model.prompt.slot_id).sum()) == 2 * tokens
+    for start, end in sample.spans:
+        assert end - start == tokens + 2
+        assert ids[start] == model.prompt.image_start_id and ids[end - 1] == model.prompt.image_end_id
+    gen = model.prompt.generation("Draw a dog.")
+    (start, end), ids = gen.spans[0], torch.tensor(gen.input_ids)
+    assert ids[start] == model.prompt.image_gen_start_id and ids[end - 1] == model.prompt.image_gen_end_id
+    # text loss: only the assistant's words in understanding, the end marker + suffix in generation
+    assert model.text_tokenizer.decode([t for t in sample.labels if t >= 0]) == "A cat.<|im_end|>\n"
+    assert gen.labels[end - 1] == model.prompt.image_gen_end_id and all(t < 0 for t in gen.labels[: end - 1])
+
+
+def test_slot_count_mismatch_is_a_data_error(make_mllm, tiny_codes, mixed_batch):
+    model = make_mllm()
+    batch = mixed_batch(model, tiny_codes)
+    batch.pixel_codes, batch.semantic_codes = batch.pixel_codes[:1], batch.semantic_codes[:1]
+    with pytest.raises(DataError, match="image slots"):
+        model(batch)
+
+
+@pytest.mark.parametrize(
+    "fusion",
+    [
+        FusionConfig(order="per_branch"),
+        FusionConfig(order="concat_first"),
+        FusionConfig(inputs="pixel"),
+        FusionConfig(inputs="semantic", hidden_width=48),
+    ],
+)
+def test_fusion_modes_use_exactly_their_vocabularies(make_mllm, tiny_codes, fusion):
+    model = make_mllm(fusion=fusion)
+    pixel, semantic = tiny_codes.pixel, tiny_codes.semantic
+    vectors = model.visual_inputs(pixel, semantic)
+    assert vectors.shape == (2, 64, 64)
+    pixel_moves = not torch.allclose(model.visual_inputs((pixel + 1) % 256, semantic), vectors)
+    semantic_moves = not torch.allclose(model.visual_inputs(pixel, (semantic + 1) % 256), vectors)
+    assert pixel_moves == (fusion.inputs in ("both", "pixel"))
+    assert semantic_moves == (fusion.inputs in ("both", "semantic"))
+
+
+def test_per_branch_concatenates_two_halves(make_mllm, tiny_codes):
+    model = make_mllm()
+    reference = model.visual_inputs(tiny_codes.pixel, tiny_codes.semantic)
+    vectors = model.visual_inputs(tiny_codes.pixel, (tiny_codes.semantic + 1) % 256)
+    torch.testing.assert_close(vectors[..., :32], reference[..., :32])  # the pixel half is untouched
+    assert not torch.allclose(vectors[..., 32:], reference[..., 32:])
+
+
+def test_any_causal_lm_qwen2(make_mllm, mllm_config, tiny_codes, mixed_batch, llm_architecture):
+    llm = LLMConfig(
+        architecture=llm_architecture(300, "qwen2"), text_tokenizer=mllm_config.llm.text_tokenizer
+    )
+    model = make_mllm(llm=llm)
+    assert type(model.llm).__name__ == "Qwen2ForCausalLM"
+    losses = model(mixed_batch(model, tiny_codes))
+    losses.loss.backward()
+    assert torch.isfinite(losses.loss)
+
+
+def test_both_losses_fall_on_a_tiny_overfit_set(make_mllm, tiny_codes, mixed_batch):
+    model = make_mllm().train()
+    batch = mixed_batch(model, tiny_codes)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    first = None
+    for _ in range(25):
+        losses = model(batch)
+        first = first or losses.scalars()
+        optimizer.zero_grad()
+        losses.loss.backward()
+        optimizer.step()
+    last = model(batch).scalars()
+    assert last["text"] < 0.3 * first["text"]  # understanding: the answer
+    assert last["pixel"] < 0.6 * first["pixel"] and last["semantic"] < 0.6 * first["semantic"]  # generation

@@ -1,0 +1,147 @@
+"""train_mllm and the CLI: a few steps end to end, presets, resume, chat / generate / train-mllm commands."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from dualtoken.cli.main import main
+from dualtoken.config import to_dict
+from dualtoken.mllm import DualTokenMLLM, MLLMDataConfig, MLLMOptimConfig, MLLMTrainConfig
+from dualtoken.mllm.config import load_config
+from dualtoken.mllm.train import lr_factor, train_mllm
+from dualtoken.tokenfile import save_tokens
+
+
+@pytest.fixture
+def run_folder(tmp_path, tiny_tokenizer, tiny_codes, tiny_images, mllm_config):
+    """A folder with the visual tokenizer, a token cache, conversations, captions and a train config."""
+    from dualtoken.io import save_image
+
+    tiny_tokenizer.save_pretrained(tmp_path / "tokenizer")
+    ids = ["img/a.png", "img/b.png"]
+    for image, name in zip(tiny_images, ids):
+        (tmp_path / "img").mkdir(exist_ok=True)
+        save_image(image, tmp_path / name)
+    save_tokens(
+        tmp_path / "cache.safetensors", tiny_codes.pixel, tiny_codes.semantic, ids, "tiny", (256, 256)
+    )
+    conversations = [
+        {
+            "image": name,
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is in this image?"},
+                {"from": "gpt", "value": f"It is a {label}."},
+            ],
+        }
+        for name, label in zip(ids, ("cat", "dog"))
+    ]
+    (tmp_path / "conversations.json").write_text(json.dumps(conversations))
+    (tmp_path / "captions.jsonl").write_text(
+        "".join(
+            json.dumps({"file": n, "caption": f"Draw a {c}."}) + "\n" for n, c in zip(ids, ("cat", "dog"))
+        )
+    )
+    config = MLLMTrainConfig(
+        model=dataclasses.replace(mllm_config, tokenizer="tokenizer"),
+        data=MLLMDataConfig(
+            token_cache=("cache.safetensors",),
+            conversations=("conversations.json",),
+            captions=("captions.jsonl",),
+            condition_dropout=0.0,
+        ),
+        optim=MLLMOptimConfig(lr=3e-3, warmup_ratio=0.1),
+        steps=40,
+        batch_size=4,
+        log_every=5,
+        save_every=20,
+        out_dir=str(tmp_path / "run"),
+    )
+    (tmp_path / "train.json").write_text(json.dumps(to_dict(config)))
+    return tmp_path
+
+
+def test_lr_schedule():
+    assert lr_factor(0, 100, 0.1, 0.0) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 0.1, 0.0) == pytest.approx(1.0)
+    assert lr_factor(99, 100, 0.1, 0.1) == pytest.approx(0.1, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_train_cli_learns_and_chat_generate_use_the_result(run_folder, capsys):
+    assert main(["train-mllm", "--config", str(run_folder / "train.json"), "--quiet"]) == 0
+    records = [json.loads(line) for line in (run_folder / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(5, 41, 5))
+    assert records[-1]["text"] < 0.2 * records[0]["text"]
+    assert records[-1]["pixel"] < records[0]["pixel"] and records[-1]["semantic"] < records[0]["semantic"]
+    assert sorted(p.name for p in (run_folder / "run" / "checkpoints").iterdir()) == [
+        "step-00000020.pt",
+        "step-00000040.pt",
+    ]
+    final = run_folder / "run" / "final"
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "chat",
+                "--model",
+                str(final),
+                "--image",
+                str(run_folder / "img/b.png"),
+                "What is in this image?",
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.strip() == "It is a dog."
+    out = run_folder / "drawn.png"
+    assert main(["generate", "--model", str(final), "Draw a cat.", "--cfg", "3.0", "--out", str(out)]) == 0
+    from PIL import Image
+
+    assert Image.open(out).size == (64, 64)
+
+
+def test_resume_continues_exactly(run_folder):
+    config = load_config(MLLMTrainConfig, run_folder / "train.json")
+    config = dataclasses.replace(config, steps=6, save_every=3, log_every=1, batch_size=2)
+    straight = train_mllm(
+        dataclasses.replace(config, out_dir=str(run_folder / "straight")), run_folder, progress=False
+    )
+    interrupted = dataclasses.replace(config, out_dir=str(run_folder / "resumed"))
+    assert not train_mllm(interrupted, run_folder, progress=False, stop_after=3).exists()
+    resumed = train_mllm(interrupted, run_folder, progress=False)
+    a, b = DualTokenMLLM.from_pretrained(straight), DualTokenMLLM.from_pretrained(resumed)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        torch.testing.assert_close(x, y, msg=name)
+    logs = [(run_folder / r / "metrics.jsonl").read_text().splitlines() for r in ("straight", "resumed")]
+    assert [json.loads(line)["loss"] for line in logs[0]] == pytest.approx(
+        [json.loads(line)["loss"] for line in logs[1]], rel=1e-5
+    )
+
+
+def test_align_preset_trains_only_the_input_fusion(run_folder):
+    config = load_config(MLLMTrainConfig, run_folder / "train.json")
+    config = dataclasses.replace(config, steps=2, preset="align", out_dir=str(run_folder / "align"))
+    torch.manual_seed(config.seed)
+    before = DualTokenMLLM.from_config(config.model, base_dir=run_folder).state_dict()
+    after = DualTokenMLLM.from_pretrained(train_mllm(config, run_folder, progress=False)).state_dict()
+    changed = {name.split(".")[0] for name in before if not before[name].equal(after[name])}
+    assert changed == {"fusion"}
+
+
+def test_cli_errors_are_one_line(run_folder, capsys):
+    (run_folder / "broken.json").write_text(json.dumps([{"conversations": [{"from": "human", "value": 1}]}]))
+    config = json.loads((run_folder / "train.json").read_text())
+    config["data"]["conversations"] = ["broken.json"]
+    (run_folder / "bad.json").write_text(json.dumps(config))
+    assert main(["train-mllm", "--config", str(run_folder / "bad.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dualtoken train-mllm: error:") and "broken.json: item 0, turn 0" in err
+    assert len(err.splitlines()) == 1
+    assert main(["train-mllm", "--config", str(run_folder / "train.json"), "--set", "preset=everything"]) == 2
+    assert "preset" in capsys.readouterr().err
+    assert main(["chat", "--model", str(run_folder), "hi"]) == 2
+    assert "not a DualToken MLLM folder" in capsys.readouterr().err
