@@ -1,0 +1,167 @@
+"""Training configuration: one dataclass tree, JSON round trip (unknown keys rejected), ``--set a.b=value``.
+
+Every number of a run lives here; the defaults are the release's stage-1 recipe (SPEC section 3) except for the
+data and model, which a recipe file names. ``load_train_config(path, overrides)`` is what ``dualtoken train`` uses.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ..config import apply_overrides, from_dict, to_dict
+from ..errors import ConfigError
+from ..losses import LossConfig
+
+
+@dataclass
+class DataConfig:
+    """What the trainer reads: a source spec (folder, file list, WebDataset shards) per split."""
+
+    train: str = ""
+    eval: str | None = None  # held-out images for reconstruction PSNR and the image grid
+    batch_size: int = 32  # per process and micro-step
+    num_workers: int = 0  # data-loader workers per process
+    shuffle_buffer: int = 1000  # WebDataset: shuffle window inside a shard
+    crop_scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop area range
+    eval_images: int = 16  # held-out images scored at each evaluation
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.num_workers < 0 or self.eval_images < 1:
+            raise ConfigError("data.batch_size and data.eval_images must be >= 1, data.num_workers >= 0")
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ConfigError(f"data.crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with decay on >= 2-dim parameters only; linear warm-up then cosine (or constant) learning rate."""
+
+    lr: float = 7.2e-5
+    betas: tuple[float, float] = (0.5, 0.9)
+    eps: float = 1e-8
+    weight_decay: float = 1e-4
+    warmup_steps: int = 10000
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr: float = 0.0  # where the cosine ends
+    grad_clip: float = 0.0  # max global gradient norm; 0 = no clipping
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.warmup_steps < 0 or self.min_lr < 0 or self.grad_clip < 0:
+            raise ConfigError("optimizer: lr must be > 0; warmup_steps, min_lr and grad_clip >= 0")
+
+
+def _discriminator_optimizer() -> OptimizerConfig:
+    return OptimizerConfig(weight_decay=0.0, min_lr=4e-5)
+
+
+@dataclass
+class FreezeConfig:
+    """Which parameters train. Presets (SPEC section 3):
+
+    - ``stage0``: the patch embedding and tower layers 1..semantic_layer are frozen;
+    - ``stage1``: everything trains (the release's main run);
+    - ``stage2``: the embedding, layers 1..shortcut_layer (pixel_layer without a shortcut), the pixel projections
+      and the decoder are frozen, and the pixel codebook stops updating;
+    - ``finetune``: projections, codebooks and decoder train, and of the tower only the last
+      ``finetune_last_layers`` layers and the head ("fine-tune on your data").
+    Codebooks are never trained by gradients (EMA only), whatever the preset.
+    """
+
+    preset: Literal["stage0", "stage1", "stage2", "finetune"] = "stage1"
+    finetune_last_layers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.finetune_last_layers < 0:
+            raise ConfigError("freeze.finetune_last_layers must be >= 0")
+
+
+@dataclass
+class CheckpointConfig:
+    """Resume checkpoints (atomic, keep-last-N) and exports of the tokenizer (``save_pretrained``)."""
+
+    every: int = 1000  # steps between resume checkpoints (and at the end)
+    keep_last: int = 3
+    export_every: int = 0  # steps between tokenizer exports to <output_dir>/export-<step>; 0 = only the final one
+    resume: bool = True  # continue from the newest good checkpoint in <output_dir>/checkpoints
+
+    def __post_init__(self) -> None:
+        if self.every < 1 or self.keep_last < 1 or self.export_every < 0:
+            raise ConfigError("checkpoint.every and checkpoint.keep_last must be >= 1, export_every >= 0")
+
+
+@dataclass
+class LogConfig:
+    """Console, JSONL and TensorBoard metrics; codebook usage; held-out PSNR; reconstruction grids."""
+
+    every: int = 10  # steps between metric records
+    console: bool = True
+    jsonl: bool = True
+    tensorboard: bool = True
+    progress: bool = True  # a progress bar with ETA
+    codebook_every: int = 100  # steps between codebook-usage records (usage counted over that window)
+    eval_every: int = 500  # steps between held-out evaluations (needs data.eval); 0 = only at the end
+    grid_every: int = 500  # steps between reconstruction-grid PNGs; 0 = only at the end
+    grid_images: int = 8
+
+    def __post_init__(self) -> None:
+        if self.every < 1 or self.codebook_every < 1 or self.grid_images < 1:
+            raise ConfigError("log.every, log.codebook_every and log.grid_images must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run."""
+
+    # a named architecture (dualtoken-tiny, ...), a tokenizer config JSON file, or a save_pretrained folder to
+    # continue from (fine-tuning)
+    model: str = "dualtoken-tiny"
+    model_overrides: list[str] = field(default_factory=list)  # "key.sub=value" on a new model's config
+    backbone_pretrained: str | None = None  # a SigLIP folder: initial tower weights and the teacher
+    # the distillation target: the pretrained tower of backbone.pretrained, a frozen copy of the initial
+    # model's tower ("initial": for models without a pretrained folder), or none (no distillation terms)
+    teacher: Literal["pretrained", "initial", "none"] = "pretrained"
+    output_dir: str = "runs/dualtoken"
+    max_steps: int = 200000
+    grad_accum: int = 1  # micro-steps per optimiser step
+    seed: int = 0
+    device: str = "auto"  # auto: cuda:<LOCAL_RANK> when CUDA is available, else cpu
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    gradient_checkpointing: bool = False
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # with several processes: DDP, or FSDP2 fully_shard
+    find_unused_parameters: bool | None = None  # DDP; None: decided from the loss weights
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    disc_optimizer: OptimizerConfig = field(default_factory=_discriminator_optimizer)
+    loss: LossConfig = field(default_factory=LossConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1 or self.grad_accum < 1:
+            raise ConfigError("max_steps and grad_accum must be >= 1")
+        if self.teacher == "none" and self.loss.needs_teacher:
+            raise ConfigError(
+                "teacher is 'none' but the loss has distillation terms: set loss.semantic_weight=0 or a teacher"
+            )
+
+    def to_json(self) -> str:
+        return json.dumps(to_dict(self), indent=2)
+
+
+def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """A training config from a JSON file (or the defaults) with ``key.sub=value`` overrides, validated."""
+    config = TrainConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"training config not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+        config = from_dict(TrainConfig, data)
+    return apply_overrides(config, overrides or [])

@@ -1,0 +1,58 @@
+"""Freeze presets: which parts of the tokenizer train (see :class:`FreezeConfig`).
+
+The tower is addressed by layer number: 0 is the embedding, 1..L the layers, and "head" what pools after them.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..backbones.siglip import SiglipBackbone
+from ..errors import ConfigError
+from .config import FreezeConfig
+
+
+def tower_parts(backbone: nn.Module) -> dict[int | str, nn.Module]:
+    """The tower's modules by layer: {0: embedding, 1..L: layers, "head": post-norm + pooling head}."""
+    if isinstance(backbone, SiglipBackbone):
+        vision = backbone.vision_model
+        parts: dict[int | str, nn.Module] = {0: vision.embeddings}
+        parts.update({i + 1: layer for i, layer in enumerate(vision.encoder.layers)})
+        parts["head"] = nn.ModuleList([vision.post_layernorm, vision.head])
+        return parts
+    raise ConfigError(f"freeze presets do not know the layers of backbone {type(backbone).__name__}")
+
+
+def frozen_modules(tokenizer, config: FreezeConfig) -> list[nn.Module]:
+    """The modules a preset freezes."""
+    cfg = tokenizer.config
+    parts = tower_parts(tokenizer.backbone)
+    if config.preset == "stage1":
+        return []
+    if config.preset == "stage0":
+        return [parts[i] for i in range(0, cfg.semantic_layer + 1)]
+    if config.preset == "stage2":
+        last = cfg.shortcut_layer if cfg.shortcut_layer is not None else cfg.pixel_layer
+        pixel = [tokenizer.pixel.down, tokenizer.pixel.up, tokenizer.decoder]
+        if tokenizer.pixel_shortcut is not None:
+            pixel.append(tokenizer.pixel_shortcut)
+        return [parts[i] for i in range(0, last + 1)] + pixel
+    if config.preset == "finetune":
+        first_trained = tokenizer.backbone.num_layers - config.finetune_last_layers + 1
+        return [parts[i] for i in range(0, max(first_trained, 1))]
+    raise ConfigError(f"unknown freeze preset {config.preset!r}")
+
+
+def apply_freeze(tokenizer, config: FreezeConfig) -> list[str]:
+    """Set ``requires_grad`` by preset (everything else trains); returns the names of the frozen parameters."""
+    tokenizer.requires_grad_(True)
+    for module in frozen_modules(tokenizer, config):
+        module.requires_grad_(False)
+    return [name for name, p in tokenizer.named_parameters() if not p.requires_grad]
+
+
+def set_train_mode(tokenizer, config: FreezeConfig) -> None:
+    """Training mode, except the pixel quantizer under ``stage2`` (its codebook stops updating)."""
+    tokenizer.train()
+    if config.preset == "stage2":
+        tokenizer.pixel.quantizer.eval()

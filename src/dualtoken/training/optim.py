@@ -1,0 +1,51 @@
+"""Optimisers and learning-rate schedules of the trainer.
+
+AdamW with weight decay on parameters of two or more dimensions only (matrices, convolutions, embeddings),
+none on biases and norm scales; codebooks are buffers and never reach an optimiser. The schedule is the
+release's: ``lr * (t + 1) / warmup`` for the first ``warmup`` steps, then a cosine from ``lr`` to ``min_lr`` over
+the remaining steps (or constant), set before every step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import OptimizerConfig
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters split into a decayed group (ndim >= 2) and an undecayed one."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.AdamW:
+    groups = parameter_groups(model, config.weight_decay)
+    if not groups:
+        raise ValueError("no trainable parameters: every parameter is frozen")
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+
+
+def lr_factor(step: int, total_steps: int, config: OptimizerConfig) -> float:
+    """The multiplier of ``config.lr`` at optimiser step ``step`` (0-based) of ``total_steps``."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return 1.0
+    decay_steps = max(1, total_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
+    floor = config.min_lr / config.lr
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, config: OptimizerConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, config))

@@ -1,0 +1,523 @@
+"""The trainer: one code path for one process and for torchrun (DDP or FSDP2) across processes and nodes.
+
+One optimiser step = ``grad_accum`` micro-steps, each: forward (codebooks update by EMA inside), the frozen
+teacher's targets, the objective, backward; then the generator update, and, once the GAN is on, one
+discriminator update on the same micro-batches. Mixed precision is bf16 autocast on CUDA by default (the
+quantizers always compute in float32). Everything needed to continue exactly is checkpointed; the tokenizer is
+exported with ``save_pretrained`` (never with its teacher).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from ..config import TokenizerConfig, apply_overrides, get_config, to_dict
+from ..data import TrainLoader, open_image_source, resolve_source
+from ..discriminator import PatchDiscriminator
+from ..errors import CheckpointError, ConfigError
+from ..io import save_image
+from ..losses import DualTokenObjective, teacher_targets
+from ..metrics import psnr
+from ..perceptual import build_perceptual
+from ..tokenizer import DualTokenizer
+from . import checkpoints
+from .config import TrainConfig
+from .distributed import (
+    Runtime,
+    broadcast_object,
+    full_model_state,
+    full_optimizer_state,
+    gather_objects,
+    load_model_state,
+    load_optimizer_state,
+    setup_runtime,
+    unwrap,
+    wrap_model,
+)
+from .freeze import apply_freeze, set_train_mode
+from .metrics import MetricsLogger
+from .monitor import CodebookUsage, peak_memory_mb, reconstruction_grid
+from .optim import build_optimizer, build_scheduler
+
+CHECKPOINT_FORMAT = 1
+
+
+def build_tokenizer(config: TrainConfig) -> DualTokenizer:
+    """The model a run starts from: a named or JSON architecture (random init, or the tower of
+    ``backbone_pretrained``), or a ``save_pretrained`` folder / embedded model name (fine-tuning)."""
+    source = config.model
+    path = Path(source)
+    if path.suffix == ".json" and path.is_file():
+        model_config = TokenizerConfig.load(path)
+    elif path.is_dir():
+        model_config = None
+    else:
+        try:
+            model_config = get_config(source)
+        except ConfigError:
+            model_config = None
+    if model_config is None:
+        if config.model_overrides:
+            raise ConfigError("model_overrides apply to new models only, not to a trained model")
+        return DualTokenizer.from_pretrained(source)
+    model_config = apply_overrides(model_config, config.model_overrides)
+    return DualTokenizer.from_config(model_config, config.backbone_pretrained)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None: float32 throughout)."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def _frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
+    teacher = copy.deepcopy(module).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+class Trainer:
+    """Train a DualTokenizer as ``config`` says.
+
+    ``tokenizer`` and ``teacher`` may be given (tests, notebooks); otherwise they come from the config. A given
+    teacher is used as it is, frozen; it is never part of the trained model nor of any checkpoint.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        tokenizer: DualTokenizer | None = None,
+        teacher: torch.nn.Module | None = None,
+    ) -> None:
+        self.config = config
+        self.runtime: Runtime = setup_runtime(config.device)
+        self.out_dir = Path(config.output_dir)
+        self.checkpoint_dir = self.out_dir / "checkpoints"
+        device = self.runtime.device
+        self.autocast_dtype = resolve_precision(config.precision, device)
+
+        torch.manual_seed(config.seed)  # the same initial weights on every rank
+        tok = tokenizer if tokenizer is not None else build_tokenizer(config)
+        self.teacher = self._make_teacher(tok, teacher)
+        self.frozen = apply_freeze(tok, config.freeze)
+        tok.backbone.set_gradient_checkpointing(config.gradient_checkpointing)
+        tok.to(device)
+        self.tokenizer = tok
+        if config.loss.gan.enabled and not tok.decoder.conv_out.weight.requires_grad:
+            raise ConfigError("loss.gan needs a trainable decoder, but the freeze preset freezes it")
+        self.model = wrap_model(tok, self.runtime, config.parallel, self._find_unused())
+        self.optimizer = build_optimizer(tok, config.optimizer)
+        self.scheduler = build_scheduler(self.optimizer, config.max_steps, config.optimizer)
+
+        perceptual = None
+        if config.loss.perceptual:
+            loss = config.loss
+            perceptual = build_perceptual(loss.perceptual_kind, loss.vgg_weights, loss.lpips_heads, loss.perceptual_resize)
+            perceptual = perceptual.to(device)
+        self.objective = DualTokenObjective(config.loss, perceptual)
+
+        self.discriminator = self.disc_model = self.disc_optimizer = self.disc_scheduler = None
+        if config.loss.gan.enabled:
+            self.discriminator = PatchDiscriminator(config.loss.gan.discriminator).to(device)
+            self.disc_model = self.discriminator
+            if self.runtime.distributed:
+                from torch.nn.parallel import DistributedDataParallel
+
+                ids = [device] if device.type == "cuda" else None
+                self.disc_model = DistributedDataParallel(self.discriminator, device_ids=ids)
+            self.disc_optimizer = build_optimizer(self.discriminator, config.disc_optimizer)
+            gan_steps = max(1, config.max_steps - config.loss.gan.start_step)
+            self.disc_scheduler = build_scheduler(self.disc_optimizer, gan_steps, config.disc_optimizer)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype == torch.float16)
+
+        self.loader = TrainLoader(
+            resolve_source(config.data.train, config.data.shuffle_buffer),
+            tok.image_size,
+            config.data.batch_size,
+            seed=config.seed,
+            rank=self.runtime.rank,
+            world_size=self.runtime.world_size,
+            num_workers=config.data.num_workers,
+            crop_scale=config.data.crop_scale,
+            pin_memory=device.type == "cuda",
+        )
+        self.step = 0
+        self.resumed_from: Path | None = None
+        if config.checkpoint.resume:
+            self._resume()
+        if self.resumed_from is None:
+            checkpoints.set_rng_state(self._seeded_rng(config.seed + self.runtime.rank))
+        self.heldout = self._heldout_images()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # set-up helpers
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _make_teacher(self, tok: DualTokenizer, teacher: torch.nn.Module | None) -> torch.nn.Module | None:
+        cfg = self.config
+        if teacher is None and cfg.teacher == "none":
+            return None
+        if teacher is None:
+            teacher = tok.teacher() if cfg.teacher == "pretrained" else tok.backbone
+        return _frozen_copy(teacher).to(self.runtime.device)
+
+    def _find_unused(self) -> bool:
+        """DDP must look for unused parameters when a trainable path has no loss term."""
+        if self.config.find_unused_parameters is not None:
+            return self.config.find_unused_parameters
+        loss = self.config.loss
+        pooled_used = loss.needs_teacher and bool(loss.pooled_mse or loss.pooled_cosine)
+        pixels_used = bool(loss.pixel_mse or loss.pixel_l1 or loss.perceptual)
+        return not (pooled_used and pixels_used)
+
+    @staticmethod
+    def _seeded_rng(seed: int) -> dict[str, Any]:
+        import random
+
+        import numpy as np
+
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        return checkpoints.rng_state()
+
+    def _heldout_images(self) -> torch.Tensor | None:
+        """A fixed batch of held-out images (data.eval) for PSNR and grids; identical on every rank."""
+        cfg = self.config
+        if not cfg.data.eval:
+            return None
+        count = max(cfg.data.eval_images, cfg.log.grid_images)
+        images = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for image, _ in open_image_source(cfg.data.eval, self.tokenizer.image_size):
+                images.append(image)
+                if len(images) == count:
+                    break
+        return torch.stack(images) if images else None
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.runtime.device.type, dtype=self.autocast_dtype)
+
+    def _gradient_sync(self, module: torch.nn.Module, enabled: bool):
+        """Skip the gradient all-reduce on accumulation micro-steps (DDP no_sync / FSDP2 requires_gradient_sync)."""
+        if enabled or not self.runtime.distributed:
+            return contextlib.nullcontext()
+        if hasattr(module, "no_sync"):
+            return module.no_sync()
+        module.set_requires_gradient_sync(False)
+        return _RestoreSync(module)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # checkpoints
+    # ------------------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The resume state (full tensors; per-rank RNG and data positions), built collectively on all ranks."""
+        parallel, runtime = self.config.parallel, self.runtime
+        per_rank = gather_objects({"rng": checkpoints.rng_state(), "data": self.loader.state_dict()}, runtime)
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "config": to_dict(self.config),
+            "model": full_model_state(self.model, parallel, runtime),
+            "optimizer": full_optimizer_state(self.model, self.optimizer, parallel, runtime),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ranks": per_rank,
+        }
+        if self.discriminator is not None:
+            state["discriminator"] = self.discriminator.state_dict()
+            state["disc_optimizer"] = self.disc_optimizer.state_dict()
+            state["disc_scheduler"] = self.disc_scheduler.state_dict()
+        return state
+
+    def save_checkpoint(self) -> Path | None:
+        state = self.state_dict()
+        path = None
+        if self.runtime.is_main:
+            path = checkpoints.save_checkpoint(self.checkpoint_dir, self.step, state, self.config.checkpoint.keep_last)
+        self.runtime.barrier()
+        return path
+
+    def _resume(self) -> None:
+        found = None
+        if self.runtime.is_main:
+            latest = checkpoints.load_latest_checkpoint(self.checkpoint_dir)
+            found = str(latest[0]) if latest else None
+        found = broadcast_object(found, self.runtime)
+        if found is None:
+            return
+        state = checkpoints.read_checkpoint(found)
+        parallel, runtime = self.config.parallel, self.runtime
+        try:
+            load_model_state(self.model, state["model"], parallel, runtime)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{found} does not fit this model: {str(exc).splitlines()[0]}") from None
+        load_optimizer_state(self.model, self.optimizer, state["optimizer"], parallel, runtime)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.discriminator is not None and "discriminator" in state:
+            self.discriminator.load_state_dict(state["discriminator"])
+            self.disc_optimizer.load_state_dict(state["disc_optimizer"])
+            self.disc_scheduler.load_state_dict(state["disc_scheduler"])
+        self.step = int(state["step"])
+        ranks = state["ranks"]
+        if len(ranks) == runtime.world_size:
+            checkpoints.set_rng_state(ranks[runtime.rank]["rng"])
+            self.loader.load_state_dict(ranks[runtime.rank]["data"])
+        else:
+            warnings.warn(
+                f"{found} was saved by {len(ranks)} process(es), now {runtime.world_size}: "
+                "random streams are reseeded and the data epoch restarts",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            checkpoints.set_rng_state(self._seeded_rng(self.config.seed + runtime.rank + self.step))
+            self.loader.load_state_dict(ranks[0]["data"])
+        self.resumed_from = Path(found)
+
+    def export(self, path: str | Path) -> Path | None:
+        """The tokenizer as ``config.json`` + ``model.safetensors`` (rank 0 writes; no teacher, no optimiser)."""
+        state = full_model_state(self.model, self.config.parallel, self.runtime)
+        written = None
+        if self.runtime.is_main:
+            if self.runtime.distributed and self.config.parallel == "fsdp":
+                gathered = DualTokenizer.from_config(self.tokenizer.config)
+                gathered.load_state_dict(state)
+                written = gathered.save_pretrained(path)
+            else:
+                written = unwrap(self.model).save_pretrained(path)
+        self.runtime.barrier()
+        return written
+
+    # ------------------------------------------------------------------------------------------------------------
+    # the steps
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _train_step(self, usage: CodebookUsage) -> dict[str, float]:
+        cfg, device = self.config, self.runtime.device
+        gan_on = self.discriminator is not None and cfg.loss.gan.active(self.step)
+        if gan_on:
+            self._maybe_restart_discriminator()
+        tok = unwrap(self.model)
+        set_train_mode(tok, cfg.freeze)
+        sums: dict[str, float] = defaultdict(float)
+        micro_batches = []
+        for micro in range(cfg.grad_accum):
+            batch = next(self.loader)
+            images = batch["images"].to(device, non_blocking=True)
+            last = micro == cfg.grad_accum - 1
+            with self._gradient_sync(self.model, last):
+                with self._autocast():
+                    out = self.model(images)
+                    targets = teacher_targets(self.teacher, images, tok.config.semantic_layer) if (
+                        self.teacher is not None and cfg.loss.needs_teacher) else None
+                    discriminator = None
+                    if gan_on:
+                        self.discriminator.requires_grad_(False)
+                        discriminator = self.discriminator
+                    total, terms = self.objective.generator(
+                        out, images, targets, discriminator=discriminator, last_layer=tok.decoder.conv_out.weight
+                    )
+                self.scaler.scale(total / cfg.grad_accum).backward()
+            if gan_on:
+                self.discriminator.requires_grad_(True)
+                micro_batches.append((images, out.reconstruction.detach()))
+            usage.update("pixel", out.pixel_codes)
+            usage.update("semantic", out.semantic_codes)
+            for name, value in terms.items():
+                sums[name] += float(value) / cfg.grad_accum
+        sums["lr"], sums["grad_norm"] = self._optimizer_step(
+            self.optimizer, self.scheduler, cfg.optimizer.grad_clip
+        )
+        if gan_on:
+            for name, value in self._discriminator_step(micro_batches).items():
+                sums[name] += value
+        return dict(sums)
+
+    def _optimizer_step(self, optimizer, scheduler, clip: float) -> tuple[float, float]:
+        """Unscale, clip (when asked), step, advance the schedule -> (learning rate used, gradient norm)."""
+        self.scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        lr = optimizer.param_groups[0]["lr"]
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        return lr, float(norm)
+
+    def _discriminator_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+        sums: dict[str, float] = defaultdict(float)
+        count = len(micro_batches)
+        for index, (images, reconstruction) in enumerate(micro_batches):
+            with self._gradient_sync(self.disc_model, index == count - 1):
+                with self._autocast():
+                    logits = self.disc_model(torch.cat([images, reconstruction]))
+                    real, fake = logits.split(images.shape[0])
+                    total, terms = self.objective.discriminator(real, fake, self.step)
+                self.scaler.scale(total / count).backward()
+            for name, value in terms.items():
+                sums[name] += float(value) / count
+        clip = self.config.disc_optimizer.grad_clip
+        sums["disc_lr"], sums["disc_grad_norm"] = self._optimizer_step(self.disc_optimizer, self.disc_scheduler, clip)
+        return sums
+
+    def _maybe_restart_discriminator(self) -> None:
+        gan = self.config.loss.gan
+        since = self.step - gan.start_step
+        if not gan.restart_every or since == 0 or since % gan.restart_every:
+            return
+        devices = [self.runtime.device] if self.runtime.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.config.seed + self.step)  # the same fresh weights on every rank
+            self.discriminator.reset_parameters()
+        self.disc_optimizer.state.clear()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """PSNR and pixel MSE of the held-out images, reconstructed in eval mode (no codebook update)."""
+        if self.heldout is None:
+            return {}
+        tok = unwrap(self.model)
+        tok.eval()
+        images = self.heldout[: self.config.data.eval_images].to(self.runtime.device)
+        with self._autocast():
+            out = tok(images)  # every rank runs it (FSDP gathers weights collectively)
+        set_train_mode(tok, self.config.freeze)
+        reconstruction = out.reconstruction.float()
+        return {
+            "psnr": float(psnr(reconstruction, images).mean()),
+            "pixel_mse": float(torch.mean((reconstruction - images) ** 2)),
+        }
+
+    def _write_grid(self) -> None:
+        if self.heldout is None:
+            return
+        tok = unwrap(self.model)
+        tok.eval()
+        images = self.heldout[: self.config.log.grid_images].to(self.runtime.device)
+        with torch.no_grad(), self._autocast():
+            out = tok(images)
+        set_train_mode(tok, self.config.freeze)
+        if self.runtime.is_main:
+            grid = reconstruction_grid(images.cpu(), out.reconstruction.float().cpu())
+            save_image(grid, self.out_dir / "grids" / f"step-{self.step:08d}.png")
+            self.logger.image(self.step, "reconstructions", grid)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # the loop
+    # ------------------------------------------------------------------------------------------------------------
+
+    def fit(self, stop_at: int | None = None) -> dict[str, Any]:
+        """Train until ``max_steps`` (or ``stop_at``, as if interrupted there); checkpoint and export at the end."""
+        cfg, runtime = self.config, self.runtime
+        end = min(cfg.max_steps, stop_at) if stop_at is not None else cfg.max_steps
+        self.logger = MetricsLogger(self.out_dir, cfg.log, enabled=runtime.is_main, resume_step=self.step)
+        if runtime.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "train_config.json").write_text(cfg.to_json() + "\n")
+        tok = unwrap(self.model)
+        usage = CodebookUsage(
+            {b: tok.codebook_size(b) for b in ("pixel", "semantic")},
+            {"pixel": tok.pixel_depth, "semantic": tok.semantic_depth},
+            runtime.device,
+        )
+        images_per_step = cfg.data.batch_size * cfg.grad_accum * runtime.world_size
+        bar = tqdm(
+            total=cfg.max_steps, initial=self.step, desc="train", unit="step",
+            disable=not (cfg.log.progress and runtime.is_main),
+        )
+        last: dict[str, float] = {}
+        window: dict[str, list[float]] = defaultdict(list)
+        window_steps, clock = 0, time.perf_counter()
+        while self.step < end:
+            values = self._train_step(usage)
+            self.step += 1
+            window_steps += 1
+            for name, value in values.items():
+                window[name].append(value)
+            bar.update(1)
+            bar.set_postfix(loss=f"{values['total']:.4f}")
+            if self.step % cfg.log.every == 0 or self.step == end:
+                elapsed = time.perf_counter() - clock
+                last = self._reduce({k: sum(v) / len(v) for k, v in window.items()})
+                last["images_per_s"] = images_per_step * window_steps / max(elapsed, 1e-9)
+                last["peak_memory_mb"] = peak_memory_mb(runtime.device)
+                last["epoch"] = self.loader.epoch
+                last["skipped_images"] = self._reduce({"n": float(self.loader.skipped)}, mean=False)["n"]
+                self.logger.log(self.step, last)
+                window, window_steps, clock = defaultdict(list), 0, time.perf_counter()
+            if self.step % cfg.log.codebook_every == 0 or self.step == end:
+                self.logger.log(self.step, usage.summary(), kind="codebook")
+            if (cfg.log.eval_every and self.step % cfg.log.eval_every == 0) or self.step == end:
+                heldout = self.evaluate()
+                if heldout:
+                    self.logger.log(self.step, heldout, kind="eval")
+            if (cfg.log.grid_every and self.step % cfg.log.grid_every == 0) or self.step == end:
+                self._write_grid()
+            if self.step % cfg.checkpoint.every == 0 or self.step == end:
+                self.save_checkpoint()
+            if cfg.checkpoint.export_every and self.step % cfg.checkpoint.export_every == 0:
+                self.export(self.out_dir / f"export-{self.step:08d}")
+        bar.close()
+        exported = self.export(self.out_dir / "final") if self.step >= cfg.max_steps else None
+        self.logger.close()
+        return {
+            "step": self.step,
+            "metrics": last,
+            "export": str(exported) if exported else None,
+            "checkpoint": str(checkpoints.checkpoint_path(self.checkpoint_dir, self.step)),
+            "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+            "frozen_parameters": len(self.frozen),
+        }
+
+    def _reduce(self, values: dict[str, float], mean: bool = True) -> dict[str, float]:
+        """Average (or sum) scalars over processes."""
+        if not self.runtime.distributed:
+            return dict(values)
+        names = sorted(values)
+        tensor = torch.tensor([values[n] for n in names], dtype=torch.float64, device=self.runtime.device)
+        torch.distributed.all_reduce(tensor)
+        if mean:
+            tensor /= self.runtime.world_size
+        return dict(zip(names, tensor.tolist()))
+
+    def close(self) -> None:
+        self.runtime.close()
+
+
+class _RestoreSync:
+    """Context that turns FSDP2 gradient synchronisation back on when it exits."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        self.module.set_requires_gradient_sync(True)
+
+
+def train(config: TrainConfig, stop_at: int | None = None) -> dict[str, Any]:
+    """Build a :class:`Trainer` from ``config``, run it, release the process group it made."""
+    trainer = Trainer(config)
+    try:
+        return trainer.fit(stop_at=stop_at)
+    finally:
+        trainer.close()
+
