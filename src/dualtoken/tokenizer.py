@@ -118,10 +118,9 @@ class DualTokenizer(nn.Module):
             config = dataclasses.replace(
                 config, backbone=dataclasses.replace(config.backbone, pretrained=str(Path(backbone_path).resolve()))
             )
-        family = backbone_class(config.backbone.kind)
-        tokenizer = cls(config, family.from_config(config.backbone))
+        tokenizer = cls(config, backbone_class(config.backbone.kind).from_config(config.backbone))
         if backbone_path is not None:
-            tokenizer.backbone.load_state_dict(family.teacher(config.backbone).state_dict())
+            tokenizer.init_backbone_from_teacher()
         return tokenizer
 
     @classmethod
@@ -136,6 +135,11 @@ class DualTokenizer(nn.Module):
         from .checkpoint import save_pretrained
 
         return save_pretrained(self, path)
+
+    def init_backbone_from_teacher(self) -> DualTokenizer:
+        """Start the trainable backbone from the pretrained weights (the usual start of tokenizer training)."""
+        self.backbone.load_state_dict(self.teacher().state_dict())
+        return self
 
     def teacher(self) -> Backbone:
         """The frozen pretrained backbone (the distillation target), built from ``config.backbone``."""

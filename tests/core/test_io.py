@@ -33,7 +33,7 @@ def test_resize_shortest_side_and_centre_crop(tmp_path):
 def test_any_mode_becomes_rgb(tmp_path, mode):
     rgb = Image.fromarray(gradient())
     if mode == "I;16":
-        image = Image.fromarray((np.asarray(rgb.convert("L"), dtype=np.uint16) * 257))
+        image = Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)
         assert image.mode.startswith("I")
     else:
         image = rgb.convert(mode)

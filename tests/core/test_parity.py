@@ -123,8 +123,9 @@ def to_release(tokenizer: DualTokenizer, folder, text_config):
                     state[ref + key[len(ours):]] = value.clone()
                     break
     save_file(state, str(folder / "model.safetensors"))
-    quant = lambda q, kind: {"bottleneck_type": kind, "code_shape": [*tokenizer.grid, q.depth], "latent_shape": [*tokenizer.grid, q.code_dim],
-                             "embed_dim": q.code_dim, "n_embed": q.codebook_size, "decay": q.decay, "restart_unused_codes": True, "shared_codebook": True}
+    def quant(q, kind):
+        return {"bottleneck_type": kind, "code_shape": [*tokenizer.grid, q.depth], "latent_shape": [*tokenizer.grid, q.code_dim],
+                                 "embed_dim": q.code_dim, "n_embed": q.codebook_size, "decay": q.decay, "restart_unused_codes": True, "shared_codebook": True}
     d = cfg.decoder
     release = {"rqvaesiglip": {
         "layer_recon": cfg.pixel_layer, "layer_shortcut": cfg.shortcut_layer, "weight_shortcut": cfg.shortcut_weight, "layer_sem": cfg.semantic_layer,

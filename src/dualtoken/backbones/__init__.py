@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from .base import Backbone
+from .efficientnet import EfficientNetBackbone
 from .siglip import SiglipBackbone
 
-BACKBONES: dict[str, type[Backbone]] = {"siglip": SiglipBackbone}
+BACKBONES: dict[str, type[Backbone]] = {"siglip": SiglipBackbone, "efficientnet_lite0": EfficientNetBackbone}
 
 
 def backbone_class(kind: str) -> type[Backbone]:
@@ -16,4 +17,4 @@ def backbone_class(kind: str) -> type[Backbone]:
     return BACKBONES[kind]
 
 
-__all__ = ["Backbone", "SiglipBackbone", "BACKBONES", "backbone_class"]
+__all__ = ["Backbone", "SiglipBackbone", "EfficientNetBackbone", "BACKBONES", "backbone_class"]
