@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from dualtoken import DualTokenizer, get_config
@@ -14,6 +15,7 @@ from .conftest import CLASS_NAMES, write_images
 FAST = EvalConfig(batch_size=4, kid_subsets=5, kid_subset_size=3, grid_images=1)
 
 
+@pytest.mark.slow
 def test_report_schema_files_and_numbers(tiny_tokenizer, image_folder, tmp_path):
     out = tmp_path / "out"
     report = evaluate(tiny_tokenizer, image_folder, out, FAST, progress=False)
@@ -121,3 +123,38 @@ def test_cli_writes_a_report_and_reports_bad_input(tiny_tokenizer, image_folder,
     assert main(["eval", "--model", str(model), "--data", str(image_folder), "--out", str(out),
                  "--set", "kid_subsets=0"]) == 2
     assert "kid_subsets" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_resumes_where_it_stopped(tiny_tokenizer, image_folder, tmp_path, monkeypatch):
+    from dualtoken.errors import ConfigError
+    from dualtoken.evaluation import runner
+
+    config = EvalConfig(metrics=("reconstruction", "distribution", "codebook"), batch_size=2, checkpoint_every=1,
+                        kid_subsets=5, kid_subset_size=3)
+    reference = evaluate(tiny_tokenizer, image_folder, tmp_path / "whole", config, progress=False)
+    assert not list((tmp_path / "whole" / ".partial").glob("*.pt"))  # removed once complete
+
+    original, seen = runner.Evaluator.update, []
+
+    def interrupted(self, batch):
+        if len(seen) == 4:  # stop in the third batch, after two were saved
+            raise KeyboardInterrupt
+        seen.extend(batch.indices.tolist())
+        original(self, batch)
+
+    monkeypatch.setattr(runner.Evaluator, "update", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(tiny_tokenizer, image_folder, tmp_path / "resumed", config, progress=False)
+    assert (tmp_path / "resumed" / ".partial" / "rank0-of-1.pt").is_file()
+
+    seen.clear()
+    monkeypatch.setattr(runner.Evaluator, "update", lambda self, batch: (seen.extend(batch.indices.tolist()),
+                                                                         original(self, batch)))
+    with pytest.raises(ConfigError, match="partial evaluation"):  # other settings: not mixed in
+        evaluate(tiny_tokenizer, image_folder, tmp_path / "resumed", EvalConfig(metrics=("codebook",)))
+    resumed = evaluate(tiny_tokenizer, image_folder, tmp_path / "resumed", config, progress=False)
+    assert seen == [4]  # images 0..3 came from the saved state
+    for key in ("metrics", "rate_distortion", "codebooks", "extremes"):
+        assert resumed[key] == reference[key], key
+    assert resumed["data"]["fingerprint"] == reference["data"]["fingerprint"]

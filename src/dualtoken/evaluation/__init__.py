@@ -16,6 +16,9 @@ from .figures import codebook_usage_figure, rate_distortion_figure, reconstructi
 from .report import REQUIRED_KEYS, SCHEMA, build_report, render_markdown, write_report
 from .runner import load_model, run_evaluation
 
+# inside the output folder: each process's partial state while a run is under way (removed when it completes)
+PARTIAL_DIR = ".partial"
+
 
 def evaluate(
     model,
@@ -31,13 +34,15 @@ def evaluate(
     ``model``: a DualTokenizer, a folder written by ``save_pretrained``, or an embedded model's name.
     ``data``: an image folder, a file list, or WebDataset shards (see ``dualtoken.data.resolve_source``).
     Under torchrun (``torch.distributed`` initialised) every process evaluates its share and all return the same
-    report; only rank 0 writes ``report.json``, ``report.md`` and the PNG figures into ``out_dir``.
+    report; only rank 0 writes ``report.json``, ``report.md`` and the PNG figures into ``out_dir``. An interrupted
+    run started again with the same ``out_dir``, model, data and config continues where it stopped.
     """
     config = config or EvalConfig()
     device = torch.device(device) if device is not None else _default_device()
     tokenizer = load_model(model, device)
     source = str(model) if isinstance(model, (str, Path)) else str(getattr(tokenizer, "model_dir", None) or "in memory")
-    results = run_evaluation(tokenizer, data, config, device, progress)
+    partial_dir = Path(out_dir) / PARTIAL_DIR if out_dir is not None else None
+    results = run_evaluation(tokenizer, data, config, device, progress, partial_dir)
     report = build_report(results, tokenizer, source, config, str(device))
     if out_dir is not None and rank_and_world()[0] == 0:
         out_dir = Path(out_dir)

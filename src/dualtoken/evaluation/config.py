@@ -53,6 +53,8 @@ class EvalConfig:
     seed: int = 0
     # DataLoader worker processes reading images (0: in the main process)
     num_workers: int = 0
+    # save the partial state (in the output folder) every this many batches, to resume an interrupted run; 0: never
+    checkpoint_every: int = 50
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.metrics) - set(METRIC_GROUPS))
@@ -62,7 +64,7 @@ class EvalConfig:
                      "text_context_length", "text_batch_size", "top_k"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"EvalConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("grid_images", "num_workers"):
+        for name in ("grid_images", "num_workers", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"EvalConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.limit is not None and self.limit < 1:

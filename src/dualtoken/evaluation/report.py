@@ -73,7 +73,7 @@ def build_report(results: dict, tokenizer, model_source: str, config: EvalConfig
             "fingerprint": results["fingerprint"],
             "labels": results["labels_source"],
             "labeled_images": results["labeled_images"],
-            "skipped_images": [{"id": i, "reason": r} for i, r in results["skipped_images"]],
+            "skipped_images": [{"index": n, "id": i, "reason": r} for n, i, r in results["skipped_images"]],
         },
         "protocol": {**describe_protocol(tokenizer.image_size, config.feature_resize), "kid": results["kid"]},
         "config": to_dict(config),

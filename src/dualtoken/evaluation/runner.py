@@ -9,6 +9,7 @@ image's data index and gathered in data order at the end, so any number of proce
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -16,7 +17,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..errors import DataError, DualTokenError
+from ..config import to_dict
+from ..data import resolve_source
+from ..errors import ConfigError, DataError, DualTokenError
 from .codebook_stats import code_histogram, codebook_report
 from .config import EvalConfig
 from .distributed import gather_objects, gather_rows, rank_and_world, sum_over_processes
@@ -25,7 +28,7 @@ from .extremes import ExtremeImages
 from .feature_net import FeatureNet
 from .pixel_metrics import level_distance, psnr_per_image, ssim_per_image
 from .protocol import to_uint8_levels
-from .samples import Batch, count_images, find_beside, open_eval_data
+from .samples import Batch, LabelLookup, count_images, eval_loader, find_beside
 from .semantic import build_classifier, pooled_cosine, run_unquantized, token_cosine
 from .zeroshot import topk_hits
 
@@ -65,7 +68,7 @@ class Evaluator:
         self.tables: dict[str, set[str]] = {"pixel": set(), "semantic": set()}
         self.indices: list[torch.Tensor] = []
         self.ids: list[str] = []
-        self.skipped_images: list[tuple[str, str]] = []
+        self.skipped_images: list[tuple[int, str, str]] = []  # (index, id, reason)
         self.extremes = ExtremeImages(config.grid_images)
         self.histograms = {
             branch: torch.zeros(depth, tokenizer.codebook_size(branch), dtype=torch.long)
@@ -223,6 +226,42 @@ class Evaluator:
                 self._add_accuracy(f"{classifier.kind}_top{top}@{k}", topk, "semantic")
 
     # ------------------------------------------------------------------------------------------------------------
+    # resuming an interrupted run
+    # ------------------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything accumulated so far (this process), to continue after an interruption."""
+        return {
+            "rows": {name: torch.cat(parts) for name, parts in self.rows.items()},
+            "accuracy_rows": sorted(self.accuracy_rows),
+            "tables": {table: sorted(names) for table, names in self.tables.items()},
+            "indices": torch.cat(self.indices) if self.indices else torch.zeros(0, dtype=torch.long),
+            "ids": list(self.ids),
+            "skipped_images": list(self.skipped_images),
+            "histograms": {branch: h.clone() for branch, h in self.histograms.items()},
+            "frechet": {key: {n: v.cpu() for n, v in m.metric_state.items()} for key, m in self.frechet.items()},
+            "extremes": (self.extremes.best, self.extremes.worst),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows = defaultdict(list, {name: [value] for name, value in state["rows"].items()})
+        self.accuracy_rows = set(state["accuracy_rows"])
+        self.tables = {table: set(names) for table, names in state["tables"].items()}
+        self.indices = [state["indices"]]
+        self.ids = list(state["ids"])
+        self.skipped_images = list(state["skipped_images"])
+        self.histograms = state["histograms"]
+        for key, metric_state in state["frechet"].items():
+            metric = self.frechet[key]
+            metric.merge_state({n: v.to(self.device) for n, v in metric_state.items()})
+            metric.orig_dtype = torch.float64  # what update() would have set
+        self.extremes.best, self.extremes.worst = state["extremes"]
+
+    def done(self) -> set[int]:
+        """Data indices this process has already evaluated (or found unreadable)."""
+        return {int(i) for part in self.indices for i in part} | {index for index, _, _ in self.skipped_images}
+
+    # ------------------------------------------------------------------------------------------------------------
     # the end: gather and reduce
     # ------------------------------------------------------------------------------------------------------------
 
@@ -242,7 +281,7 @@ class Evaluator:
         if any(names != row_names for names in per_process):  # the same decision on every process
             raise DataError("a process evaluated no images: use fewer processes than images")
         indices, ids, rows = self._gathered()
-        skipped_images = [item for part in gather_objects(self.skipped_images) for item in part]
+        skipped_images = sorted(item for part in gather_objects(self.skipped_images) for item in part)
         if len(indices) == 0:
             raise DataError("no readable images were evaluated")
         labeled = rows.get("labeled")
@@ -333,22 +372,62 @@ def load_model(model, device: torch.device):
     return tokenizer.to(device).eval()
 
 
-def run_evaluation(tokenizer, data: str | Path, config: EvalConfig, device: torch.device, progress: bool) -> dict:
-    """Evaluate ``tokenizer`` on ``data`` in this process (and its torchrun peers); the result sections."""
+def _signature(tokenizer, data: str | Path, config: EvalConfig) -> dict:
+    """What a partial state must match to be resumed: the settings, the data and the model's weights."""
+    model = hashlib.sha256(tokenizer.config.to_json().encode())
+    for branch in ("pixel", "semantic"):
+        model.update(tokenizer.codebook(branch).detach().float().cpu().numpy().tobytes())
+    return {"config": {k: v for k, v in to_dict(config).items() if k != "num_workers"}, "data": str(data),
+            "model": model.hexdigest()}
+
+
+def _save_partial(path: Path, signature: dict, evaluator: Evaluator) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save({"signature": signature, "state": evaluator.state_dict()}, tmp)
+    os.replace(tmp, path)
+
+
+def run_evaluation(
+    tokenizer, data: str | Path, config: EvalConfig, device: torch.device, progress: bool,
+    partial_dir: Path | None = None,
+) -> dict:
+    """Evaluate ``tokenizer`` on ``data`` in this process (and its torchrun peers); the result sections.
+
+    With ``partial_dir``, each process saves what it has accumulated there every ``config.checkpoint_every``
+    batches and continues from it when started again with the same model, data and settings.
+    """
     rank, world = rank_and_world()
     start = time.perf_counter()
-    loader, source, labels = open_eval_data(
-        data, tokenizer.image_size, config.labels, config.limit, config.batch_size, config.num_workers
-    )
+    source = resolve_source(data)
+    labels = LabelLookup(source, config.labels)
     classes = Path(config.classes) if config.classes else find_beside(source.spec, ("classes.tsv", "classes.txt"))
     evaluator = Evaluator(tokenizer, config, device, classes, labels.available)
+    signature = _signature(tokenizer, data, config)
+    state_path = partial_dir / f"rank{rank}-of-{world}.pt" if partial_dir is not None else None
+    if state_path is not None and state_path.is_file():
+        saved = torch.load(state_path, map_location="cpu", weights_only=False)
+        if saved["signature"] != signature:
+            raise ConfigError(
+                f"{state_path} holds a partial evaluation of another model, data set or config: "
+                f"delete {partial_dir} to start over"
+            )
+        evaluator.load_state_dict(saved["state"])
+    done = evaluator.done()
+    loader = eval_loader(
+        source, tokenizer.image_size, labels, config.limit, config.batch_size, config.num_workers, done
+    )
     total = count_images(source, config.limit)
-    mine = len(range(rank, total, world)) if total is not None else None
+    mine = len(range(rank, total, world)) - len(done) if total is not None else None
     with tqdm(total=mine, desc="eval", unit="img", disable=not progress or rank != 0) as bar:
-        for batch in loader:
+        for step, batch in enumerate(loader, start=1):
             evaluator.update(batch)
             bar.update(len(batch.ids) + len(batch.skipped))
+            if state_path is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
+                _save_partial(state_path, signature, evaluator)
     results = evaluator.finish()
+    if state_path is not None:
+        state_path.unlink(missing_ok=True)
     results.update(
         data_source=source.spec,
         labels_source=labels.origin,

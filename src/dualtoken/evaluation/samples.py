@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..data import RecordSource, decode_record, resolve_source
+from ..data import RecordSource, decode_record
 from ..errors import DataError, ImageError
 from .distributed import rank_and_world
 
@@ -30,7 +30,7 @@ class Batch:
     ids: list[str]
     images: torch.Tensor | None  # (B, 3, H, W) in [-1, 1]; None when every image of the batch was unreadable
     labels: torch.Tensor  # (B,) class index, -1 when unknown
-    skipped: list[tuple[str, str]]  # (id, reason) of unreadable images
+    skipped: list[tuple[int, str, str]]  # (index, id, reason) of unreadable images
 
 
 def _labels_from_tsv(path: Path) -> dict[str, int]:
@@ -95,13 +95,18 @@ class LabelLookup:
 
 
 class EvalSamples(IterableDataset):
-    """This process's images as dicts {index, id, image | None, label, error}; DataLoader workers split them."""
+    """This process's images as dicts {index, id, image | None, label, error}; DataLoader workers split them.
 
-    def __init__(self, source: RecordSource, size: tuple[int, int], labels: LabelLookup, limit: int | None) -> None:
+    Images in ``done`` are passed over undecoded (a resumed run)."""
+
+    def __init__(
+        self, source: RecordSource, size: tuple[int, int], labels: LabelLookup, limit: int | None, done: set[int]
+    ) -> None:
         self.source = source
         self.size = size
         self.labels = labels
         self.limit = limit
+        self.done = frozenset(done)  # indices evaluated before an interruption
         self.rank, self.world = rank_and_world()
 
     def __iter__(self) -> Iterator[dict]:
@@ -110,7 +115,7 @@ class EvalSamples(IterableDataset):
         for index, (record, _) in enumerate(self.source.walk()):
             if self.limit is not None and index >= self.limit:
                 return
-            if index % self.world != self.rank or (index // self.world) % workers != worker:
+            if index % self.world != self.rank or (index // self.world) % workers != worker or index in self.done:
                 continue
             item = {"index": index, "id": record.id, "label": self.labels(record.id, record.payload)}
             try:
@@ -127,20 +132,17 @@ def collate(items: list[dict]) -> Batch:
         ids=[item["id"] for item in good],
         images=torch.stack([item["image"] for item in good]) if good else None,
         labels=torch.tensor([item["label"] for item in good], dtype=torch.long),
-        skipped=[(item["id"], item["error"]) for item in items if item["image"] is None],
+        skipped=[(item["index"], item["id"], item["error"]) for item in items if item["image"] is None],
     )
 
 
-def open_eval_data(
-    spec: str | Path, size: tuple[int, int], labels_path: str | Path | None, limit: int | None,
-    batch_size: int, num_workers: int,
-) -> tuple[DataLoader, RecordSource, LabelLookup]:
-    """A DataLoader of :class:`Batch` es over this process's part of ``spec`` (folder, file list or shards)."""
-    source = resolve_source(spec)
-    labels = LabelLookup(source, labels_path)
-    dataset = EvalSamples(source, size, labels, limit)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
-    return loader, source, labels
+def eval_loader(
+    source: RecordSource, size: tuple[int, int], labels: LabelLookup, limit: int | None, batch_size: int,
+    num_workers: int, done: set[int],
+) -> DataLoader:
+    """A DataLoader of :class:`Batch` es over this process's images of ``source`` not in ``done``."""
+    dataset = EvalSamples(source, size, labels, limit, done)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
 
 
 def count_images(source: RecordSource, limit: int | None) -> int | None:
