@@ -109,6 +109,8 @@ def _add_tokenizer_routes(
             "model": service.name,
             "pending": {name: batcher.pending for name, batcher in batchers},
             "running": {name: batcher.running for name, batcher in batchers},
+            # dict() copies atomically: a worker thread may add a size meanwhile
+            "batch_sizes": {name: {str(k): v for k, v in sorted(dict(b.batch_sizes).items())} for name, b in batchers},
         }
 
     @app.get("/v1/models", response_model=ModelsResponse)

@@ -123,39 +123,28 @@ class MicroBatcher(Generic[T, R]):
             batch, stop = self._collect()
             # a request whose client went away was cancelled: drop it before it costs model time
             live = [(item, future) for item, future in batch if future.set_running_or_notify_cancel()]
-            if live:
-                self.running = len(live)
-                self._run_batch(live)
-                self.running = 0
+            if not live:
+                continue
+            self.running = len(live)
+            outcomes = self._run_batch([item for item, _ in live])
+            self.running = 0  # before answering, so that an answered client never sees its request as running
+            for (_, future), (result, error) in zip(live, outcomes, strict=True):
+                if error is None:
+                    future.set_result(result)
+                else:
+                    future.set_exception(error)
 
-    def _run_batch(self, live: list[tuple[T, Future[R]]]) -> None:
-        items = [item for item, _ in live]
+    def _run_batch(self, items: list[T]) -> list[tuple[R | None, Exception | None]]:
+        """(result, None) or (None, error) per item."""
         try:
             with self._model_lock:
                 results = list(self._process(items))
             self.batch_sizes[len(items)] += 1
+            return [(result, None) for result in results]
         except DualTokenError as exc:
-            if len(live) == 1:
-                live[0][1].set_exception(exc)
-                return
+            if len(items) == 1:
+                return [(None, exc)]
             # one bad item must not fail its batch-mates: run them one by one
-            for entry in live:
-                self._run_single(entry)
-            return
+            return [self._run_batch([item])[0] for item in items]
         except Exception as exc:  # handed to every waiting request; the worker keeps serving
-            for _, future in live:
-                future.set_exception(exc)
-            return
-        for (_, future), result in zip(live, results, strict=True):
-            future.set_result(result)
-
-    def _run_single(self, entry: tuple[T, Future[R]]) -> None:
-        item, future = entry
-        try:
-            with self._model_lock:
-                result = list(self._process([item]))[0]
-            self.batch_sizes[1] += 1
-        except Exception as exc:  # handed to the request
-            future.set_exception(exc)
-            return
-        future.set_result(result)
+            return [(None, exc)] * len(items)

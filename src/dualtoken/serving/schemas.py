@@ -90,6 +90,9 @@ class HealthResponse(BaseModel):
     model: str
     pending: dict[str, int] = Field(description="requests waiting, per queue")
     running: dict[str, int] = Field(description="requests in the model call now, per queue")
+    batch_sizes: dict[str, dict[str, int]] = Field(
+        description="per queue: how many model calls ran with each batch size since the server started"
+    )
 
 
 class ChatResponse(BaseModel):
