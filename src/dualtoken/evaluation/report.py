@@ -75,7 +75,7 @@ def build_report(results: dict, tokenizer, model_source: str, config: EvalConfig
             "labeled_images": results["labeled_images"],
             "skipped_images": [{"index": n, "id": i, "reason": r} for n, i, r in results["skipped_images"]],
         },
-        "protocol": {**describe_protocol(tokenizer.image_size, config.feature_resize), "kid": results["kid"]},
+        "protocol": describe_protocol(tokenizer.image_size, config.feature_resize),
         "config": to_dict(config),
         "metrics": metrics,
         "rate_distortion": {"pixel": pixel_rows, "semantic": semantic_rows},
@@ -84,6 +84,8 @@ def build_report(results: dict, tokenizer, model_source: str, config: EvalConfig
         "figures": {},
         "runtime": {"seconds": round(results["seconds"], 2), "world_size": results["world_size"], "device": device},
     }
+    if results["kid"] is not None:
+        report["protocol"]["kid"] = results["kid"]
     for key in ("codebooks", "stability"):
         if key in results:
             report[key] = results[key]

@@ -293,7 +293,7 @@ class Evaluator:
             return float(values.mean())
 
         pixel_rows = []
-        for k in self.pixel_depths:
+        for k in self.pixel_depths if self.decodes else []:
             row = {"depth": k}
             for name in sorted(self.tables["pixel"]):
                 if name.endswith(f"@{k}"):
