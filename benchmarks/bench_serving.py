@@ -91,15 +91,20 @@ class Server:
         return sum(sizes.values())
 
 
-async def load(url: str, endpoint: str, image: bytes, clients: int, seconds: float) -> dict:
-    """``clients`` tasks post ``image`` back to back for ``seconds``; latencies of the successful requests."""
+async def load(
+    url: str, endpoint: str, image: bytes, clients: int, seconds: float
+) -> tuple[list[float], float, int]:
+    """``clients`` tasks post ``image`` back to back for ``seconds`` -> (latencies of the successful requests,
+    elapsed seconds, failures)."""
     latencies: list[float] = []
     failures = 0
     stop_at = time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     # TCP_NODELAY: without it a multipart upload (headers and body in separate writes) meets the delayed ACK and
     # every request waits ~40 ms for nothing
-    transport = httpx.AsyncHTTPTransport(limits=limits, socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+    transport = httpx.AsyncHTTPTransport(
+        limits=limits, socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+    )
 
     async with httpx.AsyncClient(base_url=url, transport=transport, timeout=120) as client:
 
@@ -116,45 +121,72 @@ async def load(url: str, endpoint: str, image: bytes, clients: int, seconds: flo
         began = time.perf_counter()
         await asyncio.gather(*(one_client() for _ in range(clients)))
         elapsed = time.perf_counter() - began
-    latencies.sort()
-    return {
-        "images_per_s": len(latencies) / elapsed,
-        "p50_ms": 1000 * statistics.median(latencies) if latencies else float("nan"),
-        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else float("nan"),
-        "requests": len(latencies),
-        "failures": failures,
-    }
+    return latencies, elapsed, failures
 
 
-def run_mode(args, max_batch: int) -> list[dict]:
-    endpoint = f"/v1/{args.endpoint}"
+class Mode:
+    """One server setting and everything measured with it at one concurrency level."""
+
+    def __init__(self, name: str, server: Server) -> None:
+        self.name, self.server = name, server
+        self.latencies: list[float] = []
+        self.elapsed = 0.0
+        self.failures = 0
+        self.calls = 0
+
+    def measure(self, endpoint: str, image: bytes, clients: int, seconds: float) -> None:
+        calls_before = self.server.model_calls(endpoint)
+        latencies, elapsed, failures = asyncio.run(
+            load(self.server.url, f"/v1/{endpoint}", image, clients, seconds)
+        )
+        self.calls += self.server.model_calls(endpoint) - calls_before
+        self.latencies += latencies
+        self.elapsed += elapsed
+        self.failures += failures
+
+    def summary(self) -> dict:
+        ordered = sorted(self.latencies)
+        count = len(ordered)
+        return {
+            "images_per_s": count / self.elapsed,
+            "p50_ms": 1000 * statistics.median(ordered) if ordered else float("nan"),
+            "p99_ms": 1000 * ordered[min(count - 1, int(0.99 * count))] if ordered else float("nan"),
+            "mean_batch": count / max(self.calls, 1),
+            "requests": count,
+            "failures": self.failures,
+        }
+
+
+def benchmark(args, off_server: Server, on_server: Server, image: bytes) -> list[tuple[int, dict, dict]]:
+    """For each concurrency level, alternate off / on measurements over several rounds (so that load drifting on
+    a shared machine hits both modes alike) and pool them."""
     rows = []
-    with Server(args.model, max_batch, args.max_wait_ms, args.threads) as server:
-        info = httpx.get(f"{server.url}/v1/models", timeout=10).json()["models"][0]
-        image = photo_png(args.image, tuple(info["image_size"]))
-        print(f"{info['name']}, POST {endpoint}, {len(image)} B PNG per request, max_batch {max_batch}", flush=True)
-        asyncio.run(load(server.url, endpoint, image, 1, min(1.0, args.seconds)))  # warm-up
-        for clients in args.clients:
-            calls_before = server.model_calls(args.endpoint)
-            row = asyncio.run(load(server.url, endpoint, image, clients, args.seconds))
-            calls = server.model_calls(args.endpoint) - calls_before
-            row.update(clients=clients, max_batch=max_batch, mean_batch=row["requests"] / max(calls, 1))
-            rows.append(row)
+    for clients in args.clients:
+        modes = [Mode("off", off_server), Mode("on", on_server)]
+        for round_index in range(args.rounds):
+            for mode in modes if round_index % 2 == 0 else modes[::-1]:
+                mode.measure(args.endpoint, image, clients, args.seconds)
+        off, on = (mode.summary() for mode in modes)
+        for name, row in (("off", off), ("on", on)):
             print(
-                f"  max_batch={max_batch:<3d} clients={clients:<3d} {row['images_per_s']:8.1f} img/s  "
+                f"  batching {name:<3} clients={clients:<3d} {row['images_per_s']:8.1f} img/s  "
                 f"p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  mean batch {row['mean_batch']:4.1f}  "
                 f"({row['requests']} ok, {row['failures']} failed)",
                 flush=True,
             )
+        rows.append((clients, off, on))
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="dualtoken-tiny", help="model folder, embedded model or architecture")
+    parser.add_argument(
+        "--model", default="dualtoken-tiny", help="model folder, embedded model or architecture"
+    )
     parser.add_argument("--endpoint", choices=["encode", "reconstruct"], default="encode")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrency levels")
-    parser.add_argument("--seconds", type=float, default=8.0, help="duration of each measurement")
+    parser.add_argument("--seconds", type=float, default=4.0, help="duration of each measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating off/on measurements per level")
     parser.add_argument("--max-batch", type=int, default=16, help="micro-batch size of the 'on' mode")
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads of the server")
@@ -162,19 +194,33 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if any(not 1 <= c <= MAX_CLIENTS for c in args.clients) or not 0 < args.seconds <= MAX_SECONDS:
         parser.error(f"--clients must be in 1..{MAX_CLIENTS} and --seconds in (0, {MAX_SECONDS}]")
+    if not 1 <= args.rounds <= 10:
+        parser.error("--rounds must be in 1..10")
+
+    with (
+        Server(args.model, 1, args.max_wait_ms, args.threads) as off_server,
+        Server(args.model, args.max_batch, args.max_wait_ms, args.threads) as on_server,
+    ):
+        info = httpx.get(f"{off_server.url}/v1/models", timeout=10).json()["models"][0]
+        image = photo_png(args.image, tuple(info["image_size"]))
+        print(
+            f"{info['name']}, POST /v1/{args.endpoint}, {len(image)} B PNG per request; batching off = max_batch 1, "
+            f"on = max_batch {args.max_batch} (max_wait {args.max_wait_ms:g} ms); {args.rounds} x {args.seconds:g} s "
+            f"per point; server torch threads {args.threads}; {os.cpu_count()} CPUs; python "
+            f"{sys.version.split()[0]}, torch {torch.__version__}",
+            flush=True,
+        )
+        for server in (off_server, on_server):  # warm-up
+            asyncio.run(load(server.url, f"/v1/{args.endpoint}", image, 1, 1.0))
+        rows = benchmark(args, off_server, on_server, image)
 
     print(
-        f"server torch threads {args.threads}, {args.seconds:g} s per point, {os.cpu_count()} CPUs, "
-        f"python {sys.version.split()[0]}, torch {torch.__version__}"
+        "\n| clients | off img/s | on img/s | on/off | off p50 / p99 ms | on p50 / p99 ms | on mean batch |"
     )
-    off = run_mode(args, max_batch=1)
-    on = run_mode(args, max_batch=args.max_batch)
-
-    print("\n| clients | off img/s | on img/s | on/off | off p50 / p99 ms | on p50 / p99 ms | on mean batch |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
-    for a, b in zip(off, on):
+    for clients, a, b in rows:
         print(
-            f"| {a['clients']} | {a['images_per_s']:.1f} | {b['images_per_s']:.1f} | "
+            f"| {clients} | {a['images_per_s']:.1f} | {b['images_per_s']:.1f} | "
             f"{b['images_per_s'] / a['images_per_s']:.2f}x | {a['p50_ms']:.0f} / {a['p99_ms']:.0f} | "
             f"{b['p50_ms']:.0f} / {b['p99_ms']:.0f} | {b['mean_batch']:.1f} |"
         )

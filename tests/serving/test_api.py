@@ -165,9 +165,11 @@ def test_bad_codes_get_a_4xx_with_a_reason(client, case):
         assert message in response.json()["detail"]
 
 
-def test_non_json_decode_body_is_422(client):
-    response = client.post("/v1/decode", content=b"{not json", headers={"content-type": "application/json"})
-    assert response.status_code == 422
+def test_unparsable_decode_bodies_get_a_4xx(client):
+    json_type = {"content-type": "application/json"}
+    assert client.post("/v1/decode", content=b"{not json", headers=json_type).status_code == 422
+    nested = b'{"pixel":' + b"[" * 5000 + b"]" * 5000 + b"}"  # deeper than the JSON parser recurses
+    assert client.post("/v1/decode", content=nested, headers=json_type).status_code == 400
 
 
 def _async_client(app) -> httpx.AsyncClient:

@@ -82,3 +82,15 @@ def test_the_command_serves_on_loopback():
     finally:
         process.terminate()
         process.wait(20)
+
+
+def test_serve_config_round_trips_through_json_and_rejects_unknown_keys():
+    from dualtoken.config import from_dict, to_dict
+    from dualtoken.serving import ServeConfig
+
+    config = ServeConfig(max_batch=3, allowed_formats=("PNG",), torch_threads=2)
+    assert from_dict(ServeConfig, json.loads(json.dumps(to_dict(config)))) == config
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_dict(ServeConfig, {"max_batch": 2, "batch": 3})
+    with pytest.raises(ConfigError, match="allowed_formats"):
+        ServeConfig(allowed_formats=())
