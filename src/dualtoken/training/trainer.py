@@ -441,6 +441,8 @@ class Trainer:
             total=cfg.max_steps, initial=self.step, desc="train", unit="step",
             disable=not (cfg.log.progress and runtime.is_main),
         )
+        if self.step == 0 and self.heldout is not None:
+            self.logger.log(0, self.evaluate(), kind="eval")  # the starting point of the held-out curve
         last: dict[str, float] = {}
         window: dict[str, list[float]] = defaultdict(list)
         window_steps, clock = 0, time.perf_counter()

@@ -1,0 +1,382 @@
+"""The unified MLLM at small scale on CIFAR-10, on CPU: understanding and generation with both vocabularies.
+
+Stages (each resumable; ``all`` runs them in order), every number in ``config.json`` (override with --set):
+
+    prepare   CIFAR-10 shards -> PNGs -> token cache (dualtoken.data.tokenize.encode_dataset, what `dualtoken
+              encode` runs) -> LLaVA conversations ("What is in this image?" -> "It is a {class}."), captions
+              ("Draw a {class}."), a byte-level BPE trained here, one MLLM train config per input mode
+    train     one small LLM from scratch per input mode (semantic+pixel, semantic only, pixel only), same data
+              (understanding and generation mixed), same steps
+    evaluate  answer accuracy on the test images per input mode, next to a linear probe on the same tokens;
+              "Draw a {class}." with and without classifier-free guidance, judged by a token classifier trained
+              on the real training images' tokens and by a Fréchet distance on EfficientNet-Lite0 features
+              against the real test images; a PNG grid of samples per class; results.json + results.md
+
+    python recipes/mllm_cifar/run.py all --config recipes/mllm_cifar/config.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from dualtoken import DualTokenizer
+from dualtoken.config import apply_overrides, from_dict, to_dict
+from dualtoken.data.tokenize import encode_dataset
+from dualtoken.evaluation.distribution import frechet_distance
+from dualtoken.features import EfficientNetFeatures
+from dualtoken.io import load_image, save_image, to_uint8
+from dualtoken.mllm import (
+    DepthHeadConfig,
+    DualTokenMLLM,
+    LLMConfig,
+    MLLMConfig,
+    MLLMDataConfig,
+    MLLMTrainConfig,
+    SamplingConfig,
+    answer,
+    generate_images,
+)
+from dualtoken.mllm.data import TokenCache
+from dualtoken.mllm.text_tokenizer import train_bpe_tokenizer
+from dualtoken.mllm.train import train_mllm
+from dualtoken.training.config import OptimizerConfig
+from dualtoken.visualize import hstack, vstack
+
+MODES = ("both", "semantic", "pixel")
+QUESTION = "What is in this image?"
+
+
+@dataclass
+class RecipeConfig:
+    """The whole demonstration; relative paths are relative to the working directory."""
+
+    tokenizer: str = "dualtoken-efflite0"  # an embedded DualToken model's name or a folder
+    data: str = "../shared/data/cifar10"
+    work: str = "runs/mllm_cifar"
+    train_limit: int | None = None  # first N training images (None = all 7,500)
+    test_limit: int | None = None  # first N test images (None = all 10,000)
+    encode_batch_size: int = 64
+    text_vocab: int = 512
+    llm: dict[str, Any] = field(
+        default_factory=lambda: {
+            "model_type": "llama",
+            "hidden_size": 256,
+            "intermediate_size": 704,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "max_position_embeddings": 1024,
+            "tie_word_embeddings": True,
+        }
+    )
+    heads: DepthHeadConfig = field(default_factory=lambda: DepthHeadConfig(layers=3, width=256, num_heads=4))
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=16))
+    modes: tuple[Literal["both", "semantic", "pixel"], ...] = MODES
+    steps: int = 2000
+    batch_size: int = 16
+    optim: OptimizerConfig = field(
+        default_factory=lambda: OptimizerConfig(lr=1e-3, betas=(0.9, 0.999), weight_decay=0.01, warmup_steps=60,
+                                                grad_clip=1.0)
+    )
+    condition_dropout: float = 0.1
+    seed: int = 0
+    eval_batch_size: int = 100
+    probe_steps: int = 100  # L-BFGS iterations of the linear probes
+    probe_weight_decay: float = 1e-3
+    samples_per_class: int = 50  # generated images per class and guidance setting
+    cfg_scale: float = 3.0
+    grid_columns: int = 10
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# prepare
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def class_names(cfg: RecipeConfig) -> list[str]:
+    return (Path(cfg.data) / "classes.txt").read_text().split()
+
+
+def extract_split(cfg: RecipeConfig, split: str, limit: int | None, out: Path) -> dict[str, int]:
+    """The first ``limit`` images of a split as PNGs in ``out``; returns {image id: class}."""
+    import webdataset as wds
+
+    labels_path = out / "labels.json"
+    if labels_path.is_file():
+        return json.loads(labels_path.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    urls = sorted(str(p) for p in Path(cfg.data).glob(f"{split}-*.tar.gz"))
+    labels = {}
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        if limit is not None and len(labels) == limit:
+            break
+        Image.open(io.BytesIO(sample["png"])).save(out / f"{sample['__key__']}.png")
+        labels[sample["__key__"]] = int(sample["cls"])
+    labels_path.write_text(json.dumps(labels))
+    return labels
+
+
+def prepare(cfg: RecipeConfig) -> None:
+    work = Path(cfg.work)
+    names = class_names(cfg)
+    tokenizer = DualTokenizer.from_pretrained(cfg.tokenizer)
+    labels = {}
+    for split, limit in (("train", cfg.train_limit), ("test", cfg.test_limit)):
+        labels[split] = extract_split(cfg, split, limit, work / "images" / split)
+        encode_dataset(tokenizer, str(work / "images" / split), str(work / "tokens" / split),
+                       batch_size=cfg.encode_batch_size)
+    conversations = [
+        {
+            "id": key,
+            "image": f"{key}.png",
+            "conversations": [
+                {"from": "human", "value": f"<image>\n{QUESTION}"},
+                {"from": "gpt", "value": f"It is a {names[label]}."},
+            ],
+        }
+        for key, label in labels["train"].items()
+    ]
+    (work / "conversations.json").write_text(json.dumps(conversations))
+    captions = [{"file": f"{key}.png", "caption": f"Draw a {names[label]}."} for key, label in labels["train"].items()]
+    (work / "captions.jsonl").write_text("".join(json.dumps(c) + "\n" for c in captions))
+
+    prompt = MLLMConfig().prompt
+    template = prompt.user_prefix + QUESTION + prompt.user_suffix + prompt.assistant_prefix
+    texts = [template + f"It is a {n}." + prompt.assistant_suffix + f"Draw a {n}." for n in names]
+    text_tokenizer = train_bpe_tokenizer(texts * 20, cfg.text_vocab, work / "text_tokenizer", prompt)
+    tokenizer_ref = str(Path(cfg.tokenizer).resolve()) if Path(cfg.tokenizer).is_dir() else cfg.tokenizer
+    for mode in cfg.modes:
+        model = MLLMConfig(
+            tokenizer=tokenizer_ref,
+            llm=LLMConfig(architecture={**cfg.llm, "vocab_size": len(text_tokenizer)}, text_tokenizer="text_tokenizer"),
+            fusion=dataclasses.replace(MLLMConfig().fusion, inputs=mode),
+            heads=cfg.heads,
+            sampling=cfg.sampling,
+        )
+        train = MLLMTrainConfig(
+            model=model,
+            data=MLLMDataConfig(
+                token_cache=("tokens/train",),
+                conversations=("conversations.json",),
+                captions=("captions.jsonl",),
+                condition_dropout=cfg.condition_dropout,
+            ),
+            optim=cfg.optim,
+            steps=cfg.steps,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            out_dir=str((work / "runs" / mode).resolve()),
+            log_every=max(1, cfg.steps // 100),
+            save_every=max(1, cfg.steps // 10),
+        )
+        (work / f"train_{mode}.json").write_text(json.dumps(to_dict(train), indent=2) + "\n")
+    print(f"prepared {work}: {len(labels['train'])} train / {len(labels['test'])} test images")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def train(cfg: RecipeConfig) -> None:
+    from dualtoken.mllm.config import load_config
+
+    work = Path(cfg.work)
+    for mode in cfg.modes:
+        config = load_config(MLLMTrainConfig, work / f"train_{mode}.json")
+        start = time.perf_counter()
+        train_mllm(config, base_dir=work)
+        print(f"trained {mode} in {time.perf_counter() - start:.0f} s")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluate
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def token_features(tokenizer: DualTokenizer, pixel: torch.Tensor, semantic: torch.Tensor, mode: str) -> torch.Tensor:
+    """The linear probe's input: per position, the depth-summed code vectors of the mode's vocabularies,
+    flattened (B, h·w·D·branches)."""
+    parts = []
+    for branch, codes in (("pixel", pixel), ("semantic", semantic)):
+        if mode in ("both", branch):
+            parts.append(tokenizer.code_embeddings(codes, branch, per_depth=False).flatten(1))
+    return torch.cat(parts, dim=1)
+
+
+class LinearProbe:
+    """Multinomial logistic regression on standardised features, fitted full-batch with L-BFGS."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, classes: int, steps: int, decay: float) -> None:
+        self.mean, self.std = features.mean(0), features.std(0) + 1e-6
+        x = (features - self.mean) / self.std
+        self.linear = torch.nn.Linear(x.shape[1], classes)
+        optimizer = torch.optim.LBFGS(self.linear.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(self.linear(x), labels)
+            loss = loss + decay * self.linear.weight.square().sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+
+    @torch.no_grad()
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear((features - self.mean) / self.std).argmax(-1)
+
+
+def parse_answer(text: str, names: list[str]) -> int:
+    """The class named in an answer (the first one mentioned), or -1."""
+    found = [(text.find(n), i) for i, n in enumerate(names) if n in text]
+    return min(found)[1] if found else -1
+
+
+def load_split(work: Path, split: str) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
+    labels = json.loads((work / "images" / split / "labels.json").read_text())
+    ids = sorted(labels)
+    pixel, semantic = TokenCache([work / "tokens" / split]).codes(ids)
+    return ids, pixel, semantic, torch.tensor([labels[i] for i in ids])
+
+
+def image_features(net: EfficientNetFeatures, images: torch.Tensor, batch: int) -> torch.Tensor:
+    return torch.cat([net(images[i : i + batch]) for i in range(0, len(images), batch)])
+
+
+def evaluate(cfg: RecipeConfig) -> dict:
+    torch.manual_seed(cfg.seed)
+    work = Path(cfg.work)
+    names = class_names(cfg)
+    tokenizer = DualTokenizer.from_pretrained(cfg.tokenizer)
+    _, train_pixel, train_semantic, train_labels = load_split(work, "train")
+    test_ids, test_pixel, test_semantic, test_labels = load_split(work, "test")
+    results: dict[str, Any] = {"train_images": len(train_labels), "test_images": len(test_labels), "understanding": {}}
+
+    probes = {}
+    for mode in cfg.modes:
+        probe = LinearProbe(
+            token_features(tokenizer, train_pixel, train_semantic, mode), train_labels, len(names),
+            cfg.probe_steps, cfg.probe_weight_decay,
+        )
+        probes[mode] = probe
+        probe_accuracy = (probe.predict(token_features(tokenizer, test_pixel, test_semantic, mode)) == test_labels)
+        model = DualTokenMLLM.from_pretrained(work / "runs" / mode / "final")
+        predictions, exact = [], 0
+        for start in tqdm(range(0, len(test_ids), cfg.eval_batch_size), desc=f"answer ({mode})"):
+            rows = slice(start, start + cfg.eval_batch_size)
+            texts = answer(model, [QUESTION] * len(test_ids[rows]), (test_pixel[rows], test_semantic[rows]))
+            predictions += [parse_answer(t, names) for t in texts]
+            exact += sum(t == f"It is a {names[int(y)]}." for t, y in zip(texts, test_labels[rows]))
+        correct = torch.tensor(predictions) == test_labels
+        results["understanding"][mode] = {
+            "mllm_accuracy": float(correct.float().mean()),
+            "exact_answers": exact / len(test_ids),
+            "linear_probe_accuracy": float(probe_accuracy.float().mean()),
+        }
+
+    # generation, with the semantic+pixel model; judged on the decoded images
+    features = EfficientNetFeatures()
+    real_test = torch.stack([load_image(work / "images" / "test" / f"{i}.png", tokenizer.image_size) for i in test_ids])
+    real_features = image_features(features, real_test, cfg.eval_batch_size)
+    train_ids = sorted(json.loads((work / "images" / "train" / "labels.json").read_text()))
+    reference_count = min(len(train_ids), cfg.samples_per_class * len(names))
+    real_train = torch.stack(
+        [load_image(work / "images" / "train" / f"{i}.png", tokenizer.image_size) for i in train_ids[:reference_count]]
+    )
+    results["generation"] = {
+        "reference_real_train_images": {
+            "images": reference_count,
+            "frechet_efficientnet_lite0": frechet_distance(real_features, image_features(features, real_train, 100)),
+        }
+    }
+    model = DualTokenMLLM.from_pretrained(work / "runs" / "both" / "final")
+    grids = []
+    for scale in (1.0, cfg.cfg_scale):
+        requested = torch.arange(len(names)).repeat_interleave(cfg.samples_per_class)
+        images = []
+        for chunk, start in enumerate(range(0, len(requested), cfg.eval_batch_size)):
+            prompts = [f"Draw a {names[int(c)]}." for c in requested[start : start + cfg.eval_batch_size]]
+            out = generate_images(model, prompts, cfg_scale=scale, seed=cfg.seed + chunk)
+            images.append(out.images.clamp(-1, 1))
+        images = torch.cat(images)
+        tokens = [tokenizer.encode(images[i : i + cfg.eval_batch_size]) for i in range(0, len(images), cfg.eval_batch_size)]
+        pixel, semantic = torch.cat([t.pixel for t in tokens]), torch.cat([t.semantic for t in tokens])
+        judged = probes["both"].predict(token_features(tokenizer, pixel, semantic, "both")) if "both" in probes else None
+        key = "without_cfg" if scale == 1.0 else f"cfg_{scale:g}"
+        results["generation"][key] = {
+            "images": len(images),
+            "requested_class_accuracy": None if judged is None else float((judged == requested).float().mean()),
+            "frechet_efficientnet_lite0": frechet_distance(
+                real_features, image_features(features, images, cfg.eval_batch_size)
+            ),
+        }
+        rows = [hstack([to_uint8(img) for img in images[requested == c][: cfg.grid_columns]], gap=2)
+                for c in range(len(names))]
+        grid = work / f"samples_{key}.png"
+        save_image(vstack(rows, gap=2), grid)
+        grids.append(str(grid))
+    results["generation"]["grids"] = grids
+    (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (work / "results.md").write_text(render(results))
+    print(render(results))
+    return results
+
+
+def render(results: dict) -> str:
+    lines = [
+        f"CIFAR-10: {results['train_images']} training images, {results['test_images']} test images.",
+        "",
+        "| input | MLLM answer accuracy | exact answers | linear probe on the same tokens |",
+        "|---|---|---|---|",
+    ]
+    labels = {"both": "semantic + pixel", "semantic": "semantic only", "pixel": "pixel only"}
+    for mode, row in results["understanding"].items():
+        lines.append(
+            f"| {labels[mode]} | {row['mllm_accuracy']:.1%} | {row['exact_answers']:.1%} | "
+            f"{row['linear_probe_accuracy']:.1%} |"
+        )
+    lines += ["", "| generation | images | requested class (token classifier) | Fréchet distance (EfficientNet-Lite0) |",
+              "|---|---|---|---|"]
+    for key, row in results["generation"].items():
+        if key == "grids":
+            continue
+        accuracy = row.get("requested_class_accuracy")
+        lines.append(
+            f"| {key.replace('_', ' ')} | {row['images']} | {'-' if accuracy is None else f'{accuracy:.1%}'} | "
+            f"{row['frechet_efficientnet_lite0']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("stage", choices=("prepare", "train", "evaluate", "all"))
+    parser.add_argument("--config", default=str(Path(__file__).with_name("config.json")))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    cfg = apply_overrides(from_dict(RecipeConfig, json.loads(Path(args.config).read_text())), args.set)
+    Path(cfg.work).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.work) / "recipe_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    for stage, run in (("prepare", prepare), ("train", train), ("evaluate", evaluate)):
+        if args.stage in (stage, "all"):
+            run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
