@@ -41,3 +41,25 @@ def test_lpips_rejects_missing_and_foreign_files(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError):
         LPIPS("alex", tmp_path / "junk.pth")
+
+
+@pytest.mark.parametrize("net", ["alex", "vgg"])
+def test_lpips_equals_torchmetrics_lpips_on_the_same_trunk(tmp_path, net):
+    """Where torchvision is installed: the same (random) torchvision trunk gives torchmetrics' LPIPS exactly."""
+    pytest.importorskip("torchvision")
+    from torchmetrics.functional.image.lpips import _LPIPS
+
+    torch.manual_seed(0)
+    reference = _LPIPS(pretrained=True, net=net, pnet_rand=True).eval()
+    state = {
+        f"features.{index}.{name}": value
+        for i in range(1, 6)
+        for index, module in getattr(reference.net, f"slice{i}").named_children()
+        for name, value in module.state_dict().items()
+    }
+    torch.save(state, tmp_path / "trunk.pth")
+    generator = torch.Generator().manual_seed(1)
+    a = torch.rand(3, 3, 64, 64, generator=generator) * 2 - 1
+    b = (a + 0.3 * torch.randn(a.shape, generator=generator)).clamp(-1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(LPIPS(net, tmp_path / "trunk.pth")(a, b), reference(a, b).flatten())
