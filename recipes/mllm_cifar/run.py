@@ -86,8 +86,9 @@ class RecipeConfig:
     steps: int = 2000
     batch_size: int = 16
     optim: OptimizerConfig = field(
-        default_factory=lambda: OptimizerConfig(lr=1e-3, betas=(0.9, 0.999), weight_decay=0.01, warmup_steps=60,
-                                                grad_clip=1.0)
+        default_factory=lambda: OptimizerConfig(
+            lr=1e-3, betas=(0.9, 0.999), weight_decay=0.01, warmup_steps=60, grad_clip=1.0
+        )
     )
     condition_dropout: float = 0.1
     seed: int = 0
@@ -134,8 +135,12 @@ def prepare(cfg: RecipeConfig) -> None:
     labels = {}
     for split, limit in (("train", cfg.train_limit), ("test", cfg.test_limit)):
         labels[split] = extract_split(cfg, split, limit, work / "images" / split)
-        encode_dataset(tokenizer, str(work / "images" / split), str(work / "tokens" / split),
-                       batch_size=cfg.encode_batch_size)
+        encode_dataset(
+            tokenizer,
+            str(work / "images" / split),
+            str(work / "tokens" / split),
+            batch_size=cfg.encode_batch_size,
+        )
     conversations = [
         {
             "id": key,
@@ -148,7 +153,9 @@ def prepare(cfg: RecipeConfig) -> None:
         for key, label in labels["train"].items()
     ]
     (work / "conversations.json").write_text(json.dumps(conversations))
-    captions = [{"file": f"{key}.png", "caption": f"Draw a {names[label]}."} for key, label in labels["train"].items()]
+    captions = [
+        {"file": f"{key}.png", "caption": f"Draw a {names[label]}."} for key, label in labels["train"].items()
+    ]
     (work / "captions.jsonl").write_text("".join(json.dumps(c) + "\n" for c in captions))
 
     prompt = MLLMConfig().prompt
@@ -159,7 +166,9 @@ def prepare(cfg: RecipeConfig) -> None:
     for mode in cfg.modes:
         model = MLLMConfig(
             tokenizer=tokenizer_ref,
-            llm=LLMConfig(architecture={**cfg.llm, "vocab_size": len(text_tokenizer)}, text_tokenizer="text_tokenizer"),
+            llm=LLMConfig(
+                architecture={**cfg.llm, "vocab_size": len(text_tokenizer)}, text_tokenizer="text_tokenizer"
+            ),
             fusion=dataclasses.replace(MLLMConfig().fusion, inputs=mode),
             heads=cfg.heads,
             sampling=cfg.sampling,
@@ -205,7 +214,9 @@ def train(cfg: RecipeConfig) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def token_features(tokenizer: DualTokenizer, pixel: torch.Tensor, semantic: torch.Tensor, mode: str) -> torch.Tensor:
+def token_features(
+    tokenizer: DualTokenizer, pixel: torch.Tensor, semantic: torch.Tensor, mode: str
+) -> torch.Tensor:
     """The linear probe's input: per position, the depth-summed code vectors of the mode's vocabularies,
     flattened (B, h·w·D·branches)."""
     parts = []
@@ -218,7 +229,9 @@ def token_features(tokenizer: DualTokenizer, pixel: torch.Tensor, semantic: torc
 class LinearProbe:
     """Multinomial logistic regression on standardised features, fitted full-batch with L-BFGS."""
 
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor, classes: int, steps: int, decay: float) -> None:
+    def __init__(
+        self, features: torch.Tensor, labels: torch.Tensor, classes: int, steps: int, decay: float
+    ) -> None:
         self.mean, self.std = features.mean(0), features.std(0) + 1e-6
         x = (features - self.mean) / self.std
         self.linear = torch.nn.Linear(x.shape[1], classes)
@@ -262,16 +275,25 @@ def evaluate(cfg: RecipeConfig) -> dict:
     tokenizer = DualTokenizer.from_pretrained(cfg.tokenizer)
     _, train_pixel, train_semantic, train_labels = load_split(work, "train")
     test_ids, test_pixel, test_semantic, test_labels = load_split(work, "test")
-    results: dict[str, Any] = {"train_images": len(train_labels), "test_images": len(test_labels), "understanding": {}}
+    results: dict[str, Any] = {
+        "train_images": len(train_labels),
+        "test_images": len(test_labels),
+        "understanding": {},
+    }
 
     probes = {}
     for mode in cfg.modes:
         probe = LinearProbe(
-            token_features(tokenizer, train_pixel, train_semantic, mode), train_labels, len(names),
-            cfg.probe_steps, cfg.probe_weight_decay,
+            token_features(tokenizer, train_pixel, train_semantic, mode),
+            train_labels,
+            len(names),
+            cfg.probe_steps,
+            cfg.probe_weight_decay,
         )
         probes[mode] = probe
-        probe_accuracy = (probe.predict(token_features(tokenizer, test_pixel, test_semantic, mode)) == test_labels)
+        probe_accuracy = (
+            probe.predict(token_features(tokenizer, test_pixel, test_semantic, mode)) == test_labels
+        )
         model = DualTokenMLLM.from_pretrained(work / "runs" / mode / "final")
         predictions, exact = [], 0
         for start in tqdm(range(0, len(test_ids), cfg.eval_batch_size), desc=f"answer ({mode})"):
@@ -288,17 +310,24 @@ def evaluate(cfg: RecipeConfig) -> dict:
 
     # generation, with the semantic+pixel model; judged on the decoded images
     features = EfficientNetFeatures()
-    real_test = torch.stack([load_image(work / "images" / "test" / f"{i}.png", tokenizer.image_size) for i in test_ids])
+    real_test = torch.stack(
+        [load_image(work / "images" / "test" / f"{i}.png", tokenizer.image_size) for i in test_ids]
+    )
     real_features = image_features(features, real_test, cfg.eval_batch_size)
     train_ids = sorted(json.loads((work / "images" / "train" / "labels.json").read_text()))
     reference_count = min(len(train_ids), cfg.samples_per_class * len(names))
     real_train = torch.stack(
-        [load_image(work / "images" / "train" / f"{i}.png", tokenizer.image_size) for i in train_ids[:reference_count]]
+        [
+            load_image(work / "images" / "train" / f"{i}.png", tokenizer.image_size)
+            for i in train_ids[:reference_count]
+        ]
     )
     results["generation"] = {
         "reference_real_train_images": {
             "images": reference_count,
-            "frechet_efficientnet_lite0": frechet_distance(real_features, image_features(features, real_train, 100)),
+            "frechet_efficientnet_lite0": frechet_distance(
+                real_features, image_features(features, real_train, 100)
+            ),
         }
     }
     model = DualTokenMLLM.from_pretrained(work / "runs" / "both" / "final")
@@ -311,19 +340,30 @@ def evaluate(cfg: RecipeConfig) -> dict:
             out = generate_images(model, prompts, cfg_scale=scale, seed=cfg.seed + chunk)
             images.append(out.images.clamp(-1, 1))
         images = torch.cat(images)
-        tokens = [tokenizer.encode(images[i : i + cfg.eval_batch_size]) for i in range(0, len(images), cfg.eval_batch_size)]
+        tokens = [
+            tokenizer.encode(images[i : i + cfg.eval_batch_size])
+            for i in range(0, len(images), cfg.eval_batch_size)
+        ]
         pixel, semantic = torch.cat([t.pixel for t in tokens]), torch.cat([t.semantic for t in tokens])
-        judged = probes["both"].predict(token_features(tokenizer, pixel, semantic, "both")) if "both" in probes else None
+        judged = (
+            probes["both"].predict(token_features(tokenizer, pixel, semantic, "both"))
+            if "both" in probes
+            else None
+        )
         key = "without_cfg" if scale == 1.0 else f"cfg_{scale:g}"
         results["generation"][key] = {
             "images": len(images),
-            "requested_class_accuracy": None if judged is None else float((judged == requested).float().mean()),
+            "requested_class_accuracy": None
+            if judged is None
+            else float((judged == requested).float().mean()),
             "frechet_efficientnet_lite0": frechet_distance(
                 real_features, image_features(features, images, cfg.eval_batch_size)
             ),
         }
-        rows = [hstack([to_uint8(img) for img in images[requested == c][: cfg.grid_columns]], gap=2)
-                for c in range(len(names))]
+        rows = [
+            hstack([to_uint8(img) for img in images[requested == c][: cfg.grid_columns]], gap=2)
+            for c in range(len(names))
+        ]
         grid = work / f"samples_{key}.png"
         save_image(vstack(rows, gap=2), grid)
         grids.append(str(grid))
@@ -347,8 +387,11 @@ def render(results: dict) -> str:
             f"| {labels[mode]} | {row['mllm_accuracy']:.1%} | {row['exact_answers']:.1%} | "
             f"{row['linear_probe_accuracy']:.1%} |"
         )
-    lines += ["", "| generation | images | requested class (token classifier) | Fréchet distance (EfficientNet-Lite0) |",
-              "|---|---|---|---|"]
+    lines += [
+        "",
+        "| generation | images | requested class (token classifier) | Fréchet distance (EfficientNet-Lite0) |",
+        "|---|---|---|---|",
+    ]
     for key, row in results["generation"].items():
         if key == "grids":
             continue

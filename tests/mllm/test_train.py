@@ -10,10 +10,11 @@ import torch
 
 from dualtoken.cli.main import main
 from dualtoken.config import to_dict
-from dualtoken.mllm import DualTokenMLLM, MLLMDataConfig, MLLMOptimConfig, MLLMTrainConfig
+from dualtoken.mllm import DualTokenMLLM, MLLMDataConfig, MLLMTrainConfig
 from dualtoken.mllm.config import load_config
-from dualtoken.mllm.train import lr_factor, train_mllm
+from dualtoken.mllm.train import train_mllm
 from dualtoken.tokenfile import save_tokens
+from dualtoken.training.config import OptimizerConfig
 
 
 @pytest.fixture
@@ -53,7 +54,7 @@ def run_folder(tmp_path, tiny_tokenizer, tiny_codes, tiny_images, mllm_config):
             captions=("captions.jsonl",),
             condition_dropout=0.0,
         ),
-        optim=MLLMOptimConfig(lr=3e-3, warmup_ratio=0.1),
+        optim=OptimizerConfig(lr=3e-3, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=4, grad_clip=1.0),
         steps=40,
         batch_size=4,
         log_every=5,
@@ -64,16 +65,11 @@ def run_folder(tmp_path, tiny_tokenizer, tiny_codes, tiny_images, mllm_config):
     return tmp_path
 
 
-def test_lr_schedule():
-    assert lr_factor(0, 100, 0.1, 0.0) == pytest.approx(0.1)
-    assert lr_factor(9, 100, 0.1, 0.0) == pytest.approx(1.0)
-    assert lr_factor(99, 100, 0.1, 0.1) == pytest.approx(0.1, abs=1e-3)
-
-
 @pytest.mark.slow
 def test_train_cli_learns_and_chat_generate_use_the_result(run_folder, capsys):
     assert main(["train-mllm", "--config", str(run_folder / "train.json"), "--quiet"]) == 0
     records = [json.loads(line) for line in (run_folder / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in records} == {"train"}
     assert [r["step"] for r in records] == list(range(5, 41, 5))
     assert records[-1]["text"] < 0.2 * records[0]["text"]
     assert records[-1]["pixel"] < records[0]["pixel"] and records[-1]["semantic"] < records[0]["semantic"]

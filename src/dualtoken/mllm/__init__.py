@@ -9,7 +9,6 @@ from .config import (
     LossConfig,
     MLLMConfig,
     MLLMDataConfig,
-    MLLMOptimConfig,
     MLLMTrainConfig,
     PromptConfig,
     SamplingConfig,
@@ -33,6 +32,5 @@ __all__ = [
     "SamplingConfig",
     "LoraSettings",
     "MLLMDataConfig",
-    "MLLMOptimConfig",
     "MLLMTrainConfig",
 ]

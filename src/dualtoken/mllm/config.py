@@ -12,6 +12,7 @@ from typing import Any, Literal, TypeVar
 
 from ..config import from_dict, to_dict
 from ..errors import ConfigError
+from ..training.config import OptimizerConfig
 
 T = TypeVar("T")
 
@@ -200,16 +201,9 @@ class MLLMDataConfig:
             )
 
 
-@dataclass
-class MLLMOptimConfig:
-    """AdamW with linear warm-up then cosine decay, weight decay on >= 2-dim parameters only."""
-
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_ratio: float = 0.03
-    min_lr_ratio: float = 0.0
-    grad_clip: float = 1.0  # 0 = off
+def default_optimizer() -> OptimizerConfig:
+    """AdamW for an LLM (the tokenizer trainer's defaults are a GAN's)."""
+    return OptimizerConfig(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=30, grad_clip=1.0)
 
 
 # what each preset trains (SPEC 5.5); everything else stays frozen, the DualToken tokenizer always
@@ -230,17 +224,20 @@ class MLLMTrainConfig:
     preset: Literal["align", "understanding", "generation", "full"] = "full"
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: MLLMDataConfig = field(default_factory=MLLMDataConfig)
-    optim: MLLMOptimConfig = field(default_factory=MLLMOptimConfig)
+    optim: OptimizerConfig = field(default_factory=default_optimizer)  # shared with the tokenizer trainer
     steps: int = 1000
     batch_size: int = 8  # per process
     grad_accum: int = 1
     seed: int = 0
     out_dir: str = "runs/mllm"
     log_every: int = 10
+    console: bool = False  # metric records on the console too (always in metrics.jsonl)
+    tensorboard: bool = True
     save_every: int = 500
     keep_last: int = 2
-    device: str = "auto"  # "auto" = cuda when available, else cpu
-    bf16: bool = False  # bf16 autocast (GPU)
+    device: str = "auto"  # auto: cuda:<LOCAL_RANK> when CUDA is available, else cpu
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # with several processes (torchrun): DDP, or FSDP2 fully_shard
+    bf16: bool = False  # bf16 autocast (CUDA only)
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.init_from is None):

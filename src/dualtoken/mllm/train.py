@@ -1,27 +1,39 @@
-"""MLLM training: one loop for a single process and for torchrun (DDP), resumable, logged.
+"""MLLM training on the tokenizer trainer's machinery (:mod:`dualtoken.training`): one process or torchrun
+(DDP, or FSDP2 ``fully_shard`` per LLM decoder layer and per visual head), AdamW + warm-up/cosine, atomic
+keep-last-N resume checkpoints with every rank's RNG, and console / JSONL / TensorBoard metrics.
 
 Presets (SPEC 5.5) choose what trains: ``align`` the input fusion, ``understanding`` fusion + LLM, ``generation``
 the visual heads, ``full`` all three. The DualToken tokenizer never trains. LoRA (peft) replaces full LLM training.
-Checkpoints hold the trainable weights, optimiser, schedule, step and RNG; the frozen weights are rebuilt
-deterministically from the config (seeded), so a resumed run continues exactly.
+The data position follows from the step (a seeded permutation per epoch), so a resumed run sees the same batches.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
-import os
-import random
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from ..config import to_dict
 from ..errors import ConfigError
+from ..training import checkpoints
+from ..training.config import LogConfig
+from ..training.distributed import (
+    Runtime,
+    full_model_state,
+    full_optimizer_state,
+    gather_objects,
+    load_model_state,
+    load_optimizer_state,
+    setup_runtime,
+    unwrap,
+    wrap_model,
+)
+from ..training.metrics import MetricsLogger
+from ..training.optim import build_optimizer, build_scheduler
 from .config import PRESETS, MLLMTrainConfig, locate
 from .data import (
     CaptionRecord,
@@ -60,28 +72,6 @@ def set_trainable(model: DualTokenMLLM, preset: str, lora: bool) -> list[str]:
     return [name for name, param in model.named_parameters() if param.requires_grad]
 
 
-def build_optimizer(model: DualTokenMLLM, config: MLLMTrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay only on trainable parameters with >= 2 dims."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = config.optim
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=opt.lr,
-        betas=opt.betas,
-    )
-
-
-def lr_factor(step: int, total: int, warmup_ratio: float, min_ratio: float) -> float:
-    """Linear warm-up over ``warmup_ratio·total`` steps, then cosine from 1 to ``min_ratio``."""
-    warmup = max(1, round(warmup_ratio * total))
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 def build_dataset(model: DualTokenMLLM, config: MLLMTrainConfig, base_dir: str | Path | None) -> MLLMDataset:
     data = config.data
     cache = TokenCache(locate(s, base_dir) for s in data.token_cache)
@@ -99,7 +89,7 @@ def build_dataset(model: DualTokenMLLM, config: MLLMTrainConfig, base_dir: str |
     return MLLMDataset(records, cache, model.prompt, data.condition_dropout, data.max_length, config.seed)
 
 
-def _indices(dataset_size: int, start: int, count: int, seed: int) -> list[tuple[int, int]]:
+def sample_indices(dataset_size: int, start: int, count: int, seed: int) -> list[tuple[int, int]]:
     """(epoch, index) of global sample positions start..start+count-1: a fresh permutation per epoch."""
     out, permutations = [], {}
     for position in range(start, start + count):
@@ -112,67 +102,175 @@ def _indices(dataset_size: int, start: int, count: int, seed: int) -> list[tuple
     return out
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def build_model(config: MLLMTrainConfig, base_dir: str | Path | None) -> DualTokenMLLM:
+    """The model to train, seeded so that every rank and every resume rebuilds the same initial weights."""
+    torch.manual_seed(config.seed)
+    if config.init_from is not None:
+        model = DualTokenMLLM.from_pretrained(locate(config.init_from, base_dir))
+    else:
+        model = DualTokenMLLM.from_config(config.model, base_dir=base_dir)
+    if config.lora.enabled:
+        model.enable_lora(config.lora)
+    return model
 
 
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def shard(model: DualTokenMLLM, runtime: Runtime) -> DualTokenMLLM:
+    """FSDP2: one unit per LLM decoder layer (the classes transformers lists in ``_no_split_modules``), one per
+    visual head, then the root (embeddings, LM head, input fusion, code tables, the frozen tokenizer)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
+    layer_classes = set(getattr(unwrap_peft(model.llm), "_no_split_modules", None) or [])
+    for module in model.llm.modules():
+        if type(module).__name__ in layer_classes:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model.pixel_head, mesh=mesh)
+    fully_shard(model.semantic_head, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
 
 
-def _save_checkpoint(
-    out_dir: Path, step: int, model, optimizer, scheduler, keep_last: int, rank: int
-) -> None:
-    """Rank 0 writes ``checkpoints/step-N.pt`` atomically (temp + rename), then drops all but the newest few."""
-    folder = out_dir / CHECKPOINTS
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = [None] * dist.get_world_size() if dist.is_initialized() else None
-    if rng is not None:
-        dist.all_gather_object(rng, _rng_state())
-    if rank != 0:
-        return
-    state = {
-        "step": step,
-        "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": rng if rng is not None else [_rng_state()],
-    }
-    path = folder / f"step-{step:08d}.pt"
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    for old in sorted(folder.glob("step-*.pt"))[:-keep_last]:
-        old.unlink()
+def unwrap_peft(llm: torch.nn.Module) -> torch.nn.Module:
+    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
 
 
-def _resume(out_dir: Path, model, optimizer, scheduler, rank: int) -> int:
-    """Load the newest checkpoint if any; returns the step to continue from."""
-    checkpoints = sorted((out_dir / CHECKPOINTS).glob("step-*.pt"))
-    if not checkpoints:
-        return 0
-    state = torch.load(checkpoints[-1], map_location="cpu", weights_only=False)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state["trainable"].items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    rng = state["rng"]
-    _set_rng_state(rng[rank] if rank < len(rng) else rng[0])
-    return state["step"]
+class MLLMTrainer:
+    """One run: model, data, optimiser, schedule and checkpoints, on this process's share of the batch."""
 
+    def __init__(self, config: MLLMTrainConfig, base_dir: str | Path | None = None) -> None:
+        self.config = config
+        self.base_dir = base_dir
+        self.runtime = setup_runtime(config.device)
+        self.out_dir = Path(config.out_dir)
+        self.model = build_model(config, base_dir)
+        self.trainable = set_trainable(self.model, config.preset, config.lora.enabled)
+        self.model.to(self.runtime.device).train()
+        self.dataset = build_dataset(self.model, config, base_dir)
+        self.pad_id = self.model.pad_id
+        if self.runtime.distributed and config.parallel == "fsdp":
+            self.engine = shard(self.model, self.runtime)
+        else:
+            self.engine = wrap_model(self.model, self.runtime, "ddp", find_unused=True)
+        self.optimizer = build_optimizer(self.engine, config.optim)
+        self.scheduler = build_scheduler(self.optimizer, config.steps, config.optim)
+        self.step = 0
+        self._resume()
+        torch.manual_seed(
+            config.seed + self.runtime.rank + 1000 * self.step
+        )  # dropout: per rank, reproducible
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    # ------------------------------------------------------------------------------------------------------------
+    # checkpoints
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        found = checkpoints.load_latest_checkpoint(self.out_dir / CHECKPOINTS)
+        if found is None:
+            return
+        _, state = found
+        load_model_state(self.engine, state["model"], self.config.parallel, self.runtime)
+        load_optimizer_state(
+            self.engine, self.optimizer, state["optimizer"], self.config.parallel, self.runtime
+        )
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        rng = state["rng"]
+        checkpoints.set_rng_state(rng[self.runtime.rank] if self.runtime.rank < len(rng) else rng[0])
+
+    def save_checkpoint(self) -> None:
+        parallel, runtime = self.config.parallel, self.runtime
+        state = {
+            "step": self.step,
+            "model": full_model_state(self.engine, parallel, runtime),
+            "optimizer": full_optimizer_state(self.engine, self.optimizer, parallel, runtime),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": gather_objects(checkpoints.rng_state(), runtime),
+        }
+        if runtime.is_main:
+            checkpoints.save_checkpoint(self.out_dir / CHECKPOINTS, self.step, state, self.config.keep_last)
+        runtime.barrier()
+
+    def export(self, path: Path) -> None:
+        """The whole MLLM with ``save_pretrained`` (rank 0 writes; LoRA merged)."""
+        state = full_model_state(self.engine, self.config.parallel, self.runtime)
+        if self.runtime.is_main:
+            model = unwrap(self.engine)
+            if self.runtime.distributed and self.config.parallel == "fsdp":
+                model = build_model(self.config, self.base_dir)
+                model.load_state_dict(state)
+            model.save_pretrained(path)
+        self.runtime.barrier()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # the steps
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _micro_batch(self, micro: int):
+        cfg, runtime = self.config, self.runtime
+        first = ((self.step * cfg.grad_accum + micro) * runtime.world_size + runtime.rank) * cfg.batch_size
+        positions = sample_indices(len(self.dataset), first, cfg.batch_size, cfg.seed)
+        items = [self.dataset.item(index, epoch) for epoch, index in positions]
+        return collate(items, self.pad_id).to(runtime.device)
+
+    def train_step(self) -> dict[str, float]:
+        cfg, device = self.config, self.runtime.device
+        totals: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            last = micro + 1 == cfg.grad_accum
+            quiet = hasattr(self.engine, "no_sync") and not last
+            with self.engine.no_sync() if quiet else contextlib.nullcontext():
+                with torch.autocast(
+                    device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"
+                ):
+                    losses = self.engine(self._micro_batch(micro))
+                (losses.loss / cfg.grad_accum).backward()
+            for key, value in losses.scalars().items():
+                totals[key] = totals.get(key, 0.0) + value / cfg.grad_accum
+        if cfg.optim.grad_clip > 0:
+            params = [p for p in self.engine.parameters() if p.requires_grad]
+            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return totals
+
+    def run(self, progress: bool = True, stop_after: int | None = None) -> Path:
+        cfg, runtime = self.config, self.runtime
+        end = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
+        log = LogConfig(every=cfg.log_every, console=cfg.console, tensorboard=cfg.tensorboard)
+        logger = MetricsLogger(self.out_dir, log, enabled=runtime.is_main, resume_step=self.step)
+        if runtime.is_main:
+            (self.out_dir / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+            trainable = set(self.trainable)
+            count = sum(p.numel() for n, p in self.model.named_parameters() if n in trainable)
+            tqdm.write(
+                f"mllm: {len(self.dataset)} samples, {count:,} trainable parameters ({cfg.preset}), "
+                f"steps {self.step}..{end} of {cfg.steps}, {runtime.world_size} process(es) on {runtime.device}"
+            )
+        bar = tqdm(
+            total=cfg.steps, initial=self.step, disable=not progress or not runtime.is_main, desc="train-mllm"
+        )
+        tick, samples = time.perf_counter(), 0
+        while self.step < end:
+            values = self.train_step()
+            samples += cfg.batch_size * cfg.grad_accum * runtime.world_size
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == end:
+                elapsed = time.perf_counter() - tick
+                values.update(lr=self.scheduler.get_last_lr()[0], samples_per_s=samples / elapsed)
+                logger.log(self.step, values)
+                bar.set_postfix(loss=f"{values['loss']:.3f}", text=f"{values['text']:.3f}")
+                tick, samples = time.perf_counter(), 0
+            if self.step % cfg.save_every == 0 or self.step == end:
+                self.save_checkpoint()
+        bar.close()
+        logger.close()
+        final = self.out_dir / "final"
+        if self.step >= cfg.steps:
+            self.export(final)
+        return final
 
 
 def train_mllm(
@@ -181,104 +279,13 @@ def train_mllm(
     progress: bool = True,
     stop_after: int | None = None,
 ) -> Path:
-    """Run (or resume) training; returns the folder of the final model (``out_dir/final``, save_pretrained,
-    written when the last step is done).
+    """Run (or resume) training; returns ``out_dir/final``, the save_pretrained folder written after the last step.
 
     ``stop_after`` ends this invocation (with a checkpoint) after that many steps, for time-boxed sessions; the
     schedule still spans ``config.steps``, and the next call resumes.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    device = _device(config.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    out_dir = Path(locate(config.out_dir, None))
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    torch.manual_seed(config.seed)  # the same frozen weights on every rank and every resume
-    if config.init_from is not None:
-        model = DualTokenMLLM.from_pretrained(locate(config.init_from, base_dir))
-    else:
-        model = DualTokenMLLM.from_config(config.model, base_dir=base_dir)
-    if config.lora.enabled:
-        model.enable_lora(config.lora)
-    trainable = set_trainable(model, config.preset, config.lora.enabled)
-    model.to(device).train()
-    dataset = build_dataset(model, config, base_dir)
-    optimizer = build_optimizer(model, config)
-    opt = config.optim
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, config.steps, opt.warmup_ratio, opt.min_lr_ratio)
-    )
-    start = _resume(out_dir, model, optimizer, scheduler, rank)
-    torch.manual_seed(config.seed + rank + 1000 * start)  # dropout differs per rank, reproducible on resume
-    engine = model
-    if dist.is_initialized():
-        engine = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-    if rank == 0:
-        (out_dir / "train_config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
-        print(
-            f"mllm: {len(dataset)} samples, {sum(model.get_parameter(n).numel() for n in trainable):,} trainable "
-            f"parameters ({config.preset}), steps {start}..{config.steps}, world {world}, device {device}"
-        )
-
-    per_micro = config.batch_size * world
-    log = (out_dir / "metrics.jsonl").open("a") if rank == 0 else None
-    bar = tqdm(total=config.steps, initial=start, disable=not progress or rank != 0, desc="train-mllm")
-    params = [p for p in model.parameters() if p.requires_grad]
-    tick, samples = time.perf_counter(), 0
-    end = config.steps if stop_after is None else min(config.steps, start + stop_after)
-    for step in range(start, end):
-        totals: dict[str, float] = {}
-        for micro in range(config.grad_accum):
-            first = (step * config.grad_accum + micro) * per_micro + rank * config.batch_size
-            items = [
-                dataset.item(i, epoch)
-                for epoch, i in _indices(len(dataset), first, config.batch_size, config.seed)
-            ]
-            batch = collate(items, model.pad_id).to(device)
-            sync = micro + 1 == config.grad_accum or not dist.is_initialized()
-            with engine.no_sync() if not sync else contextlib.nullcontext():
-                with torch.autocast(
-                    device.type, dtype=torch.bfloat16, enabled=config.bf16 and device.type == "cuda"
-                ):
-                    losses = engine(batch)
-                (losses.loss / config.grad_accum).backward()
-            for key, value in losses.scalars().items():
-                totals[key] = totals.get(key, 0.0) + value / config.grad_accum
-            samples += config.batch_size * world
-        if opt.grad_clip > 0:
-            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, opt.grad_clip))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.update(1)
-        done = step + 1
-        if log is not None and (done % config.log_every == 0 or done == config.steps):
-            elapsed = time.perf_counter() - tick
-            record = {
-                "step": done,
-                "lr": scheduler.get_last_lr()[0],
-                **totals,
-                "samples_per_s": samples / elapsed,
-            }
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            bar.set_postfix(
-                loss=f"{totals['loss']:.3f}", text=f"{totals['text']:.3f}", pix=f"{totals['pixel']:.3f}"
-            )
-            tick, samples = time.perf_counter(), 0
-        if done % config.save_every == 0 or done == end:
-            _save_checkpoint(out_dir, done, model, optimizer, scheduler, config.keep_last, rank)
-    bar.close()
-    final = out_dir / "final"
-    if rank == 0:
-        log.close()
-        if end == config.steps:
-            model.save_pretrained(final)
-    if dist.is_initialized():
-        dist.barrier()
-    return final
+    trainer = MLLMTrainer(config, base_dir)
+    try:
+        return trainer.run(progress, stop_after)
+    finally:
+        trainer.runtime.close()

@@ -1,0 +1,71 @@
+"""The CIFAR-10 demonstration recipe end to end at a tiny size (a random dualtoken-tiny, a few steps)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from dualtoken.mllm import MLLMTrainConfig
+from dualtoken.mllm.config import load_config
+
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "mllm_cifar" / "run.py"
+TINY = [
+    "train_limit=20",
+    "test_limit=10",
+    "steps=2",
+    "batch_size=2",
+    "llm.hidden_size=64",
+    "llm.intermediate_size=128",
+    "heads.width=32",
+    "samples_per_class=1",
+    "eval_batch_size=10",
+    "probe_steps=5",
+    "text_vocab=300",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_cifar_recipe_runs_every_stage(tmp_path, shared_data, tiny_tokenizer):
+    tiny_tokenizer.save_pretrained(tmp_path / "tokenizer")
+    work = tmp_path / "work"
+    overrides = [
+        f"tokenizer={tmp_path / 'tokenizer'}",
+        f"data={shared_data / 'cifar10'}",
+        f"work={work}",
+        *TINY,
+    ]
+    command = [sys.executable, str(RECIPE), "all"] + [arg for o in overrides for arg in ("--set", o)]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    conversations = json.loads((work / "conversations.json").read_text())
+    assert len(conversations) == 20 and conversations[0]["conversations"][1]["value"].startswith("It is a ")
+    for mode in ("both", "semantic", "pixel"):
+        config = load_config(MLLMTrainConfig, work / f"train_{mode}.json")
+        assert config.model.fusion.inputs == mode and config.steps == 2
+        assert (work / "runs" / mode / "final" / "mllm_config.json").is_file()
+
+    results = json.loads((work / "results.json").read_text())
+    assert results["train_images"] == 20 and results["test_images"] == 10
+    assert set(results["understanding"]) == {"both", "semantic", "pixel"}
+    for row in results["understanding"].values():
+        assert all(
+            0.0 <= row[key] <= 1.0 for key in ("mllm_accuracy", "exact_answers", "linear_probe_accuracy")
+        )
+    for key in ("without_cfg", "cfg_3"):
+        row = results["generation"][key]
+        assert row["images"] == 10 and 0.0 <= row["requested_class_accuracy"] <= 1.0
+        assert row["frechet_efficientnet_lite0"] > 0
+    for grid in results["generation"]["grids"]:
+        width, height = Image.open(grid).size
+        assert height == 10 * 64 + 9 * 2 and width == 64  # one row per class, one sample each
+    assert "| semantic + pixel |" in (work / "results.md").read_text()
