@@ -48,9 +48,23 @@ def test_models_health_and_schema(client, tiny_tokenizer):
     assert info["pixel_depth"] == tiny_tokenizer.pixel_depth
     assert info["codebook_size"] == {"pixel": 256, "semantic": 256}
     health = client.get("/healthz").json()
-    assert health["status"] == "ok" and set(health["pending"]) == {"encode", "reconstruct", "decode", "chat", "generate"}
+    assert health["status"] == "ok" and set(health["pending"]) == {
+        "encode",
+        "reconstruct",
+        "decode",
+        "chat",
+        "generate",
+    }
     paths = client.get("/openapi.json").json()["paths"]
-    assert {"/v1/encode", "/v1/decode", "/v1/reconstruct", "/v1/models", "/healthz", "/v1/chat", "/v1/generate"} <= set(paths)
+    assert {
+        "/v1/encode",
+        "/v1/decode",
+        "/v1/reconstruct",
+        "/v1/models",
+        "/healthz",
+        "/v1/chat",
+        "/v1/generate",
+    } <= set(paths)
 
 
 def test_encode_returns_the_tokenizers_codes(client, tiny_tokenizer, photo_bytes, photo_tensor):
@@ -102,7 +116,13 @@ def test_reconstruct_reports_every_depth_prefix(client, tiny_tokenizer, photo_by
 def test_the_page_and_its_assets(client):
     page = client.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
-    for element in ('id="depth-slider"', 'id="recon-image"', 'id="pixel-map"', 'id="semantic-map"', 'id="psnr-chart"'):
+    for element in (
+        'id="depth-slider"',
+        'id="recon-image"',
+        'id="pixel-map"',
+        'id="semantic-map"',
+        'id="psnr-chart"',
+    ):
         assert element in page.text
     assert client.get("/static/app.js").headers["content-type"].startswith("text/javascript")
     assert client.get("/static/style.css").headers["content-type"].startswith("text/css")
@@ -200,13 +220,18 @@ def test_a_full_queue_answers_503_then_recovers(tiny_tokenizer, photo_bytes):
 
     async def flood():
         async with _async_client(app) as client:
+
             def post() -> asyncio.Task:
                 return asyncio.create_task(client.post("/v1/encode", files=upload(photo_bytes)))
 
             tasks = [post()]
-            await _until(lambda: batcher.running == 1)  # the first request is in the model, blocked on the lock
+            await _until(
+                lambda: batcher.running == 1
+            )  # the first request is in the model, blocked on the lock
             tasks += [post() for _ in range(4)]
-            await _until(lambda: sum(task.done() for task in tasks) == 3)  # one waits in the queue, three refused
+            await _until(
+                lambda: sum(task.done() for task in tasks) == 3
+            )  # one waits in the queue, three refused
             health = (await client.get("/healthz")).json()
             assert health["pending"]["encode"] == 1 and health["running"]["encode"] == 1
             lock.release()

@@ -86,7 +86,7 @@ def test_a_bad_item_fails_alone():
 
 
 def test_an_unexpected_error_reaches_every_request_and_the_worker_survives():
-    batcher = MicroBatcher("t", Recorder(), max_batch=2, max_wait_s=2.0, max_queue=8)
+    batcher = MicroBatcher("t", Recorder(), max_batch=2, max_wait_s=0.3, max_queue=8)
     first, second = batcher.submit(13), batcher.submit(1)
     for future in (first, second):
         with pytest.raises(RuntimeError, match="unlucky"):

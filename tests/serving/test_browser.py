@@ -15,7 +15,9 @@ from dualtoken.serving import create_app
 
 from .conftest import REPO, FakeMLLM
 
-playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+playwright_api = pytest.importorskip(
+    "playwright.sync_api", reason="playwright is not installed (pip install playwright)"
+)
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [
     pytest.mark.slow,
@@ -118,6 +120,8 @@ def test_upload_slide_and_look(page, server_url, photo_path, tmp_path):
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_bytes(b"plain text pretending to be a PNG")
     page.set_input_files("#file-input", str(not_an_image))
-    expect(page.locator("#status")).to_contain_text("Could not tokenize notes.png: the upload is not a readable image")
+    expect(page.locator("#status")).to_contain_text(
+        "Could not tokenize notes.png: the upload is not a readable image"
+    )
     expect(page.locator("#status")).to_have_class("status error")
     assert Path(ARTIFACTS / "page.png").stat().st_size > 10_000

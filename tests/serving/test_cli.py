@@ -31,7 +31,9 @@ def test_defaults_bind_loopback():
 def test_file_then_set_then_flags(tmp_path):
     path = tmp_path / "serve.json"
     path.write_text(json.dumps({"max_batch": 4, "max_queue": 9, "max_wait_ms": 1.5}))
-    config = serve_config(parse("--config", str(path), "--set", "max_queue=3", "--set", "top_codes=5", "--max-batch", "1"))
+    config = serve_config(
+        parse("--config", str(path), "--set", "max_queue=3", "--set", "top_codes=5", "--max-batch", "1")
+    )
     assert (config.max_batch, config.max_queue, config.max_wait_ms, config.top_codes) == (1, 3, 1.5, 5)
 
 
@@ -65,7 +67,11 @@ def test_the_command_serves_on_loopback():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     argv = [sys.executable, "-m", "dualtoken", "serve", "--model", "dualtoken-tiny", "--port", str(port)]
     process = subprocess.Popen(
-        [*argv, "--threads", "1", "--log-level", "warning"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        [*argv, "--threads", "1", "--log-level", "warning"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.monotonic() + 90

@@ -40,7 +40,10 @@ def test_a_valid_image_is_identified():
     [
         (b"", "empty"),
         (b"not an image at all", "not a readable image"),
-        (encode_image(np.zeros((8, 8, 3), np.uint8), "BMP"), "not a readable image"),  # BMP is not allowed here
+        (
+            encode_image(np.zeros((8, 8, 3), np.uint8), "BMP"),
+            "not a readable image",
+        ),  # BMP is not allowed here
     ],
 )
 def test_unusable_uploads_raise_image_error(data, message):

@@ -110,7 +110,9 @@ def _add_tokenizer_routes(
             "pending": {name: batcher.pending for name, batcher in batchers},
             "running": {name: batcher.running for name, batcher in batchers},
             # dict() copies atomically: a worker thread may add a size meanwhile
-            "batch_sizes": {name: {str(k): v for k, v in sorted(dict(b.batch_sizes).items())} for name, b in batchers},
+            "batch_sizes": {
+                name: {str(k): v for k, v in sorted(dict(b.batch_sizes).items())} for name, b in batchers
+            },
         }
 
     @app.get("/v1/models", response_model=ModelsResponse)
