@@ -37,9 +37,9 @@ def _close(a, b, path=""):
 @pytest.mark.slow
 def test_two_process_gloo_evaluation_equals_one_process(tiny_tokenizer, image_folder, tmp_path):
     model = tiny_tokenizer.save_pretrained(tmp_path / "model")
-    config = EvalConfig(batch_size=2, kid_subsets=5, kid_subset_size=3, grid_images=2)
-    (tmp_path / "eval.json").write_text(json.dumps({"batch_size": 2, "kid_subsets": 5, "kid_subset_size": 3,
-                                                    "grid_images": 2}))
+    settings = {"batch_size": 2, "kid_subsets": 5, "kid_subset_size": 3, "grid_images": 2, "feature_resize": 64}
+    config = EvalConfig(**settings)
+    (tmp_path / "eval.json").write_text(json.dumps(settings))
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
         "--master_port", str(_free_port()), "-m", "dualtoken", "eval", "--model", str(model), "--data",

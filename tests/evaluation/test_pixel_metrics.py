@@ -1,12 +1,15 @@
-"""PSNR, SSIM and the feature-level distance against values known in closed form."""
+"""PSNR and SSIM (dualtoken.metrics, what the evaluation uses) and the feature-level distance against values
+known in closed form."""
 
 import math
 
 import pytest
 import torch
 
-from dualtoken.evaluation.pixel_metrics import level_distance, psnr_per_image, ssim_per_image
+from dualtoken.evaluation.feature_net import level_distance
 from dualtoken.evaluation.protocol import to_uint8, to_uint8_levels
+from dualtoken.metrics import psnr as psnr_per_image
+from dualtoken.metrics import ssim as ssim_per_image
 
 
 def _unit_images(seed: int = 0) -> torch.Tensor:

@@ -7,6 +7,7 @@ rate-distortion over depths and token stability, written as report.json, report.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,12 +17,15 @@ from .figures import codebook_usage_figure, rate_distortion_figure, reconstructi
 from .report import REQUIRED_KEYS, SCHEMA, build_report, render_markdown, write_report
 from .runner import load_model, run_evaluation
 
+if TYPE_CHECKING:
+    from ..tokenizer import DualTokenizer
+
 # inside the output folder: each process's partial state while a run is under way (removed when it completes)
 PARTIAL_DIR = ".partial"
 
 
 def evaluate(
-    model,
+    model: DualTokenizer | str | Path,
     data: str | Path,
     out_dir: str | Path | None = None,
     config: EvalConfig | None = None,

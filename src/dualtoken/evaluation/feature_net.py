@@ -1,5 +1,5 @@
 """One pass of EfficientNet-Lite0 giving both what the perceptual distance needs (multi-level maps) and what the
-Fréchet distance and KID need (the pooled 1280-d head features)."""
+Fréchet distance and KID need (the pooled 1280-d head features), and the perceptual distance itself."""
 
 from __future__ import annotations
 
@@ -36,6 +36,21 @@ class FeatureNet(nn.Module):
         net = self.extractor.net
         head = net._swish(net._bn1(net._conv_head(levels[-1])))  # (B, 1280, h, w)
         return FeatureOutput(levels=levels, pooled=head.mean(dim=(2, 3)))
+
+
+def _unit_channels(features: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    return features / (features.pow(2).sum(dim=1, keepdim=True).sqrt() + eps)
+
+
+def level_distance(levels_a: list[torch.Tensor], levels_b: list[torch.Tensor]) -> torch.Tensor:
+    """The perceptual distance per image pair: LPIPS's recipe without learned weights. Per level, channels are
+    normalised to unit length, the squared difference is summed over channels and averaged over positions; the
+    levels are summed. (B,)"""
+    total = torch.zeros(levels_a[0].shape[0], dtype=torch.float64, device=levels_a[0].device)
+    for a, b in zip(levels_a, levels_b, strict=True):
+        diff = (_unit_channels(a.double()) - _unit_channels(b.double())).pow(2).sum(dim=1)  # (B, h, w)
+        total = total + diff.mean(dim=(1, 2))
+    return total.float()
 
 
 class PrecomputedFeatures(nn.Module):

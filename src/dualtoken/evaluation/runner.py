@@ -20,13 +20,13 @@ from tqdm import tqdm
 from ..config import to_dict
 from ..data import resolve_source
 from ..errors import ConfigError, DataError, DualTokenError
+from ..metrics import psnr, ssim
 from .codebook_stats import code_histogram, codebook_report
 from .config import EvalConfig
 from .distributed import gather_objects, gather_rows, rank_and_world, sum_over_processes
 from .distribution import frechet_metric, kernel_distance
 from .extremes import ExtremeImages
-from .feature_net import FeatureNet
-from .pixel_metrics import level_distance, psnr_per_image, ssim_per_image
+from .feature_net import FeatureNet, level_distance
 from .protocol import to_uint8_levels
 from .samples import Batch, LabelLookup, count_images, eval_loader, find_beside
 from .semantic import build_classifier, pooled_cosine, run_unquantized, token_cosine
@@ -180,9 +180,9 @@ class Evaluator:
         reconstruction = None
         for k in self.pixel_depths:
             reconstruction = self.tok.decode(codes[..., :k]).float()  # (B, 3, H, W), unclamped
-            self._add(f"psnr@{k}", psnr_per_image(reconstruction, images), "pixel")
+            self._add(f"psnr@{k}", psnr(reconstruction, images), "pixel")
             if self.config.wants("reconstruction"):
-                self._add(f"ssim@{k}", ssim_per_image(reconstruction, images), "pixel")
+                self._add(f"ssim@{k}", ssim(reconstruction, images), "pixel")
             clamped = reconstruction.clamp(-1.0, 1.0)
             if self.lpips is not None:
                 self._add(f"lpips_{self.config.lpips_net}@{k}", self.lpips(clamped, images), "pixel")

@@ -33,13 +33,14 @@ class Batch:
     skipped: list[tuple[int, str, str]]  # (index, id, reason) of unreadable images
 
 
-def _labels_from_tsv(path: Path) -> dict[str, int]:
-    """labels.tsv (``file`` relative to its folder, ``class_index``) -> {resolved path: class}."""
+def _labels_from_tsv(path: Path) -> tuple[dict[str, int], dict[str, int]]:
+    """labels.tsv (``file`` relative to its folder, ``class_index``) -> ({resolved path: class}, {file: class})."""
     with path.open(encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle, delimiter="\t"))
     if not rows or not {"file", "class_index"} <= set(rows[0]):
         raise DataError(f"{path}: expected a TSV with columns 'file' and 'class_index'")
-    return {str((path.parent / row["file"]).resolve()): int(row["class_index"]) for row in rows}
+    by_path = {str((path.parent / row["file"]).resolve()): int(row["class_index"]) for row in rows}
+    return by_path, {row["file"]: int(row["class_index"]) for row in rows}
 
 
 def _labels_from_shards(urls: list[str]) -> dict[str, int]:
@@ -67,7 +68,8 @@ def find_beside(spec: str, names: tuple[str, ...]) -> Path | None:
 
 
 class LabelLookup:
-    """Class label of a record: by resolved file path (label TSV) or by sample key (shards)."""
+    """Class label of a record: by resolved file path (label TSV), else by record id (a shard's sample key, or
+    the ``file`` column of a label TSV given for shards)."""
 
     def __init__(self, source: RecordSource, labels_path: str | Path | None) -> None:
         self.by_path: dict[str, int] = {}
@@ -79,7 +81,7 @@ class LabelLookup:
             return
         path = Path(labels_path) if labels_path is not None else find_beside(source.spec, ("labels.tsv",))
         if path is not None:
-            self.by_path = _labels_from_tsv(path)
+            self.by_path, self.by_key = _labels_from_tsv(path)
             self.origin = str(path)
 
     @property
@@ -87,11 +89,11 @@ class LabelLookup:
         return bool(self.by_path or self.by_key)
 
     def __call__(self, record_id: str, payload: str | bytes) -> int:
-        if self.by_key:
-            return self.by_key.get(record_id, NO_LABEL)
-        if self.by_path and isinstance(payload, str):
-            return self.by_path.get(str(Path(payload).resolve()), NO_LABEL)
-        return NO_LABEL
+        if isinstance(payload, str) and self.by_path:
+            label = self.by_path.get(str(Path(payload).resolve()), NO_LABEL)
+            if label != NO_LABEL:
+                return label
+        return self.by_key.get(record_id, NO_LABEL)
 
 
 class EvalSamples(IterableDataset):
