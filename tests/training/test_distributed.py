@@ -3,6 +3,7 @@ batch, and resumes exactly."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dualtoken import DualTokenizer
 from dualtoken.training import Trainer
 from dualtoken.training.distributed import unwrap
 
@@ -18,16 +20,22 @@ from .conftest import tiny_config, train_records
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
+# runs the given (config file, stop step) jobs one after another in each of the two processes; a job that
+# continues an earlier job's output folder resumes from its checkpoint like a fresh launch would
 WORKER = """
-import sys, torch
+import json, sys, torch, torch.distributed as dist
 from dualtoken.training import Trainer, load_train_config
-from dualtoken.training.distributed import unwrap
+from dualtoken.training.distributed import full_model_state
 torch.set_num_threads(1)
-config_path, out, stop = sys.argv[1], sys.argv[2], int(sys.argv[3])
-trainer = Trainer(load_train_config(config_path))
-trainer.fit(stop_at=stop or None)
-torch.save(unwrap(trainer.model).state_dict(), f"{out}/rank{trainer.runtime.rank}-step{trainer.step}.pt")
-trainer.close()
+dist.init_process_group("gloo")
+for config_path, out, stop in json.loads(sys.argv[1]):
+    trainer = Trainer(load_train_config(config_path))
+    trainer.fit(stop_at=stop or None)
+    state = full_model_state(trainer.model, trainer.config.parallel, trainer.runtime)  # FSDP: rank 0 only
+    if state:
+        torch.save(state, f"{out}/rank{trainer.runtime.rank}-step{trainer.step}.pt")
+    trainer.close()
+dist.destroy_process_group()
 """
 
 # no dead-code restarts (their random vectors come from rank 0's batch only) and no GAN (its adaptive weight is
@@ -42,13 +50,18 @@ EQUIVALENT = (
 )
 
 
-def torchrun(tmp_path: Path, config, stop_at: int = 0) -> None:
+def torchrun(tmp_path: Path, *jobs: tuple) -> None:
+    """Launch the worker under torchrun with jobs (config, output folder for the weights, stop step or 0)."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    config_path = tmp_path / f"config-{stop_at}.json"
-    config_path.write_text(config.to_json())
+    specs = []
+    for index, (config, out, stop) in enumerate(jobs):
+        config_path = tmp_path / f"config-{index}.json"
+        config_path.write_text(config.to_json())
+        Path(out).mkdir(parents=True, exist_ok=True)
+        specs.append([str(config_path), str(out), stop])
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command += [str(script), str(config_path), str(tmp_path), str(stop_at)]
+    command += [str(script), json.dumps(specs)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -59,7 +72,7 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_two_ranks_stay_identical_and_match_one_process(tmp_path: Path, train_images: Path):
-    torchrun(tmp_path, tiny_config(tmp_path / "ddp", train_images, *EQUIVALENT, "data.batch_size=2"))
+    torchrun(tmp_path, (tiny_config(tmp_path / "ddp", train_images, *EQUIVALENT, "data.batch_size=2"), tmp_path, 0))
     rank0, rank1 = _load(tmp_path / "rank0-step3.pt"), _load(tmp_path / "rank1-step3.pt")
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
@@ -76,14 +89,28 @@ def test_two_ranks_stay_identical_and_match_one_process(tmp_path: Path, train_im
     assert ddp_loss == pytest.approx(single_loss, rel=1e-4)
 
 
+def test_fsdp_matches_one_process_and_exports(tmp_path: Path, train_images: Path):
+    config = tiny_config(tmp_path / "fsdp", train_images, *EQUIVALENT, "data.batch_size=2", "parallel=fsdp")
+    torchrun(tmp_path, (config, tmp_path, 0))
+    sharded = _load(tmp_path / "rank0-step3.pt")
+    assert not (tmp_path / "rank1-step3.pt").exists()
+    single = Trainer(tiny_config(tmp_path / "single", train_images, *EQUIVALENT, "data.batch_size=4"))
+    single.fit()
+    alone = unwrap(single.model).state_dict()
+    assert sharded.keys() == alone.keys()
+    for name in alone:
+        torch.testing.assert_close(sharded[name], alone[name], rtol=1e-3, atol=1e-4, msg=name)
+    exported = DualTokenizer.from_pretrained(tmp_path / "fsdp" / "final").state_dict()
+    for name in alone:
+        assert torch.equal(exported[name], sharded[name]), name
+
+
 def test_two_rank_resume_equals_uninterrupted(tmp_path: Path, train_images: Path):
-    extra = ("max_steps=4",)
-    for folder in ("a", "b"):
-        (tmp_path / folder).mkdir()
-    torchrun(tmp_path / "a", tiny_config(tmp_path / "a" / "run", train_images, *extra))
+    extra = ("max_steps=4", "loss.gan.restart_every=1")
+    straight = tiny_config(tmp_path / "a" / "run", train_images, *extra)
     interrupted = tiny_config(tmp_path / "b" / "run", train_images, *extra)
-    torchrun(tmp_path / "b", interrupted, stop_at=2)
-    torchrun(tmp_path / "b", interrupted)
+    torchrun(tmp_path, (straight, tmp_path / "a", 0), (interrupted, tmp_path / "b", 2), (interrupted, tmp_path / "b", 0))
+    assert (tmp_path / "b" / "rank1-step2.pt").is_file()  # the interrupted job did stop at step 2
     for rank in (0, 1):
         straight = _load(tmp_path / "a" / f"rank{rank}-step4.pt")
         resumed = _load(tmp_path / "b" / f"rank{rank}-step4.pt")
