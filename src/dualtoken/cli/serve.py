@@ -7,18 +7,23 @@ import ipaddress
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..config import apply_overrides, from_dict
 from ..errors import ConfigError
-from ..serving import ServeConfig, create_app
-from ..serving.mllm import load_mllm
 from .tokens import default_model, load_model
+
+if TYPE_CHECKING:
+    from ..serving import ServeConfig
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
     """ServeConfig from --config (JSON), then --set overrides, then the explicit flags."""
+    # the serving package (FastAPI, uvicorn) loads only when `serve` runs, not for every command
+    from ..serving import ServeConfig
+
     config = ServeConfig()
     if args.config:
         path = Path(args.config)
@@ -51,6 +56,9 @@ def _is_loopback(host: str) -> bool:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
+
+    from ..serving import create_app
+    from ..serving.mllm import load_mllm
 
     config = serve_config(args)
     if config.torch_threads is not None:
