@@ -41,6 +41,7 @@ def _jpeg(image: torch.Tensor, quality: int) -> torch.Tensor:
 
 
 @pytest.mark.data
+@pytest.mark.slow
 def test_fd_rises_monotonically_with_jpeg_degradation_of_kodak(shared_data):
     files = sorted((shared_data / "kodak").glob("*.png"))[:6]
     if len(files) < 6:

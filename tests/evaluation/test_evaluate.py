@@ -106,6 +106,7 @@ def test_webdataset_shards_with_labels(tiny_tokenizer, tmp_path):
     config = EvalConfig(metrics=("reconstruction",), batch_size=2)
     report = evaluate(tiny_tokenizer, str(tmp_path / "eval-000000.tar"), None, config, progress=False)
     assert report["data"]["num_images"] == 3 and "cls" in report["data"]["labels"]
+    assert report["data"]["labeled_images"] == 3
     from_folder = evaluate(tiny_tokenizer, tmp_path / "png", None, config, progress=False)
     assert report["metrics"]["psnr"] == from_folder["metrics"]["psnr"]  # same pixels, same numbers
 

@@ -152,6 +152,7 @@ class Evaluator:
         self.ids += batch.ids
         digests = [hashlib.sha256(image.float().contiguous().numpy().tobytes()).digest() for image in batch.images]
         self._add("fingerprint", torch.tensor([list(d) for d in digests], dtype=torch.uint8))
+        self._add("label", batch.labels)  # -1: no label
         tokens = self.tok.encode(images)
         for branch, codes in (("pixel", tokens.pixel), ("semantic", tokens.semantic)):
             self.histograms[branch] += code_histogram(codes, self.tok.codebook_size(branch)).cpu()
@@ -207,9 +208,8 @@ class Evaluator:
         if self.teacher is not None:
             references["teacher"] = run_unquantized(self.teacher, images, layer)
         classifier, top = self.classifier, self.config.top_k
-        safe_labels = labels.clamp(min=0)  # unlabeled images are scored, then masked out by "labeled"
+        safe_labels = labels.clamp(min=0)  # unlabelled images are scored, then left out of the mean
         if classifier is not None:
-            self._add("labeled", (labels >= 0).float())
             for name, reference in references.items():
                 top1, topk = topk_hits(classifier.scores(reference.pooled), safe_labels, top)
                 self._add_accuracy(f"{classifier.kind}_top1_{name}", top1)
@@ -284,12 +284,12 @@ class Evaluator:
         skipped_images = sorted(item for part in gather_objects(self.skipped_images) for item in part)
         if len(indices) == 0:
             raise DataError("no readable images were evaluated")
-        labeled = rows.get("labeled")
+        labeled = (rows["label"] >= 0).double()
 
         def mean(name: str) -> float:
             values = rows[name].double()
             if name in self.accuracy_rows:
-                return float((values * labeled.double()).sum() / labeled.double().sum().clamp(min=1))
+                return float((values * labeled).sum() / labeled.sum().clamp(min=1))
             return float(values.mean())
 
         pixel_rows = []
@@ -316,7 +316,7 @@ class Evaluator:
             "pixel_rows": pixel_rows,
             "semantic_rows": semantic_rows,
             "semantic_reference": semantic_reference,
-            "labeled_images": int(labeled.sum()) if labeled is not None else 0,
+            "labeled_images": int(labeled.sum()),
             "skipped_images": skipped_images,
             "skipped_metrics": dict(self.skipped_reasons),
             "classifier": self.classifier.description if self.classifier is not None else None,
