@@ -7,7 +7,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 
 def _unit(images: torch.Tensor) -> torch.Tensor:
-    return ((images.detach().float().clamp(-1, 1) + 1) / 2).cpu()
+    return (images.detach().float().clamp(-1, 1) + 1) / 2
 
 
 def psnr(reconstruction: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
