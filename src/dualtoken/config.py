@@ -256,7 +256,8 @@ class TokenizerConfig:
     shortcut_layer: int | None = 4
     shortcut_weight: float = 0.6
     semantic_layer: int = 26
-    pixel_quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    # None: a single vocabulary (VILA-U style): the decoder reads the semantic codes, as in the paper's ablation
+    pixel_quantizer: QuantizerConfig | None = field(default_factory=QuantizerConfig)
     semantic_quantizer: QuantizerConfig = field(
         default_factory=lambda: QuantizerConfig(ema_schedule="per_step")
     )
@@ -272,6 +273,8 @@ class TokenizerConfig:
             raise ConfigError(f"shortcut_layer ({self.shortcut_layer}) must be in 1..semantic_layer")
         if self.pixel_layer < 1:
             raise ConfigError(f"pixel_layer must be >= 1, got {self.pixel_layer}")
+        if self.pixel_quantizer is None and self.shortcut_layer is not None:
+            raise ConfigError("a single vocabulary (pixel_quantizer null) takes no shortcut tap")
         num_layers = getattr(self.backbone, "num_layers", None)
         if num_layers is not None and self.semantic_layer > num_layers:
             raise ConfigError(f"semantic_layer ({self.semantic_layer}) exceeds the backbone's {num_layers} layers")

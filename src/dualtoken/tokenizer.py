@@ -63,12 +63,14 @@ class _Taps:
 
 
 class Branch(nn.Module):
-    """One vocabulary: down-projection to the code width, residual quantizer, up-projection back to the tap width."""
+    """One vocabulary: down-projection to the code width, residual quantizer, up-projection back to the tap width.
 
-    def __init__(self, width: int, quantizer: ResidualQuantizer, projection_config) -> None:
+    Without a quantizer the branch only up-projects codes of another vocabulary (a single-vocabulary model).
+    """
+
+    def __init__(self, width: int, quantizer: ResidualQuantizer | None, code_dim: int, projection_config) -> None:
         super().__init__()
-        code_dim = quantizer.config.code_dim
-        self.down = AttnProjection(width, code_dim, code_dim, projection_config)
+        self.down = AttnProjection(width, code_dim, code_dim, projection_config) if quantizer is not None else None
         self.quantizer = quantizer
         self.up = AttnProjection(code_dim, width, code_dim, projection_config)
 
@@ -83,7 +85,10 @@ class DualTokenizer(nn.Module):
         self.loading_info: dict[str, list[str]] = {"missing": [], "unexpected": []}
         self.backbone = backbone
         pixel_width = backbone.tap_width(config.pixel_layer)
-        self.pixel = Branch(pixel_width, ResidualQuantizer(config.pixel_quantizer), config.projection)
+        semantic_code_dim = config.semantic_quantizer.code_dim
+        pixel_quantizer = ResidualQuantizer(config.pixel_quantizer) if config.pixel_quantizer is not None else None
+        pixel_code_dim = config.pixel_quantizer.code_dim if pixel_quantizer is not None else semantic_code_dim
+        self.pixel = Branch(pixel_width, pixel_quantizer, pixel_code_dim, config.projection)
         self.pixel_shortcut = None
         if config.shortcut_layer is not None:
             if backbone.tap_width(config.shortcut_layer) != pixel_width:
@@ -93,7 +98,9 @@ class DualTokenizer(nn.Module):
                 pixel_width, code_dim, code_dim, config.projection
             )
         semantic_width = backbone.tap_width(config.semantic_layer)
-        self.semantic = Branch(semantic_width, ResidualQuantizer(config.semantic_quantizer), config.projection)
+        self.semantic = Branch(
+            semantic_width, ResidualQuantizer(config.semantic_quantizer), semantic_code_dim, config.projection
+        )
         self.decoder = PixelDecoder(pixel_width, backbone.grid, config.decoder)
         expected = tuple(s * config.decoder.upsample_factor for s in (config.decoder.latent_size or backbone.grid))
         if expected != backbone.image_size:
@@ -113,7 +120,7 @@ class DualTokenizer(nn.Module):
         """A new tokenizer: random weights, or the backbone's pretrained weights from a local folder."""
         config = get_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
         if backbone_path is not None:
-            if not hasattr(config.backbone, "pretrained"):
+            if not isinstance(getattr(config.backbone, "pretrained", False), (str, type(None))):
                 raise ConfigError(f"backbone kind {config.backbone.kind!r} takes no pretrained folder")
             config = dataclasses.replace(
                 config, backbone=dataclasses.replace(config.backbone, pretrained=str(Path(backbone_path).resolve()))
@@ -159,7 +166,7 @@ class DualTokenizer(nn.Module):
 
     @property
     def pixel_depth(self) -> int:
-        return self.config.pixel_quantizer.depth
+        return self.quantizer("pixel").depth
 
     @property
     def semantic_depth(self) -> int:
@@ -170,12 +177,16 @@ class DualTokenizer(nn.Module):
             raise CodesError(f"unknown branch {name!r}; expected 'pixel' or 'semantic'")
         return self.pixel if name == "pixel" else self.semantic
 
+    def quantizer(self, branch: str) -> ResidualQuantizer:
+        """The quantizer whose codes a vocabulary uses (a single-vocabulary model's pixel codes are semantic codes)."""
+        return self.branch(branch).quantizer or self.semantic.quantizer
+
     def codebook_size(self, branch: str) -> int:
-        return self.branch(branch).quantizer.codebook_size
+        return self.quantizer(branch).codebook_size
 
     def codebook(self, branch: str) -> torch.Tensor:
         """The current code vectors (K, D) of a vocabulary."""
-        return self.branch(branch).quantizer.codebook
+        return self.quantizer(branch).codebook
 
     # ------------------------------------------------------------------------------------------------------------
     # the forward pass
@@ -184,8 +195,9 @@ class DualTokenizer(nn.Module):
     def forward(self, images: torch.Tensor, output_hidden_states: bool = False) -> DualTokenizerOutput:
         """Tokenize, reconstruct and pool. In training mode the quantizers update their codebooks (EMA)."""
         taps = self._run_to_taps(images, output_hidden_states)
-        pixel: QuantizerOutput = self.pixel.quantizer(taps.pixel_latent)
+        pixel = self.pixel.quantizer(taps.pixel_latent) if self.pixel.quantizer is not None else None
         semantic: QuantizerOutput = self.semantic.quantizer(taps.semantic_latent)
+        pixel = pixel or semantic
         semantic_features = self.semantic.up(semantic.quantized)  # (B, h*w, W)
         pooled = self._pool_from(semantic_features, taps.hidden_states)
         reconstruction = self.decoder(self.pixel.up(pixel.quantized))
@@ -215,7 +227,7 @@ class DualTokenizer(nn.Module):
             state = backbone.run_layer(layer, state)
             if hidden is not None:
                 hidden.append(state)
-            if layer == cfg.pixel_layer:
+            if layer == cfg.pixel_layer and self.pixel.down is not None:
                 pixel_latent = self.pixel.down(backbone.to_tokens(layer, state))
             if layer == cfg.shortcut_layer:
                 shortcut_latent = self.pixel_shortcut(backbone.to_tokens(layer, state))
@@ -223,6 +235,8 @@ class DualTokenizer(nn.Module):
                 semantic_latent = self.semantic.down(backbone.to_tokens(layer, state))
         if shortcut_latent is not None:
             pixel_latent = pixel_latent + cfg.shortcut_weight * shortcut_latent
+        if self.pixel.down is None:  # a single vocabulary
+            pixel_latent = semantic_latent
         return _Taps(pixel_latent, semantic_latent, hidden)
 
     def _pool_from(self, semantic_features: torch.Tensor, hidden: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -245,8 +259,8 @@ class DualTokenizer(nn.Module):
     def encode(self, images: torch.Tensor) -> DualTokens:
         """Images (B, 3, H, W) in [-1, 1] -> both code tensors; never updates the codebooks."""
         taps = self._run_to_taps(images)
-        pixel = self.pixel.quantizer(taps.pixel_latent, update=False)
         semantic = self.semantic.quantizer(taps.semantic_latent, update=False)
+        pixel = self.pixel.quantizer(taps.pixel_latent, update=False) if self.pixel.quantizer is not None else semantic
         return DualTokens(self._grid_codes(pixel.codes), self._grid_codes(semantic.codes))
 
     def decode(self, pixel_codes: torch.Tensor) -> torch.Tensor:
@@ -265,9 +279,8 @@ class DualTokenizer(nn.Module):
 
     def code_embeddings(self, codes: torch.Tensor, branch: str, per_depth: bool = True) -> torch.Tensor:
         """Code vectors (B, h, w, Q, D), or their sum over depth (B, h, w, D) when ``per_depth`` is False."""
-        quantizer = self.branch(branch).quantizer
         self.check_codes(codes, branch)
-        vectors = quantizer.lookup(codes)
+        vectors = self.quantizer(branch).lookup(codes)
         return vectors if per_depth else vectors.sum(dim=-2)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -294,7 +307,7 @@ class DualTokenizer(nn.Module):
 
     def check_codes(self, codes: torch.Tensor, branch: str) -> None:
         """Raise CodesError unless ``codes`` is an integer tensor (B, h, w, k), 1 <= k <= Q, values in [0, K)."""
-        quantizer = self.branch(branch).quantizer
+        quantizer = self.quantizer(branch)
         h, w = self.grid
         expected = f"integer {branch} codes (B, {h}, {w}, k) with 1 <= k <= {quantizer.depth} and values in [0, {quantizer.codebook_size})"
         if not isinstance(codes, torch.Tensor) or codes.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):

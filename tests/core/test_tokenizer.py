@@ -135,3 +135,18 @@ def test_decoder_size_must_match_the_input(tmp_path):
     bad = dataclasses.replace(config, decoder=dataclasses.replace(config.decoder, channel_mult=(1, 1)))
     with pytest.raises(ConfigError, match="decoder outputs"):
         DualTokenizer.from_config(bad)
+
+
+def test_single_vocabulary_decodes_the_semantic_codes(tiny_images):
+    config = dataclasses.replace(get_config("dualtoken-tiny"), pixel_quantizer=None, shortcut_layer=None, pixel_layer=5)
+    tok = DualTokenizer.from_config(config).eval()
+    with torch.no_grad():
+        out = tok(tiny_images)
+        tokens = tok.encode(tiny_images)
+        assert torch.equal(out.pixel_codes, out.semantic_codes) and torch.equal(tokens.pixel, tokens.semantic)
+        torch.testing.assert_close(tok.decode(tokens.pixel), out.reconstruction, atol=1e-4, rtol=0)
+    assert tok.codebook("pixel") is tok.codebook("semantic")
+    tok.train()
+    out = tok(tiny_images)
+    (out.reconstruction.square().mean() + out.pooled.square().mean() + out.semantic_commitment).backward()
+    assert [n for n, p in tok.named_parameters() if p.grad is None] == []

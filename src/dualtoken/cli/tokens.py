@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -161,12 +162,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(tokenizer.config.to_json())
     print(f"input: {tokenizer.image_size[0]}x{tokenizer.image_size[1]} RGB in [-1, 1]")
     print(f"tokens per image: {_tokens_per_image(tokenizer)}")
-    bits = sum(
-        q.depth * torch.tensor(float(q.codebook_size)).log2().item()
-        for q in (tokenizer.pixel.quantizer, tokenizer.semantic.quantizer)
-    )
+    quantizers = {id(q): q for q in (tokenizer.quantizer("pixel"), tokenizer.quantizer("semantic"))}.values()
+    bits = sum(q.depth * math.log2(q.codebook_size) for q in quantizers)
     h, w = tokenizer.grid
-    print(f"rate: {bits * h * w / (tokenizer.image_size[0] * tokenizer.image_size[1]):.4f} bits per pixel (both vocabularies)")
+    print(f"rate: {bits * h * w / (tokenizer.image_size[0] * tokenizer.image_size[1]):.4f} bits per pixel (all vocabularies)")
     for name, module in parts.items():
         if module is not None:
             print(f"parameters, {name}: {sum(p.numel() for p in module.parameters()):,}")
