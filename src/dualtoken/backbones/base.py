@@ -46,6 +46,10 @@ class Backbone(nn.Module, ABC):
     def pool(self, state: torch.Tensor) -> torch.Tensor:
         """The head on the state after the last layer -> (B, pooled_width)."""
 
+    @abstractmethod
+    def parts(self) -> dict[int | str, nn.Module]:
+        """The network's modules by layer: {0: embedding, 1..L: layers, "head": what pools} (freeze presets)."""
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute layer activations in the backward pass (saves memory); a no-op where unsupported."""
         self.gradient_checkpointing = enabled

@@ -73,6 +73,13 @@ class EfficientNetBackbone(Backbone):
                 module.eval()
         return self
 
+    def parts(self) -> dict[int | str, nn.Module]:
+        net = self.network
+        parts: dict[int | str, nn.Module] = {0: nn.ModuleList([net._conv_stem, net._bn0])}
+        parts.update({i + 1: block for i, block in enumerate(net._blocks)})
+        parts["head"] = nn.ModuleList([net._conv_head, net._bn1, net._fc])
+        return parts
+
     def _fold(self, layer: int) -> int:
         """Space-to-depth factor that brings ``layer``'s map to the token grid (1 when it already is)."""
         height = self._shapes[layer][1]

@@ -95,6 +95,13 @@ class SiglipBackbone(Backbone):
         teacher.requires_grad_(False)
         return teacher
 
+    def parts(self) -> dict[int | str, torch.nn.Module]:
+        vision = self.vision_model
+        parts: dict[int | str, torch.nn.Module] = {0: vision.embeddings}
+        parts.update({i + 1: layer for i, layer in enumerate(vision.encoder.layers)})
+        parts["head"] = torch.nn.ModuleList([vision.post_layernorm, vision.head])
+        return parts
+
     def tap_width(self, layer: int) -> int:
         return self.config.width
 

@@ -7,20 +7,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..backbones.siglip import SiglipBackbone
 from ..errors import ConfigError
 from .config import FreezeConfig
 
 
-def tower_parts(backbone: nn.Module) -> dict[int | str, nn.Module]:
-    """The tower's modules by layer: {0: embedding, 1..L: layers, "head": post-norm + pooling head}."""
-    if isinstance(backbone, SiglipBackbone):
-        vision = backbone.vision_model
-        parts: dict[int | str, nn.Module] = {0: vision.embeddings}
-        parts.update({i + 1: layer for i, layer in enumerate(vision.encoder.layers)})
-        parts["head"] = nn.ModuleList([vision.post_layernorm, vision.head])
-        return parts
-    raise ConfigError(f"freeze presets do not know the layers of backbone {type(backbone).__name__}")
+def tower_parts(backbone) -> dict[int | str, nn.Module]:
+    """The tower's modules by layer: {0: embedding, 1..L: layers, "head": what pools} (the backbone contract)."""
+    return backbone.parts()
 
 
 def frozen_modules(tokenizer, config: FreezeConfig) -> list[nn.Module]:
