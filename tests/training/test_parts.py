@@ -11,7 +11,7 @@ from dualtoken.config import from_dict, to_dict
 from dualtoken.discriminator import DiscriminatorConfig, PatchDiscriminator
 from dualtoken.errors import ConfigError
 from dualtoken.training import FreezeConfig, OptimizerConfig, TrainConfig, load_train_config
-from dualtoken.training.freeze import apply_freeze, set_train_mode, tower_parts
+from dualtoken.training.freeze import apply_freeze, set_train_mode
 from dualtoken.training.optim import build_optimizer, lr_factor, parameter_groups
 
 
@@ -51,7 +51,7 @@ def _trainable(tok, part) -> bool:
 
 def test_freeze_presets(tiny_tokenizer):
     tok, cfg = tiny_tokenizer, tiny_tokenizer.config
-    parts = tower_parts(tok.backbone)
+    parts = tok.backbone.parts()
     apply_freeze(tok, FreezeConfig("stage0"))
     assert not any(_trainable(tok, parts[i]) for i in range(cfg.semantic_layer + 1))
     assert _trainable(tok, parts[cfg.semantic_layer + 1]) and _trainable(tok, parts["head"])

@@ -80,10 +80,9 @@ def wrap_model(model: nn.Module, runtime: Runtime, parallel: str, find_unused: b
     from torch.distributed.fsdp import fully_shard
 
     from ..decoder import ResnetBlock
-    from .freeze import tower_parts
 
     mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
-    for key, part in tower_parts(model.backbone).items():
+    for key, part in model.backbone.parts().items():
         if isinstance(key, int) and key > 0:
             fully_shard(part, mesh=mesh)
     for module in model.decoder.modules():

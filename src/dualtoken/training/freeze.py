@@ -11,15 +11,10 @@ from ..errors import ConfigError
 from .config import FreezeConfig
 
 
-def tower_parts(backbone) -> dict[int | str, nn.Module]:
-    """The tower's modules by layer: {0: embedding, 1..L: layers, "head": what pools} (the backbone contract)."""
-    return backbone.parts()
-
-
 def frozen_modules(tokenizer, config: FreezeConfig) -> list[nn.Module]:
     """The modules a preset freezes."""
     cfg = tokenizer.config
-    parts = tower_parts(tokenizer.backbone)
+    parts = tokenizer.backbone.parts()
     if config.preset == "stage1":
         return []
     if config.preset == "stage0":
