@@ -1,0 +1,39 @@
+"""Pick the largest export step that every variant of a train_all.sh run reached, and write each variant's
+tokenizer at that step as a float16 model folder (config.json + model.safetensors).
+
+usage: python recipes/efflite0/pack.py RUN_ROOT OUT_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+
+def main(root: Path, out: Path) -> None:
+    variants = sorted(p for p in root.iterdir() if p.is_dir())
+    steps = {v.name: sorted(int(e.name.split("-")[1]) for e in v.glob("export-*")) for v in variants}
+    common = min(s[-1] for s in steps.values() if s) if all(steps.values()) else None
+    if common is None:
+        raise SystemExit(f"a variant has no export: {steps}")
+    out.mkdir(parents=True, exist_ok=True)
+    for variant in variants:
+        source = variant / f"export-{common:08d}"
+        target = out / variant.name
+        target.mkdir(exist_ok=True)
+        state = load_file(str(source / "model.safetensors"))
+        half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+        save_file(half, str(target / "model.safetensors"), metadata={"format": "pt", "step": str(common)})
+        shutil.copy2(source / "config.json", target / "config.json")
+        if (variant / "metrics.jsonl").is_file():
+            shutil.copy2(variant / "metrics.jsonl", target / "metrics.jsonl")
+    (out / "steps.json").write_text(json.dumps({"common_step": common, "exports": steps}, indent=2))
+    print(json.dumps({"common_step": common, "last": {k: v[-1] for k, v in steps.items()}}))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
