@@ -71,8 +71,8 @@ class RecipeConfig:
     llm: dict[str, Any] = field(
         default_factory=lambda: {
             "model_type": "llama",
-            "hidden_size": 256,
-            "intermediate_size": 704,
+            "hidden_size": 192,
+            "intermediate_size": 512,
             "num_hidden_layers": 4,
             "num_attention_heads": 4,
             "num_key_value_heads": 4,
@@ -80,11 +80,14 @@ class RecipeConfig:
             "tie_word_embeddings": True,
         }
     )
-    heads: DepthHeadConfig = field(default_factory=lambda: DepthHeadConfig(layers=3, width=256, num_heads=4))
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=16))
+    heads: DepthHeadConfig = field(
+        default_factory=lambda: DepthHeadConfig(layers=2, width=128, num_heads=4, mlp_ratio=2.0)
+    )
+    # top-k off: with 1024-code books the release's top-k 900 filters next to nothing and costs a topk per depth
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(top_k=0, max_new_tokens=16))
     modes: tuple[Literal["both", "semantic", "pixel"], ...] = MODES
-    steps: int = 2000
-    batch_size: int = 16
+    steps: int = 1000
+    batch_size: int = 8
     optim: OptimizerConfig = field(
         default_factory=lambda: OptimizerConfig(
             lr=1e-3, betas=(0.9, 0.999), weight_decay=0.01, warmup_steps=60, grad_clip=1.0
@@ -95,7 +98,7 @@ class RecipeConfig:
     eval_batch_size: int = 100
     probe_steps: int = 100  # L-BFGS iterations of the linear probes
     probe_weight_decay: float = 1e-3
-    samples_per_class: int = 50  # generated images per class and guidance setting
+    samples_per_class: int = 20  # generated images per class and guidance setting
     cfg_scale: float = 3.0
     grid_columns: int = 10
 

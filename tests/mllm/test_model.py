@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from dualtoken.errors import DataError
+from dualtoken.errors import CheckpointError, DataError
 from dualtoken.mllm import FusionConfig, LLMConfig
 
 
@@ -112,3 +114,31 @@ def test_both_losses_fall_on_a_tiny_overfit_set(make_mllm, tiny_codes, mixed_bat
     last = model(batch).scalars()
     assert last["text"] < 0.3 * first["text"]  # understanding: the answer
     assert last["pixel"] < 0.6 * first["pixel"] and last["semantic"] < 0.6 * first["semantic"]  # generation
+
+
+def test_llm_from_a_local_folder_with_its_tokenizer(make_mllm, mllm_config, tmp_path, tiny_tokenizer, tiny_codes):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from dualtoken.mllm import DualTokenMLLM
+
+    architecture = dict(mllm_config.llm.architecture)
+    llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(architecture.pop("model_type"), **architecture))
+    llm.save_pretrained(tmp_path / "my-llm")
+    AutoTokenizer.from_pretrained(mllm_config.llm.text_tokenizer).save_pretrained(tmp_path / "my-llm")
+    config = dataclasses.replace(mllm_config, llm=LLMConfig(path="my-llm"))
+    model = DualTokenMLLM.from_config(config, base_dir=tmp_path, visual_tokenizer=tiny_tokenizer)
+    for name, value in llm.state_dict().items():
+        assert model.llm.state_dict()[name].equal(value), name
+    with pytest.raises(CheckpointError, match="no transformers model"):
+        DualTokenMLLM.from_config(dataclasses.replace(config, llm=LLMConfig(path="missing")), base_dir=tmp_path,
+                                  visual_tokenizer=tiny_tokenizer)
+
+
+def test_sampling_logits_of_the_last_depth_equal_teacher_forcing(make_mllm, tiny_codes):
+    model = make_mllm().eval()
+    head = model.pixel_head
+    states = torch.randn(5, 64)
+    vectors = model.code_tables.vectors(tiny_codes.pixel[0, 0, :5], "pixel")  # (5, Q, D)
+    full = head(states, vectors[:, :-1])  # (5, Q, K)
+    for depth in range(4):
+        torch.testing.assert_close(head(states, vectors[:, :depth], last_only=True), full[:, depth])

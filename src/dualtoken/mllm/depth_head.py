@@ -62,9 +62,10 @@ class DepthTransformer(nn.Module):
         self.classifier_weight = nn.Parameter(torch.randn(depth, codebook_size, width) * width**-0.5)
         self.classifier_bias = nn.Parameter(torch.zeros(depth, codebook_size))
 
-    def forward(self, hidden: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, previous: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Logits (M, d, K) of depths 1..d, given LLM states ``hidden`` (M, llm_width) and the code vectors of
-        depths 1..d-1, ``previous`` (M, d-1, code_dim), 0 <= d-1 < Q. Teacher forcing passes all Q-1."""
+        depths 1..d-1, ``previous`` (M, d-1, code_dim), 0 <= d-1 < Q. Teacher forcing passes all Q-1; sampling
+        asks for depth d only (``last_only``: logits (M, K))."""
         steps = previous.shape[1] + 1
         first = self.gen_projector(hidden.float()).unsqueeze(1)  # (M, 1, width)
         rest = self.code_in(previous.float().cumsum(dim=1))  # (M, d-1, width)
@@ -72,4 +73,6 @@ class DepthTransformer(nn.Module):
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)
+        if last_only:
+            return x[:, -1] @ self.classifier_weight[steps - 1].T + self.classifier_bias[steps - 1]
         return torch.einsum("mdw,dkw->mdk", x, self.classifier_weight[:steps]) + self.classifier_bias[:steps]
