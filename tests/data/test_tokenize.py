@@ -53,3 +53,38 @@ def test_resume_skips_done_units_and_redoes_unfinished(tiny_tokenizer, shard_fol
     second = _encode(tiny_tokenizer, str(shard_folder), str(out), shard_size=4, batch_size=4)
     assert second["units_reused"] == 2 and second["units_encoded"] == 1 and second["images"] == 9
     assert _contents(out) == before
+
+
+ENCODE_WORKER = """
+import sys, torch
+from dualtoken import DualTokenizer
+from dualtoken.data import encode_dataset
+torch.set_num_threads(1)
+torch.manual_seed(0)
+tokenizer = DualTokenizer.from_config("dualtoken-tiny").eval()
+encode_dataset(tokenizer, sys.argv[1], sys.argv[2], shard_size=3, batch_size=2, progress=False)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_write_the_same_tokens_as_one(image_folder: Path, tmp_path: Path):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "worker.py"
+    script.write_text(ENCODE_WORKER)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([*command, str(image_folder), str(tmp_path / "two")], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.manual_seed(0)
+    from dualtoken import DualTokenizer
+
+    _encode(DualTokenizer.from_config("dualtoken-tiny").eval(), str(image_folder), str(tmp_path / "one"),
+            shard_size=3, batch_size=2)
+    assert _contents(tmp_path / "two") == _contents(tmp_path / "one")
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert manifest["images"] == 12 and manifest["skipped"] == 1 and not manifest["missing_units"]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
@@ -70,12 +71,18 @@ class _UnitBatches(IterableDataset):
             yield {"unit": unit, "images": batch, "ids": ids, "skipped": skipped, "last": True}
 
 
-def _rank_and_world() -> tuple[int, int]:
-    import torch.distributed as dist
+def _join_processes() -> bool:
+    """Under torchrun without a process group yet, make a gloo one (for the final counts and barrier).
 
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    Returns whether this call made it (and so must destroy it)."""
+    if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        dist.init_process_group("gloo")
+        return True
+    return False
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def _done_path(out_dir: Path, unit: int) -> Path:
@@ -136,7 +143,8 @@ def encode_dataset(
 ) -> dict:
     """Encode every image of ``source`` (folder, file list or WebDataset shards) into sharded token files.
 
-    Under torchrun every rank encodes its own units (``unit % world_size == rank``); with ``resume`` units
+    Under torchrun every rank encodes its own units (``unit % world_size == rank``; a gloo process group is made
+    for the final counts when none exists); with ``resume`` units
     already marked done are skipped. Returns a summary: images and skipped counts, files written by this call,
     units done and reused. Unreadable images are skipped with a warning, listed in the done markers and counted.
     """
@@ -145,7 +153,8 @@ def encode_dataset(
     records = resolve_source(source)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rank, world = _rank_and_world()
+    owns_group = _join_processes()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
     readers = _unit_records(records, shard_size)
     mine = {u: r for u, r in enumerate(readers) if u % world == rank}
     reused = [u for u in mine if resume and _done_path(out, u).is_file()]
@@ -184,9 +193,7 @@ def encode_dataset(
     counts = torch.tensor(
         [sum(s["images"] for s in summaries), sum(len(s["skipped"]) for s in summaries), len(summaries), len(reused)]
     )
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         if dist.get_backend() == "nccl":
             counts = counts.to(device)
         dist.all_reduce(counts)
@@ -194,6 +201,8 @@ def encode_dataset(
         counts = counts.cpu()
     if rank == 0:
         _write_manifest(out, len(readers), model, sizes, records.spec)
+    if owns_group:
+        dist.destroy_process_group()
     images, skipped, done, kept = (int(c) for c in counts)
     return {
         "out_dir": str(out),
