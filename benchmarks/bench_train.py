@@ -31,7 +31,11 @@ MODELS = {"dualtoken-tiny": 8, "dualtoken-b16-224-rvq4": 2}
 VARIANTS = {
     "core": ["loss.perceptual=0", "loss.perceptual_kind=none", "loss.gan.enabled=false"],
     "full": ["loss.perceptual_kind=effnet_lite0", "loss.gan.start_step=0"],
-    "full+ckpt": ["loss.perceptual_kind=effnet_lite0", "loss.gan.start_step=0", "gradient_checkpointing=true"],
+    "full+ckpt": [
+        "loss.perceptual_kind=effnet_lite0",
+        "loss.gan.start_step=0",
+        "gradient_checkpointing=true",
+    ],
 }
 
 
@@ -52,12 +56,25 @@ def run_case(model: str, variant: str, steps: int, work: Path) -> dict:
     data = write_images(work / f"data-{size}", MODELS[model] * 4, size)
     out = work / f"{model}-{variant}"
     overrides = [
-        f"model={model}", "teacher=initial", f"output_dir={out}", f"max_steps={steps + 1}",
-        f"data.train={data}", f"data.batch_size={MODELS[model]}", "data.num_workers=1",
-        "optimizer.warmup_steps=1", "log.every=1", "log.codebook_every=1000", "log.eval_every=0",
-        "log.grid_every=0", "log.console=false", "log.progress=false", "log.tensorboard=false",
-        "checkpoint.every=1000000", "checkpoint.resume=false",
-        "loss.gan.discriminator.channels=[32,32,64,64]", *VARIANTS[variant],
+        f"model={model}",
+        "teacher=initial",
+        f"output_dir={out}",
+        f"max_steps={steps + 1}",
+        f"data.train={data}",
+        f"data.batch_size={MODELS[model]}",
+        "data.num_workers=1",
+        "optimizer.warmup_steps=1",
+        "log.every=1",
+        "log.codebook_every=1000",
+        "log.eval_every=0",
+        "log.grid_every=0",
+        "log.console=false",
+        "log.progress=false",
+        "log.tensorboard=false",
+        "checkpoint.every=1000000",
+        "checkpoint.resume=false",
+        "loss.gan.discriminator.channels=[32,32,64,64]",
+        *VARIANTS[variant],
     ]
     code = (
         "import json, sys\n"
@@ -71,8 +88,12 @@ def run_case(model: str, variant: str, steps: int, work: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per variant (after one warm-up step)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--steps", type=int, default=4, help="timed steps per variant (after one warm-up step)"
+    )
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     args = parser.parse_args()
     import torch
@@ -87,7 +108,9 @@ def main() -> None:
                 rate = statistics.median(r["images_per_s"] for r in records)
                 rows[variant] = (rate, MODELS[model] / rate, max(r["peak_memory_mb"] for r in records))
             print(f"\n{model} (batch {MODELS[model]})")
-            print(f"{'variant':<12}{'images/s':>10}{'s/step':>9}{'peak MB':>10}{'speed vs core':>15}{'memory vs core':>16}")
+            print(
+                f"{'variant':<12}{'images/s':>10}{'s/step':>9}{'peak MB':>10}{'speed vs core':>15}{'memory vs core':>16}"
+            )
             base_rate, _, base_memory = rows["core"]
             for variant, (rate, seconds, memory) in rows.items():
                 print(

@@ -32,7 +32,9 @@ def write_images(folder: Path, size: int, count: int = 64) -> Path:
         rng = np.random.default_rng(0)
         for index in range(count):
             low = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-            Image.fromarray(low).resize((size + 16, size + 8), Image.BICUBIC).save(folder / f"{index:03d}.png")
+            Image.fromarray(low).resize((size + 16, size + 8), Image.BICUBIC).save(
+                folder / f"{index:03d}.png"
+            )
     return folder
 
 
@@ -42,10 +44,20 @@ class Bench:
 
     def config(self, name: str, *extra: str):
         base = [
-            "teacher=initial", f"output_dir={self.work / name}", "log.progress=false", "log.console=false",
-            "log.tensorboard=false", "log.grid_every=0", "log.codebook_every=1000", "optimizer.warmup_steps=2",
-            "optimizer.lr=0.001", "disc_optimizer.warmup_steps=1", "disc_optimizer.lr=0.0005",
-            "disc_optimizer.min_lr=0", "data.num_workers=8", "checkpoint.every=1000000",
+            "teacher=initial",
+            f"output_dir={self.work / name}",
+            "log.progress=false",
+            "log.console=false",
+            "log.tensorboard=false",
+            "log.grid_every=0",
+            "log.codebook_every=1000",
+            "optimizer.warmup_steps=2",
+            "optimizer.lr=0.001",
+            "disc_optimizer.warmup_steps=1",
+            "disc_optimizer.lr=0.0005",
+            "disc_optimizer.min_lr=0",
+            "data.num_workers=8",
+            "checkpoint.every=1000000",
         ]
         return load_train_config(None, base + list(extra))
 
@@ -56,9 +68,15 @@ class Bench:
     def tiny(self) -> list[str]:
         images = write_images(self.work / "img64", 64)
         return [
-            "model=dualtoken-tiny", f"data.train={images}", f"data.eval={images}", "data.batch_size=16",
-            "loss.perceptual_resize=64", "loss.gan.start_step=10", "loss.gan.discriminator.channels=[32,32,64,64]",
-            "log.every=1", "log.eval_every=10",
+            "model=dualtoken-tiny",
+            f"data.train={images}",
+            f"data.eval={images}",
+            "data.batch_size=16",
+            "loss.perceptual_resize=64",
+            "loss.gan.start_step=10",
+            "loss.gan.discriminator.channels=[32,32,64,64]",
+            "log.every=1",
+            "log.eval_every=10",
         ]
 
     def bf16(self) -> dict:
@@ -67,7 +85,10 @@ class Bench:
         tok, losses = unwrap(trainer.model), [r["total"] for r in self.records("tiny")]
         return {
             "autocast": str(trainer.autocast_dtype),
-            "codebook_dtypes": [str(tok.pixel.quantizer.codebook.dtype), str(tok.semantic.quantizer.codebook.dtype)],
+            "codebook_dtypes": [
+                str(tok.pixel.quantizer.codebook.dtype),
+                str(tok.semantic.quantizer.codebook.dtype),
+            ],
             "loss_first5": float(np.mean(losses[:5])),
             "loss_last5": float(np.mean(losses[-5:])),
             "heldout_psnr": [r["psnr"] for r in self.records("tiny", "eval")],
@@ -92,9 +113,15 @@ class Bench:
         name = f"{model}-{batch}-{len(extra)}"
         torch.cuda.reset_peak_memory_stats()
         config = self.config(
-            name, f"model={model}", f"data.train={write_images(self.work / f'img{size}', size)}",
-            f"data.batch_size={batch}", f"max_steps={steps}", "log.every=1", "log.eval_every=0",
-            "loss.gan.start_step=0", *extra,
+            name,
+            f"model={model}",
+            f"data.train={write_images(self.work / f'img{size}', size)}",
+            f"data.batch_size={batch}",
+            f"max_steps={steps}",
+            "log.every=1",
+            "log.eval_every=0",
+            "loss.gan.start_step=0",
+            *extra,
         )
         Trainer(config).fit()
         timed = self.records(name)[2:]  # the first steps warm up kernels and workers
@@ -105,7 +132,9 @@ class Bench:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -120,9 +149,13 @@ def main() -> None:
         for model, size, batch, steps in cases:
             plain = bench.throughput(model, size, batch, steps)
             ckpt = bench.throughput(model, size, batch, steps, "gradient_checkpointing=true")
-            results[model] = {"batch": batch, "plain": plain, "checkpointing": ckpt,
-                              "speed_ratio": ckpt["images_per_s"] / plain["images_per_s"],
-                              "memory_ratio": ckpt["peak_mb"] / plain["peak_mb"]}
+            results[model] = {
+                "batch": batch,
+                "plain": plain,
+                "checkpointing": ckpt,
+                "speed_ratio": ckpt["images_per_s"] / plain["images_per_s"],
+                "memory_ratio": ckpt["peak_mb"] / plain["peak_mb"],
+            }
     print(json.dumps(results, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")

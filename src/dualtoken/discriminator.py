@@ -32,7 +32,9 @@ class DiscriminatorConfig:
     def __post_init__(self) -> None:
         bad = [c for c in self.channels[:-1] if c % self.norm_groups]
         if bad:
-            raise ConfigError(f"discriminator channels {bad} are not multiples of norm_groups {self.norm_groups}")
+            raise ConfigError(
+                f"discriminator channels {bad} are not multiples of norm_groups {self.norm_groups}"
+            )
 
 
 class DBlock(nn.Module):

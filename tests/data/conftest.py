@@ -23,7 +23,10 @@ def write_shard(path: Path, keys: list[str], corrupt: set[str] = frozenset()) ->
     """A WebDataset shard: KEY.png (+ KEY.cls) per sample; keys in ``corrupt`` get garbage bytes."""
     with tarfile.open(path, "w:gz" if path.name.endswith(".gz") else "w") as tar:
         for index, key in enumerate(keys):
-            members = {"png": b"not a png" if key in corrupt else png_bytes(index), "cls": str(index % 3).encode()}
+            members = {
+                "png": b"not a png" if key in corrupt else png_bytes(index),
+                "cls": str(index % 3).encode(),
+            }
             for ext, data in members.items():
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(data)

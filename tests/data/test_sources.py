@@ -94,5 +94,7 @@ def test_train_loader_ranks_together_see_the_single_process_batch(image_folder: 
     records = resolve_source(image_folder)
     single = _batches(TrainLoader(records, (8, 8), batch_size=4, seed=0), 1)[0]
     halves = [_batches(TrainLoader(records, (8, 8), 2, seed=0, rank=r, world_size=2), 1)[0] for r in range(2)]
-    together = torch.stack([halves[0], halves[1]], dim=1).flatten(0, 1)  # interleave: ranks take every 2nd item
+    together = torch.stack([halves[0], halves[1]], dim=1).flatten(
+        0, 1
+    )  # interleave: ranks take every 2nd item
     assert torch.equal(single, together)

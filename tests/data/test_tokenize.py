@@ -25,9 +25,13 @@ def _contents(folder: Path) -> dict[str, tuple]:
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_folder_tokens_match_encode_and_skip_corrupt(tiny_tokenizer, image_folder: Path, tmp_path: Path, workers):
+def test_folder_tokens_match_encode_and_skip_corrupt(
+    tiny_tokenizer, image_folder: Path, tmp_path: Path, workers
+):
     out = tmp_path / "tokens"
-    summary = _encode(tiny_tokenizer, str(image_folder), str(out), shard_size=5, batch_size=3, num_workers=workers)
+    summary = _encode(
+        tiny_tokenizer, str(image_folder), str(out), shard_size=5, batch_size=3, num_workers=workers
+    )
     assert summary["images"] == 12 and summary["skipped"] == 1 and summary["units"] == 3
     files = list(iter_token_files(out))
     assert [len(f.ids) for f in files] == [5, 4, 3]  # 13 listed; b/broken.png (7th) is in unit 1
@@ -46,7 +50,9 @@ def test_folder_tokens_match_encode_and_skip_corrupt(tiny_tokenizer, image_folde
 def test_resume_skips_done_units_and_redoes_unfinished(tiny_tokenizer, shard_folder: Path, tmp_path: Path):
     out = tmp_path / "tokens"
     first = _encode(tiny_tokenizer, str(shard_folder), str(out), shard_size=4, batch_size=4)
-    assert first["units"] == 3 and first["images"] == 29 and len(first["files"]) == 9  # 4 + 4 + 2, 4 + 4 + 1, 4 + 4 + 2
+    assert (
+        first["units"] == 3 and first["images"] == 29 and len(first["files"]) == 9
+    )  # 4 + 4 + 2, 4 + 4 + 1, 4 + 4 + 2
     before = _contents(out)
     (out / "tokens-000001.done").unlink()  # as if interrupted while unit 1 was being written
     (out / "tokens-000001-0002.safetensors").unlink()
@@ -75,16 +81,33 @@ def test_two_processes_write_the_same_tokens_as_one(image_folder: Path, tmp_path
 
     script = tmp_path / "worker.py"
     script.write_text(ENCODE_WORKER)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([*command, str(image_folder), str(tmp_path / "two")], env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [*command, str(image_folder), str(tmp_path / "two")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     torch.manual_seed(0)
     from dualtoken import DualTokenizer
 
-    _encode(DualTokenizer.from_config("dualtoken-tiny").eval(), str(image_folder), str(tmp_path / "one"),
-            shard_size=3, batch_size=2)
+    _encode(
+        DualTokenizer.from_config("dualtoken-tiny").eval(),
+        str(image_folder),
+        str(tmp_path / "one"),
+        shard_size=3,
+        batch_size=2,
+    )
     assert _contents(tmp_path / "two") == _contents(tmp_path / "one")
     manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert manifest["images"] == 12 and manifest["skipped"] == 1 and not manifest["missing_units"]

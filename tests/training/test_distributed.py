@@ -44,7 +44,7 @@ dist.destroy_process_group()
 # amplified into full-size steps whose sign depends on the summation order.
 EQUIVALENT = (
     "optimizer.eps=1e-4",
-    "model_overrides=[\"pixel_quantizer.restart_unused_codes=false\", \"semantic_quantizer.restart_unused_codes=false\"]",
+    'model_overrides=["pixel_quantizer.restart_unused_codes=false", "semantic_quantizer.restart_unused_codes=false"]',
     "loss.gan.enabled=false",
     "max_steps=3",
 )
@@ -72,7 +72,9 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_two_ranks_stay_identical_and_match_one_process(tmp_path: Path, train_images: Path):
-    torchrun(tmp_path, (tiny_config(tmp_path / "ddp", train_images, *EQUIVALENT, "data.batch_size=2"), tmp_path, 0))
+    torchrun(
+        tmp_path, (tiny_config(tmp_path / "ddp", train_images, *EQUIVALENT, "data.batch_size=2"), tmp_path, 0)
+    )
     rank0, rank1 = _load(tmp_path / "rank0-step3.pt"), _load(tmp_path / "rank1-step3.pt")
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
@@ -109,7 +111,12 @@ def test_two_rank_resume_equals_uninterrupted(tmp_path: Path, train_images: Path
     extra = ("max_steps=4", "loss.gan.restart_every=1")
     straight = tiny_config(tmp_path / "a" / "run", train_images, *extra)
     interrupted = tiny_config(tmp_path / "b" / "run", train_images, *extra)
-    torchrun(tmp_path, (straight, tmp_path / "a", 0), (interrupted, tmp_path / "b", 2), (interrupted, tmp_path / "b", 0))
+    torchrun(
+        tmp_path,
+        (straight, tmp_path / "a", 0),
+        (interrupted, tmp_path / "b", 2),
+        (interrupted, tmp_path / "b", 0),
+    )
     assert (tmp_path / "b" / "rank1-step2.pt").is_file()  # the interrupted job did stop at step 2
     for rank in (0, 1):
         straight = _load(tmp_path / "a" / f"rank{rank}-step4.pt")

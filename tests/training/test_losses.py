@@ -71,23 +71,37 @@ def test_total_is_the_weighted_sum_of_the_logged_terms():
     targets = teacher_targets_stub(out)
     total, terms = objective.generator(out, images, targets)
     expected = (
-        0.5 * (5 * terms["token_mse"] - 5 * terms["token_cosine"] + terms["pooled_mse"] - terms["pooled_cosine"])
-        + 5 * 0.2 + 5 * 0.3 + 5 * terms["pixel_mse"] + 2 * terms["pixel_l1"]
+        0.5
+        * (5 * terms["token_mse"] - 5 * terms["token_cosine"] + terms["pooled_mse"] - terms["pooled_cosine"])
+        + 5 * 0.2
+        + 5 * 0.3
+        + 5 * terms["pixel_mse"]
+        + 2 * terms["pixel_l1"]
     )
     assert float(total.detach()) == pytest.approx(float(expected), rel=1e-6)
-    assert float(terms["pixel_mse"]) == pytest.approx(float(F.mse_loss(out.reconstruction, images)))
+    assert float(terms["pixel_mse"]) == pytest.approx(float(F.mse_loss(out.reconstruction.detach(), images)))
     total.backward()
     assert out.reconstruction.grad is not None and out.semantic_features.grad is not None
 
 
 def test_zero_weights_skip_terms_and_stage2_weights():
-    stage2 = LossConfig(token_mse=0.0, token_cosine=1.0, pooled_mse=5.0, pooled_cosine=5.0, pixel_commitment=0.0,
-                        pixel_mse=0.0, perceptual=0.0, perceptual_kind="none")
+    stage2 = LossConfig(
+        token_mse=0.0,
+        token_cosine=1.0,
+        pooled_mse=5.0,
+        pooled_cosine=5.0,
+        pixel_commitment=0.0,
+        pixel_mse=0.0,
+        perceptual=0.0,
+        perceptual_kind="none",
+    )
     out = _fake_output()
-    total, terms = DualTokenObjective(stage2).generator(out, torch.zeros(2, 3, 16, 16), teacher_targets_stub(out))
+    total, terms = DualTokenObjective(stage2).generator(
+        out, torch.zeros(2, 3, 16, 16), teacher_targets_stub(out)
+    )
     assert "token_mse" not in terms and "pixel_l1" not in terms
     expected = -terms["token_cosine"] + 5 * (terms["pooled_mse"] - terms["pooled_cosine"]) + 5 * 0.3
-    assert float(total) == pytest.approx(float(expected), rel=1e-6)
+    assert float(total.detach()) == pytest.approx(float(expected), rel=1e-6)
 
 
 def test_gan_term_uses_adaptive_weight_on_last_layer():
@@ -97,7 +111,9 @@ def test_gan_term_uses_adaptive_weight_on_last_layer():
     out.reconstruction = conv(out.reconstruction.detach())
     disc = torch.nn.Conv2d(3, 1, 3)
     config = LossConfig(perceptual=0.0, perceptual_kind="none", semantic_weight=0.0)
-    total, terms = DualTokenObjective(config).generator(out, images, discriminator=disc, last_layer=conv.weight)
+    total, terms = DualTokenObjective(config).generator(
+        out, images, discriminator=disc, last_layer=conv.weight
+    )
     assert 0.3 <= float(terms["gan_weight"]) <= 10.0
     no_gan, _ = DualTokenObjective(config).generator(out, images)
     gan_part = float(terms["gan_weight"]) * 0.75 * float(terms["gan_generator"])
@@ -119,9 +135,9 @@ def test_bad_loss_configs_are_rejected():
     with pytest.raises(ConfigError):
         GanConfig(adaptive_min=2.0, adaptive_max=1.0)
     with pytest.raises(ConfigError, match="teacher"):
-        DualTokenObjective(dataclasses.replace(LossConfig(), perceptual=0.0, perceptual_kind="none")).generator(
-            _fake_output(), torch.zeros(2, 3, 16, 16)
-        )
+        DualTokenObjective(
+            dataclasses.replace(LossConfig(), perceptual=0.0, perceptual_kind="none")
+        ).generator(_fake_output(), torch.zeros(2, 3, 16, 16))
 
 
 def test_teacher_targets_are_the_semantic_layer_and_pool(tiny_tokenizer, tiny_images):

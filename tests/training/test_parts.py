@@ -30,7 +30,9 @@ def test_decay_only_on_matrices_and_never_codebooks(tiny_tokenizer):
     decayed = {id(p) for p in groups[0]["params"]}
     assert groups[0]["weight_decay"] == 1e-4 and groups[1]["weight_decay"] == 0.0
     assert all(p.ndim >= 2 for p in groups[0]["params"]) and all(p.ndim < 2 for p in groups[1]["params"])
-    in_optimizer = {id(p) for g in build_optimizer(tiny_tokenizer, OptimizerConfig()).param_groups for p in g["params"]}
+    in_optimizer = {
+        id(p) for g in build_optimizer(tiny_tokenizer, OptimizerConfig()).param_groups for p in g["params"]
+    }
     codebooks = [b for n, b in tiny_tokenizer.named_buffers() if n.endswith("codebook")]
     assert len(codebooks) == 2 and not any(id(c) in in_optimizer for c in codebooks)
     assert decayed < in_optimizer
@@ -58,7 +60,9 @@ def test_freeze_presets(tiny_tokenizer):
     assert _trainable(tok, tok.decoder) and _trainable(tok, tok.pixel.down)
 
     apply_freeze(tok, FreezeConfig("stage2"))
-    assert not any(_trainable(tok, m) for m in (tok.pixel.down, tok.pixel.up, tok.pixel_shortcut, tok.decoder))
+    assert not any(
+        _trainable(tok, m) for m in (tok.pixel.down, tok.pixel.up, tok.pixel_shortcut, tok.decoder)
+    )
     assert not _trainable(tok, parts[cfg.shortcut_layer]) and _trainable(tok, parts[cfg.shortcut_layer + 1])
     set_train_mode(tok, FreezeConfig("stage2"))
     assert tok.training and not tok.pixel.quantizer.training and tok.semantic.quantizer.training
@@ -66,7 +70,9 @@ def test_freeze_presets(tiny_tokenizer):
     frozen = apply_freeze(tok, FreezeConfig("finetune", finetune_last_layers=2))
     layers = tok.backbone.num_layers
     assert not any(_trainable(tok, parts[i]) for i in range(layers - 1))
-    assert _trainable(tok, parts[layers - 1]) and _trainable(tok, parts[layers]) and _trainable(tok, tok.decoder)
+    assert (
+        _trainable(tok, parts[layers - 1]) and _trainable(tok, parts[layers]) and _trainable(tok, tok.decoder)
+    )
     assert all(n.startswith("backbone.") for n in frozen)
 
     assert apply_freeze(tok, FreezeConfig("stage1")) == []

@@ -30,10 +30,15 @@ def vgg_files(tmp_path_factory) -> tuple[Path, Path, dict]:
     channels = (3, 64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
     state = {}
     for n, index in enumerate(VGG16_CONV_INDICES):
-        state[f"features.{index}.weight"] = torch.randn(channels[n + 1], channels[n], 3, 3, generator=g) * 0.05
+        state[f"features.{index}.weight"] = (
+            torch.randn(channels[n + 1], channels[n], 3, 3, generator=g) * 0.05
+        )
         state[f"features.{index}.bias"] = torch.randn(channels[n + 1], generator=g) * 0.01
     state["classifier.0.weight"] = torch.zeros(4, 4)
-    heads = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for i, c in enumerate((64, 128, 256, 512, 512))}
+    heads = {
+        f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g)
+        for i, c in enumerate((64, 128, 256, 512, 512))
+    }
     torch.save(state, folder / "vgg16.pth")
     torch.save(heads, folder / "heads.pth")
     return folder / "vgg16.pth", folder / "heads.pth", {"state": state, "heads": heads}
@@ -50,7 +55,9 @@ def _reference_lpips(state: dict, heads: dict, x: torch.Tensor, y: torch.Tensor)
         for end in ends:
             for index in range(start, end):
                 if f"features.{index}.weight" in state:
-                    z = F.conv2d(z, state[f"features.{index}.weight"], state[f"features.{index}.bias"], padding=1)
+                    z = F.conv2d(
+                        z, state[f"features.{index}.weight"], state[f"features.{index}.bias"], padding=1
+                    )
                 elif index in (4, 9, 16, 23):
                     z = F.max_pool2d(z, 2)
                 else:

@@ -27,7 +27,11 @@ def test_recipe_validates(recipe: Path):
 
 def test_paper_recipe_has_the_release_hyperparameters():
     config = load_train_config(RECIPES[[p.stem for p in RECIPES].index("paper-stage1-so400m-384-rvq8")])
-    assert (config.optimizer.lr, config.optimizer.betas, config.optimizer.weight_decay) == (7.2e-5, (0.5, 0.9), 1e-4)
+    assert (config.optimizer.lr, config.optimizer.betas, config.optimizer.weight_decay) == (
+        7.2e-5,
+        (0.5, 0.9),
+        1e-4,
+    )
     assert config.optimizer.warmup_steps == 10000 and config.data.batch_size == 32
     assert config.max_steps * config.data.batch_size * 8 == pytest.approx(20 * 10_000_000, rel=1e-4)
     assert config.loss.perceptual_kind == "lpips_vgg16" and config.loss.gan.disc_loss_weight == 0.75
@@ -36,10 +40,31 @@ def test_paper_recipe_has_the_release_hyperparameters():
 def test_cli_trains_the_smoke_recipe_shortened(tmp_path: Path, capsys):
     data = write_images(tmp_path / "data", 6)
     recipe = RECIPES[[p.stem for p in RECIPES].index("smoke-cpu-tiny")]
-    args = ["train", "--config", str(recipe), "--set", f"output_dir={tmp_path / 'run'}", "--set", f"data.train={data}",
-            "--set", f"data.eval={data}", "--set", "max_steps=3", "--set", "data.batch_size=2",
-            "--set", "data.num_workers=0", "--set", "loss.perceptual_kind=none", "--set", "loss.perceptual=0",
-            "--set", "log.progress=false", "--set", "log.console=false"]
+    args = [
+        "train",
+        "--config",
+        str(recipe),
+        "--set",
+        f"output_dir={tmp_path / 'run'}",
+        "--set",
+        f"data.train={data}",
+        "--set",
+        f"data.eval={data}",
+        "--set",
+        "max_steps=3",
+        "--set",
+        "data.batch_size=2",
+        "--set",
+        "data.num_workers=0",
+        "--set",
+        "loss.perceptual_kind=none",
+        "--set",
+        "loss.perceptual=0",
+        "--set",
+        "log.progress=false",
+        "--set",
+        "log.console=false",
+    ]
     assert main(args) == 0
     assert '"step": 3' in capsys.readouterr().out
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()

@@ -42,7 +42,12 @@ def test_teacher_gets_no_gradient_and_never_changes(tmp_path: Path, train_images
 def test_what_a_preset_freezes_never_changes(tmp_path: Path, train_images: Path, preset: str):
     overrides = ["max_steps=3", f"freeze.preset={preset}"]
     if preset == "stage2":  # the release's stage-2 objective: no pixel terms, no GAN
-        overrides += ["loss.pixel_mse=0", "loss.pixel_commitment=0", "loss.gan.enabled=false", "loss.token_mse=0"]
+        overrides += [
+            "loss.pixel_mse=0",
+            "loss.pixel_commitment=0",
+            "loss.gan.enabled=false",
+            "loss.token_mse=0",
+        ]
     trainer = Trainer(tiny_config(tmp_path / "run", train_images, *overrides))
     tok = unwrap(trainer.model)
     frozen = set(trainer.frozen)
@@ -69,8 +74,15 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path: Path):
 def test_run_is_observable_and_exports_a_loadable_tokenizer(tmp_path: Path, train_images: Path):
     heldout = write_images(tmp_path / "heldout", 4, seed=9)
     config = tiny_config(
-        tmp_path / "run", train_images, "max_steps=4", f"data.eval={heldout}", "data.eval_images=4",
-        "log.eval_every=2", "log.grid_every=2", "log.grid_images=3", "log.tensorboard=true",
+        tmp_path / "run",
+        train_images,
+        "max_steps=4",
+        f"data.eval={heldout}",
+        "data.eval_images=4",
+        "log.eval_every=2",
+        "log.grid_every=2",
+        "log.grid_images=3",
+        "log.tensorboard=true",
         "checkpoint.keep_last=1",
     )
     trainer = Trainer(config)
@@ -103,9 +115,16 @@ def test_loss_falls_and_heldout_psnr_rises_on_real_images(tmp_path: Path, shared
     (tmp_path / "train.txt").write_text("\n".join(str(p) for p in even[:200]) + "\n")
     (tmp_path / "heldout.txt").write_text("\n".join(str(p) for p in odd[:16]) + "\n")
     config = tiny_config(
-        tmp_path / "run", tmp_path / "train.txt", "max_steps=40", "data.batch_size=8", "optimizer.lr=0.002",
-        "optimizer.warmup_steps=5", f"data.eval={tmp_path / 'heldout.txt'}", "data.eval_images=16",
-        "log.eval_every=40", "loss.gan.enabled=false",
+        tmp_path / "run",
+        tmp_path / "train.txt",
+        "max_steps=40",
+        "data.batch_size=8",
+        "optimizer.lr=0.002",
+        "optimizer.warmup_steps=5",
+        f"data.eval={tmp_path / 'heldout.txt'}",
+        "data.eval_images=16",
+        "log.eval_every=40",
+        "loss.gan.enabled=false",
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SkippedImageWarning)

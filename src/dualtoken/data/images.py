@@ -45,7 +45,9 @@ def decode_record(
     payload = record.payload
     image = open_rgb(io.BytesIO(payload) if isinstance(payload, bytes) else payload)
     if train:
-        return train_transform(image, size, random.Random(f"crop/{seed}/{epoch}/{record.id}"), scale=crop_scale)
+        return train_transform(
+            image, size, random.Random(f"crop/{seed}/{epoch}/{record.id}"), scale=crop_scale
+        )
     return eval_transform(image, size)
 
 
@@ -93,12 +95,18 @@ class ImageSource:
     def __len__(self) -> int:
         """Images this rank reads (known up front for folders and file lists only)."""
         if not isinstance(self.records, IndexedSource):
-            raise TypeError(f"{self.spec}: the number of images in WebDataset shards is not known before reading")
+            raise TypeError(
+                f"{self.spec}: the number of images in WebDataset shards is not known before reading"
+            )
         return len(range(self.rank, len(self.records), self.world_size))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, str]]:
         walk = self.records.walk(
-            Position(self.epoch), seed=self.seed, shuffle=self.train, stream=self.rank, num_streams=self.world_size
+            Position(self.epoch),
+            seed=self.seed,
+            shuffle=self.train,
+            stream=self.rank,
+            num_streams=self.world_size,
         )
         for record, _ in walk:
             try:

@@ -110,7 +110,9 @@ class IndexedSource(RecordSource):
 
     def __init__(self, spec: str, items: list[tuple[str, str]]) -> None:
         if not items:
-            raise DataError(f"{spec}: no images found (expected image files such as {', '.join(IMAGE_SUFFIXES[:4])})")
+            raise DataError(
+                f"{spec}: no images found (expected image files such as {', '.join(IMAGE_SUFFIXES[:4])})"
+            )
         self.spec = spec
         self.items = items  # (id, path)
 
@@ -139,7 +141,9 @@ class ShardSource(RecordSource):
 
     def __init__(self, spec: str, urls: list[str], shuffle_buffer: int = 1000) -> None:
         if not urls:
-            raise DataError(f"{spec}: no WebDataset shards matched (expected e.g. /data/train-{{000000..000009}}.tar)")
+            raise DataError(
+                f"{spec}: no WebDataset shards matched (expected e.g. /data/train-{{000000..000009}}.tar)"
+            )
         self.spec = spec
         self.urls = urls
         self.shuffle_buffer = shuffle_buffer
@@ -161,7 +165,9 @@ class ShardSource(RecordSource):
     def shard_records(self, shard, epoch, seed, shuffle, stream, num_streams) -> Iterator[Record]:
         split_samples = len(self.urls) < num_streams
         kept = (
-            Record(sample["__key__"], sample[key]) if (key := _image_key(sample)) else Record(sample["__key__"], b"")
+            Record(sample["__key__"], sample[key])
+            if (key := _image_key(sample))
+            else Record(sample["__key__"], b"")
             for index, sample in enumerate(self._read(shard))
             if not split_samples or index % num_streams == stream
         )

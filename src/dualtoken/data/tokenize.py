@@ -37,7 +37,10 @@ def _unit_records(source: RecordSource, shard_size: int) -> list[Callable[[], It
     """One zero-argument reader of records per unit (picklable, for data-loader workers)."""
     if isinstance(source, IndexedSource):
         items = source.items
-        return [partial(_chunk_records, items[start : start + shard_size]) for start in range(0, len(items), shard_size)]
+        return [
+            partial(_chunk_records, items[start : start + shard_size])
+            for start in range(0, len(items), shard_size)
+        ]
     if isinstance(source, ShardSource):
         return [partial(source.shard_records, url, 0, 0, False, 0, 1) for url in source.urls]
     raise DataError(f"{source.spec}: cannot be tokenized (unknown source type {type(source).__name__})")
@@ -65,7 +68,13 @@ class _UnitBatches(IterableDataset):
                 except ImageError as exc:
                     skipped.append((record.id, str(exc)))
                 if len(images) == self.batch_size:
-                    yield {"unit": unit, "images": torch.stack(images), "ids": ids, "skipped": skipped, "last": False}
+                    yield {
+                        "unit": unit,
+                        "images": torch.stack(images),
+                        "ids": ids,
+                        "skipped": skipped,
+                        "last": False,
+                    }
                     images, ids, skipped = [], [], []
             batch = torch.stack(images) if images else None
             yield {"unit": unit, "images": batch, "ids": ids, "skipped": skipped, "last": True}
@@ -99,7 +108,13 @@ class _UnitWriter:
     """Collects one unit's codes and writes its parts of at most ``shard_size`` images, then the done marker."""
 
     def __init__(self, out_dir: Path, unit: int, shard_size: int, model: str, sizes: tuple[int, int]) -> None:
-        self.out_dir, self.unit, self.shard_size, self.model, self.sizes = out_dir, unit, shard_size, model, sizes
+        self.out_dir, self.unit, self.shard_size, self.model, self.sizes = (
+            out_dir,
+            unit,
+            shard_size,
+            model,
+            sizes,
+        )
         self.pixel: list[torch.Tensor] = []
         self.semantic: list[torch.Tensor] = []
         self.ids: list[str] = []
@@ -117,7 +132,9 @@ class _UnitWriter:
     def _flush(self, count: int) -> None:
         pixel, semantic = torch.cat(self.pixel), torch.cat(self.semantic)  # (n, h, w, Q)
         name = f"tokens-{self.unit:06d}-{len(self.files):04d}.safetensors"
-        save_tokens(self.out_dir / name, pixel[:count], semantic[:count], self.ids[:count], self.model, self.sizes)
+        save_tokens(
+            self.out_dir / name, pixel[:count], semantic[:count], self.ids[:count], self.model, self.sizes
+        )
         self.files.append(name)
         self.images += count
         self.pixel, self.semantic, self.ids = [pixel[count:]], [semantic[count:]], self.ids[count:]
@@ -191,7 +208,12 @@ def encode_dataset(
     tokenizer.train(was_training)
 
     counts = torch.tensor(
-        [sum(s["images"] for s in summaries), sum(len(s["skipped"]) for s in summaries), len(summaries), len(reused)]
+        [
+            sum(s["images"] for s in summaries),
+            sum(len(s["skipped"]) for s in summaries),
+            len(summaries),
+            len(reused),
+        ]
     )
     if _distributed():
         if dist.get_backend() == "nccl":

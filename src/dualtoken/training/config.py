@@ -84,7 +84,9 @@ class CheckpointConfig:
 
     every: int = 1000  # steps between resume checkpoints (and at the end)
     keep_last: int = 3
-    export_every: int = 0  # steps between tokenizer exports to <output_dir>/export-<step>; 0 = only the final one
+    export_every: int = (
+        0  # steps between tokenizer exports to <output_dir>/export-<step>; 0 = only the final one
+    )
     resume: bool = True  # continue from the newest good checkpoint in <output_dir>/checkpoints
 
     def __post_init__(self) -> None:

@@ -112,7 +112,9 @@ def full_model_state(model: nn.Module, parallel: str, runtime: Runtime) -> dict[
     return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
 
 
-def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, parallel: str, runtime: Runtime) -> dict:
+def full_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, parallel: str, runtime: Runtime
+) -> dict:
     if runtime.distributed and parallel == "fsdp":
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 

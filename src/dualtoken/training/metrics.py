@@ -25,7 +25,9 @@ def _format(value: float) -> str:
 class MetricsLogger:
     """Console + JSONL + TensorBoard sinks, each switched by :class:`LogConfig`; a no-op off rank 0."""
 
-    def __init__(self, out_dir: str | Path, config: LogConfig, enabled: bool = True, resume_step: int = 0) -> None:
+    def __init__(
+        self, out_dir: str | Path, config: LogConfig, enabled: bool = True, resume_step: int = 0
+    ) -> None:
         self.config = config
         self.enabled = enabled
         self.jsonl_path = Path(out_dir) / "metrics.jsonl"
@@ -38,12 +40,18 @@ class MetricsLogger:
         if config.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(out_dir) / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+            self.writer = SummaryWriter(
+                str(Path(out_dir) / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
+            )
 
     def _truncate_after(self, step: int) -> None:
         if not self.jsonl_path.is_file():
             return
-        kept = [line for line in self.jsonl_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept = [
+            line
+            for line in self.jsonl_path.read_text().splitlines()
+            if line and json.loads(line)["step"] <= step
+        ]
         tmp = self.jsonl_path.with_name(f".{self.jsonl_path.name}.tmp{os.getpid()}")
         tmp.write_text("".join(f"{line}\n" for line in kept))
         os.replace(tmp, self.jsonl_path)

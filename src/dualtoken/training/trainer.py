@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import TokenizerConfig, apply_overrides, get_config, to_dict
-from ..data import TrainLoader, open_image_source, resolve_source
+from ..data import SkippedImageWarning, TrainLoader, open_image_source, resolve_source
 from ..discriminator import PatchDiscriminator
 from ..errors import CheckpointError, ConfigError
 from ..io import save_image
@@ -122,7 +122,9 @@ class Trainer:
         perceptual = None
         if config.loss.perceptual:
             loss = config.loss
-            perceptual = build_perceptual(loss.perceptual_kind, loss.vgg_weights, loss.lpips_heads, loss.perceptual_resize)
+            perceptual = build_perceptual(
+                loss.perceptual_kind, loss.vgg_weights, loss.lpips_heads, loss.perceptual_resize
+            )
             perceptual = perceptual.to(device)
         self.objective = DualTokenObjective(config.loss, perceptual)
 
@@ -199,7 +201,7 @@ class Trainer:
         count = max(cfg.data.eval_images, cfg.log.grid_images)
         images = []
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            warnings.simplefilter("ignore", SkippedImageWarning)  # held-out images: a skipped one is not news
             for image, _ in open_image_source(cfg.data.eval, self.tokenizer.image_size):
                 images.append(image)
                 if len(images) == count:
@@ -248,7 +250,9 @@ class Trainer:
         state = self.state_dict()
         path = None
         if self.runtime.is_main:
-            path = checkpoints.save_checkpoint(self.checkpoint_dir, self.step, state, self.config.checkpoint.keep_last)
+            path = checkpoints.save_checkpoint(
+                self.checkpoint_dir, self.step, state, self.config.checkpoint.keep_last
+            )
         self.runtime.barrier()
         return path
 
@@ -323,14 +327,21 @@ class Trainer:
             with self._gradient_sync(self.model, last):
                 with self._autocast():
                     out = self.model(images)
-                    targets = teacher_targets(self.teacher, images, tok.config.semantic_layer) if (
-                        self.teacher is not None and cfg.loss.needs_teacher) else None
+                    targets = (
+                        teacher_targets(self.teacher, images, tok.config.semantic_layer)
+                        if (self.teacher is not None and cfg.loss.needs_teacher)
+                        else None
+                    )
                     discriminator = None
                     if gan_on:
                         self.discriminator.requires_grad_(False)
                         discriminator = self.discriminator
                     total, terms = self.objective.generator(
-                        out, images, targets, discriminator=discriminator, last_layer=tok.decoder.conv_out.weight
+                        out,
+                        images,
+                        targets,
+                        discriminator=discriminator,
+                        last_layer=tok.decoder.conv_out.weight,
                     )
                 self.scaler.scale(total / cfg.grad_accum).backward()
             if gan_on:
@@ -373,7 +384,9 @@ class Trainer:
             for name, value in terms.items():
                 sums[name] += float(value) / count
         clip = self.config.disc_optimizer.grad_clip
-        sums["disc_lr"], sums["disc_grad_norm"] = self._optimizer_step(self.disc_optimizer, self.disc_scheduler, clip)
+        sums["disc_lr"], sums["disc_grad_norm"] = self._optimizer_step(
+            self.disc_optimizer, self.disc_scheduler, clip
+        )
         return sums
 
     def _maybe_restart_discriminator(self) -> None:
@@ -438,7 +451,10 @@ class Trainer:
         )
         images_per_step = cfg.data.batch_size * cfg.grad_accum * runtime.world_size
         bar = tqdm(
-            total=cfg.max_steps, initial=self.step, desc="train", unit="step",
+            total=cfg.max_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
             disable=not (cfg.log.progress and runtime.is_main),
         )
         if self.step == 0 and self.heldout is not None:
@@ -522,4 +538,3 @@ def train(config: TrainConfig, stop_at: int | None = None) -> dict[str, Any]:
         return trainer.fit(stop_at=stop_at)
     finally:
         trainer.close()
-
