@@ -117,7 +117,7 @@ def test_gan_term_uses_adaptive_weight_on_last_layer():
     assert 0.3 <= float(terms["gan_weight"]) <= 10.0
     no_gan, _ = DualTokenObjective(config).generator(out, images)
     gan_part = float(terms["gan_weight"]) * 0.75 * float(terms["gan_generator"])
-    assert float(total) == pytest.approx(float(no_gan) + gan_part, rel=1e-5)
+    assert float(total.detach()) == pytest.approx(float(no_gan.detach()) + gan_part, rel=1e-5)
 
 
 def test_discriminator_loss_scale_follows_the_schedule():
