@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import random
 import time
 import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -78,12 +80,6 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def _frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
-    teacher = copy.deepcopy(module).eval()
-    teacher.requires_grad_(False)
-    return teacher
 
 
 class Trainer:
@@ -158,7 +154,7 @@ class Trainer:
         if config.checkpoint.resume:
             self._resume()
         if self.resumed_from is None:
-            checkpoints.set_rng_state(self._seeded_rng(config.seed + self.runtime.rank))
+            self._reseed(config.seed + self.runtime.rank)
         self.heldout = self._heldout_images()
 
     # ------------------------------------------------------------------------------------------------------------
@@ -166,12 +162,14 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------------
 
     def _make_teacher(self, tok: DualTokenizer, teacher: torch.nn.Module | None) -> torch.nn.Module | None:
+        """The given teacher, the pretrained tower, or a copy of the initial tower; frozen, in eval mode."""
         cfg = self.config
         if teacher is None and cfg.teacher == "none":
             return None
         if teacher is None:
-            teacher = tok.teacher() if cfg.teacher == "pretrained" else tok.backbone
-        return _frozen_copy(teacher).to(self.runtime.device)
+            teacher = tok.teacher() if cfg.teacher == "pretrained" else copy.deepcopy(tok.backbone)
+        teacher.requires_grad_(False)
+        return teacher.eval().to(self.runtime.device)
 
     def _find_unused(self) -> bool:
         """DDP must look for unused parameters when a trainable path has no loss term."""
@@ -183,15 +181,11 @@ class Trainer:
         return not (pooled_used and pixels_used)
 
     @staticmethod
-    def _seeded_rng(seed: int) -> dict[str, Any]:
-        import random
-
-        import numpy as np
-
+    def _reseed(seed: int) -> None:
+        """Seed Python, NumPy and torch (all devices) for what follows model construction."""
         random.seed(seed)
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
-        return checkpoints.rng_state()
 
     def _heldout_images(self) -> torch.Tensor | None:
         """A fixed batch of held-out images (data.eval) for PSNR and grids; identical on every rank."""
@@ -289,7 +283,7 @@ class Trainer:
                 RuntimeWarning,
                 stacklevel=2,
             )
-            checkpoints.set_rng_state(self._seeded_rng(self.config.seed + runtime.rank + self.step))
+            self._reseed(self.config.seed + runtime.rank + self.step)
             self.loader.load_state_dict(ranks[0]["data"])
         self.resumed_from = Path(found)
 
