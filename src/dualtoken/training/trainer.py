@@ -136,7 +136,9 @@ class Trainer:
             self.disc_optimizer = build_optimizer(self.discriminator, config.disc_optimizer)
             gan_steps = max(1, config.max_steps - config.loss.gan.start_step)
             self.disc_scheduler = build_scheduler(self.disc_optimizer, gan_steps, config.disc_optimizer)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype == torch.float16)
+        fp16 = self.autocast_dtype == torch.float16  # bf16 and float32 need no loss scaling
+        self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+        self.disc_scaler = torch.amp.GradScaler(device.type, enabled=fp16)
 
         self.loader = TrainLoader(
             resolve_source(config.data.train, config.data.shuffle_buffer),
@@ -232,6 +234,7 @@ class Trainer:
             "optimizer": full_optimizer_state(self.model, self.optimizer, parallel, runtime),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "disc_scaler": self.disc_scaler.state_dict(),
             "ranks": per_rank,
         }
         if self.discriminator is not None:
@@ -267,6 +270,7 @@ class Trainer:
         load_optimizer_state(self.model, self.optimizer, state["optimizer"], parallel, runtime)
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        self.disc_scaler.load_state_dict(state["disc_scaler"])
         if self.discriminator is not None and "discriminator" in state:
             self.discriminator.load_state_dict(state["discriminator"])
             self.disc_optimizer.load_state_dict(state["disc_optimizer"])
@@ -346,26 +350,28 @@ class Trainer:
             for name, value in terms.items():
                 sums[name] += float(value) / cfg.grad_accum
         sums["lr"], sums["grad_norm"] = self._optimizer_step(
-            self.optimizer, self.scheduler, cfg.optimizer.grad_clip
+            self.optimizer, self.scheduler, self.scaler, cfg.optimizer.grad_clip
         )
         if gan_on:
             for name, value in self._discriminator_step(micro_batches).items():
                 sums[name] += value
         return dict(sums)
 
-    def _optimizer_step(self, optimizer, scheduler, clip: float) -> tuple[float, float]:
+    @staticmethod
+    def _optimizer_step(optimizer, scheduler, scaler, clip: float) -> tuple[float, float]:
         """Unscale, clip (when asked), step, advance the schedule -> (learning rate used, gradient norm)."""
-        self.scaler.unscale_(optimizer)
+        scaler.unscale_(optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
         lr = optimizer.param_groups[0]["lr"]
-        self.scaler.step(optimizer)
-        self.scaler.update()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         return lr, float(norm)
 
     def _discriminator_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+        """One discriminator update on the step's (images, detached reconstructions) micro-batches."""
         sums: dict[str, float] = defaultdict(float)
         count = len(micro_batches)
         for index, (images, reconstruction) in enumerate(micro_batches):
@@ -374,12 +380,12 @@ class Trainer:
                     logits = self.disc_model(torch.cat([images, reconstruction]))
                     real, fake = logits.split(images.shape[0])
                     total, terms = self.objective.discriminator(real, fake, self.step)
-                self.scaler.scale(total / count).backward()
+                self.disc_scaler.scale(total / count).backward()
             for name, value in terms.items():
                 sums[name] += float(value) / count
         clip = self.config.disc_optimizer.grad_clip
         sums["disc_lr"], sums["disc_grad_norm"] = self._optimizer_step(
-            self.disc_optimizer, self.disc_scheduler, clip
+            self.disc_optimizer, self.disc_scheduler, self.disc_scaler, clip
         )
         return sums
 
