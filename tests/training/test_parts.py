@@ -19,7 +19,9 @@ def test_discriminator_shape_and_init():
     disc = PatchDiscriminator()
     logits = disc(torch.zeros(1, 3, 64, 64))
     assert logits.shape == (1, 1, 8, 8)  # strides 2, 2, 2, 1
-    weights = torch.cat([m.weight.detach().flatten() for m in disc.modules() if isinstance(m, torch.nn.Conv2d)])
+    weights = torch.cat(
+        [m.weight.detach().flatten() for m in disc.modules() if isinstance(m, torch.nn.Conv2d)]
+    )
     assert float(weights.std()) == pytest.approx(0.02, rel=0.05)
     with pytest.raises(ConfigError):
         DiscriminatorConfig(channels=(48, 64, 64, 64))

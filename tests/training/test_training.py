@@ -134,3 +134,26 @@ def test_loss_falls_and_heldout_psnr_rises_on_real_images(tmp_path: Path, shared
     losses = [r["total"] for r in train_records(tmp_path / "run")]
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
     assert after > before + 1.0, (before, after)
+
+
+def test_gradient_accumulation_reads_micro_batches_per_step(tmp_path: Path, train_images: Path):
+    config = tiny_config(
+        tmp_path / "run", train_images, "max_steps=3", "grad_accum=3", "loss.gan.start_step=1"
+    )
+    trainer = Trainer(config)
+    trainer.fit()
+    assert trainer.loader.batches == 9  # 3 micro-batches for each of the 3 optimiser steps
+    assert trainer.optimizer.state[next(iter(unwrap(trainer.model).parameters()))]["step"] == 3
+    records = train_records(tmp_path / "run")
+    assert records[-1]["images_per_s"] > 0 and "disc_hinge" in records[-1]
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path: Path, train_images: Path):
+    runs = {}
+    for flag in ("false", "true"):
+        config = tiny_config(tmp_path / flag, train_images, "max_steps=2", f"gradient_checkpointing={flag}")
+        trainer = Trainer(config)
+        trainer.fit()
+        assert trainer.tokenizer.backbone.gradient_checkpointing is (flag == "true")
+        runs[flag] = [r["total"] for r in train_records(tmp_path / flag)]
+    assert runs["true"] == pytest.approx(runs["false"], rel=1e-5)
