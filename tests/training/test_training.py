@@ -157,3 +157,17 @@ def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path: Path, train
         assert trainer.tokenizer.backbone.gradient_checkpointing is (flag == "true")
         runs[flag] = [r["total"] for r in train_records(tmp_path / flag)]
     assert runs["true"] == pytest.approx(runs["false"], rel=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["stage1", "stage2"])
+def test_single_vocabulary_model_trains(tmp_path: Path, train_images: Path, preset: str):
+    extra = [
+        'model_overrides=["pixel_quantizer=null","shortcut_layer=null"]',
+        f"freeze.preset={preset}",
+        "max_steps=2",
+    ]
+    if preset == "stage2":
+        extra += ["loss.gan.enabled=false", "loss.pixel_mse=0", "loss.pixel_commitment=0"]
+    summary = Trainer(tiny_config(tmp_path / "run", train_images, *extra)).fit()
+    assert summary["step"] == 2 and summary["metrics"]["total"] > 0
+    assert train_records(tmp_path / "run", "codebook")[-1]["pixel/usage"] > 0

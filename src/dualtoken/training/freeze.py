@@ -21,10 +21,8 @@ def frozen_modules(tokenizer, config: FreezeConfig) -> list[nn.Module]:
         return [parts[i] for i in range(0, cfg.semantic_layer + 1)]
     if config.preset == "stage2":
         last = cfg.shortcut_layer if cfg.shortcut_layer is not None else cfg.pixel_layer
-        pixel = [tokenizer.pixel.down, tokenizer.pixel.up, tokenizer.decoder]
-        if tokenizer.pixel_shortcut is not None:
-            pixel.append(tokenizer.pixel_shortcut)
-        return [parts[i] for i in range(0, last + 1)] + pixel
+        pixel = [tokenizer.pixel.down, tokenizer.pixel.up, tokenizer.decoder, tokenizer.pixel_shortcut]
+        return [parts[i] for i in range(0, last + 1)] + [m for m in pixel if m is not None]
     if config.preset == "finetune":
         first_trained = tokenizer.backbone.num_layers - config.finetune_last_layers + 1
         return [parts[i] for i in range(0, max(first_trained, 1))]
@@ -40,7 +38,8 @@ def apply_freeze(tokenizer, config: FreezeConfig) -> list[str]:
 
 
 def set_train_mode(tokenizer, config: FreezeConfig) -> None:
-    """Training mode, except the pixel quantizer under ``stage2`` (its codebook stops updating)."""
+    """Training mode, except the pixel quantizer under ``stage2`` (its codebook stops updating); a
+    single-vocabulary model has no pixel quantizer of its own."""
     tokenizer.train()
-    if config.preset == "stage2":
+    if config.preset == "stage2" and tokenizer.pixel.quantizer is not None:
         tokenizer.pixel.quantizer.eval()
