@@ -211,7 +211,8 @@ class DualTokenizer(nn.Module):
             semantic_features=semantic_features,
             pooled=pooled,
             reconstruction=reconstruction,
-            pixel_commitment=pixel.commitment,
+            # a single vocabulary counts its one commitment once, under semantic_commitment
+            pixel_commitment=pixel.commitment if pixel is not semantic else torch.zeros_like(semantic.commitment),
             semantic_commitment=semantic.commitment,
             hidden_states=taps.hidden_states,
         )

@@ -144,9 +144,20 @@ def test_single_vocabulary_decodes_the_semantic_codes(tiny_images):
         out = tok(tiny_images)
         tokens = tok.encode(tiny_images)
         assert torch.equal(out.pixel_codes, out.semantic_codes) and torch.equal(tokens.pixel, tokens.semantic)
+        assert out.pixel_commitment.item() == 0.0 and out.semantic_commitment.item() > 0
         torch.testing.assert_close(tok.decode(tokens.pixel), out.reconstruction, atol=1e-4, rtol=0)
     assert tok.codebook("pixel") is tok.codebook("semantic")
     tok.train()
     out = tok(tiny_images)
     (out.reconstruction.square().mean() + out.pooled.square().mean() + out.semantic_commitment).backward()
     assert [n for n, p in tok.named_parameters() if p.grad is None] == []
+
+
+def test_release_geometry_384_over_patch_14_gives_27x27():
+    from dualtoken.backbones import SiglipBackbone
+
+    config = get_config("dualtoken-so400m-384-rvq8").backbone
+    small = dataclasses.replace(config, width=64, num_layers=1, num_heads=2, mlp_width=32)
+    backbone = SiglipBackbone.from_config(small)
+    assert backbone.grid == (27, 27)
+    assert backbone.embed(torch.zeros(1, 3, 384, 384)).shape == (1, 729, 64)

@@ -62,11 +62,11 @@ class SiglipBackbone(Backbone):
 
     def __init__(self, config: SiglipBackboneConfig, vision_model: torch.nn.Module) -> None:
         super().__init__()
-        if config.image_size % config.patch_size:
-            raise ConfigError(f"image_size {config.image_size} is not a multiple of patch_size {config.patch_size}")
+        if config.image_size < config.patch_size:
+            raise ConfigError(f"image_size {config.image_size} is smaller than patch_size {config.patch_size}")
         self.config = config
         self.vision_model = vision_model  # transformers' SiglipVisionTransformer
-        side = config.image_size // config.patch_size
+        side = config.image_size // config.patch_size  # the stride-patch conv floors: 384 px / 14 -> 27
         self.image_size = (config.image_size, config.image_size)
         self.grid = (side, side)
         self.num_layers = config.num_layers
