@@ -3,7 +3,6 @@ authors' release format (a ``config.json`` with an ``rqvaesiglip`` block and a r
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import warnings
@@ -19,6 +18,7 @@ from .config import (
     ProjectionConfig,
     QuantizerConfig,
     TokenizerConfig,
+    read_json,
 )
 from .errors import CheckpointError, ConfigError
 from .pretrained import pretrained_path
@@ -224,12 +224,7 @@ def convert_reference(
     from .tokenizer import DualTokenizer
 
     config_path, siglip_dir, out_dir = Path(config_path), Path(siglip_dir), Path(out_dir)
-    if not config_path.is_file():
-        raise CheckpointError(f"release config not found: {config_path}")
-    try:
-        release = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{config_path} is not valid JSON: {exc}") from None
+    release = read_json(config_path, "release config")
     config = reference_config(release, siglip_dir, name=out_dir.name)
     state = read_weights(Path(weights_path))
 

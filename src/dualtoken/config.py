@@ -110,6 +110,22 @@ def from_dict(cls: type[T], data: Any, where: str | None = None) -> T:
         raise ConfigError(f"{where}: {exc}") from None
 
 
+def read_json(path: str | Path, what: str = "config file") -> Any:
+    """Parse a JSON file; a missing file or invalid JSON raises ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+
+
+def load_config_file(cls: type[T], path: str | Path, what: str = "config file") -> T:
+    """A config dataclass from a JSON file (unknown keys and wrong types raise ConfigError)."""
+    return from_dict(cls, read_json(path, what), where=Path(path).name)
+
+
 def apply_overrides(config: T, overrides: list[str]) -> T:
     """Return a copy of ``config`` with ``key.sub=value`` overrides applied (values parsed as JSON, else string).
 
@@ -295,10 +311,7 @@ class TokenizerConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> TokenizerConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        return cls.from_json(path.read_text())
+        return load_config_file(cls, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------

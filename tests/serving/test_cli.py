@@ -43,7 +43,7 @@ def test_file_then_set_then_flags(tmp_path):
         (["--set", "bogus=1"], "unknown key 'bogus'"),
         (["--max-batch", "0"], "max_batch must be >= 1"),
         (["--port", "70000"], "port must be in 1..65535"),
-        (["--config", "/nonexistent/serve.json"], "no such file"),
+        (["--config", "/nonexistent/serve.json"], "not found"),
     ],
 )
 def test_bad_settings_raise_config_error(argv, message):

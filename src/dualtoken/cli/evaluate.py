@@ -7,8 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..config import apply_overrides, from_dict
-from ..errors import ConfigError
+from ..config import apply_overrides, load_config_file
 from ..evaluation import METRIC_GROUPS, EvalConfig, evaluate
 from ..evaluation.distributed import init_from_environment, rank_and_world
 
@@ -51,13 +50,7 @@ def build_config(args: argparse.Namespace) -> EvalConfig:
     """EvalConfig defaults <- --config file <- flags <- --set overrides."""
     config = EvalConfig()
     if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise ConfigError(f"eval config file not found: {path}")
-        try:
-            config = from_dict(EvalConfig, json.loads(path.read_text()))
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+        config = load_config_file(EvalConfig, args.config, "eval config file")
     overrides = [f"{name}={json.dumps(getattr(args, name))}" for name in FLAG_FIELDS if getattr(args, name) is not None]
     if args.metrics:
         overrides.append(f"metrics={json.dumps(args.metrics)}")

@@ -6,13 +6,11 @@ import argparse
 import ipaddress
 import json
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from ..config import apply_overrides, from_dict
-from ..errors import ConfigError
+from ..config import apply_overrides, load_config_file
 from .tokens import default_model, load_model
 
 if TYPE_CHECKING:
@@ -26,13 +24,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
 
     config = ServeConfig()
     if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise ConfigError(f"--config {path}: no such file; expected a JSON object of ServeConfig fields")
-        try:
-            config = from_dict(ServeConfig, json.loads(path.read_text()))
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"--config {path} is not valid JSON: {exc}") from None
+        config = load_config_file(ServeConfig, args.config, "--config file (a JSON object of ServeConfig fields)")
     flags = {
         "host": args.host,
         "port": args.port,

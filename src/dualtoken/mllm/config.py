@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from ..config import from_dict, to_dict
+from ..config import load_config_file, to_dict
 from ..errors import ConfigError
 from ..training.config import OptimizerConfig
 
@@ -251,14 +251,7 @@ class MLLMTrainConfig:
 
 def load_config(cls: type[T], path: str | Path) -> T:
     """Read a config JSON file into ``cls``; relative paths inside stay relative (see :func:`resolve_path`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
-    return from_dict(cls, data, where=path.name)
+    return load_config_file(cls, path)
 
 
 def save_config(config: Any, path: str | Path) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..config import apply_overrides, from_dict, to_dict
+from ..config import apply_overrides, load_config_file, to_dict
 from ..errors import ConfigError
 from ..losses import LossConfig
 
@@ -158,12 +158,5 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
     """A training config from a JSON file (or the defaults) with ``key.sub=value`` overrides, validated."""
     config = TrainConfig()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"training config not found: {path}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path} is not valid JSON: {exc}") from None
-        config = from_dict(TrainConfig, data)
+        config = load_config_file(TrainConfig, path, "training config")
     return apply_overrides(config, overrides or [])
