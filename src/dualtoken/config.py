@@ -118,7 +118,7 @@ def read_json(path: str | Path, what: str = "config file") -> Any:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+        raise ConfigError(f"{what} {path} is not valid JSON: {exc}") from None
 
 
 def load_config_file(cls: type[T], path: str | Path, what: str = "config file") -> T:
