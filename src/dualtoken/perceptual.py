@@ -1,10 +1,13 @@
-"""Perceptual distances between reconstructions and inputs, both in [-1, 1].
+"""Perceptual distances between reconstructions and inputs, both in [-1, 1]; the one LPIPS of the package.
 
-- ``lpips_vgg16``: LPIPS on VGG16 (taming / Zhang et al. v0.1): five ReLU levels of VGG16's 13 convolutions,
-  unit-normalised channels, learned 1x1 heads, spatial mean, summed over levels. It needs two files the user
-  provides, torchvision's VGG16 ImageNet weights (``features.{i}.weight`` keys, e.g. ``vgg16-397923af.pth``), and
-  the LPIPS v0.1 heads (``lin{0..4}.model.1.weight``): by default the copy torchmetrics ships, else the
-  ``vgg.pth`` inside the ``lpips`` wheel, or the wheel itself (the lpips package is never imported).
+- LPIPS (Zhang et al. 2018, v0.1; taming's VQGAN losses): the ReLU outputs at five depths of a VGG16 or AlexNet
+  trunk, unit-normalised channels, learned 1x1 heads, spatial mean, summed over levels. :class:`LPIPS` is it; the
+  training loss ``lpips_vgg16`` (:class:`LPIPSVGG16`) and the evaluation metric (``dualtoken.evaluation.lpips``)
+  both use it. It needs a torchvision weights file for the trunk (``features.{i}.weight/bias`` keys, read by key
+  name, e.g. ``vgg16-397923af.pth`` or ``alexnet-owt-7be5be79.pth``; the trunks are rebuilt here in plain torch
+  with torchvision's layer indices) and the LPIPS v0.1 heads (``lin{0..4}.model.1.weight``): by default the copy
+  torchmetrics ships, else a user's ``vgg.pth``/``alex.pth``, or the ``lpips`` wheel itself (the lpips and
+  torchvision packages are never imported).
 - ``effnet_lite0``: the same unit-normalised distance, without learned heads, on the five resolution levels of
   EfficientNet-Lite0 with real ImageNet weights (``dualtoken.features``): usable where no VGG weights are present.
   It is *not* LPIPS and is always reported under its own name.
@@ -18,34 +21,62 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import read_weights
 from .errors import CheckpointError, ConfigError
 
-# torchvision's vgg16().features: conv indices, with a 2x2 max-pool before levels 2..5
+LPIPS_NETS = ("vgg", "alex")
+TORCHVISION_NAMES = {"vgg": "vgg16", "alex": "alexnet"}
+# torchvision's vgg16().features: an int is a 3x3 conv (padding 1) + ReLU, "M" a 2x2 max-pool
+VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 VGG16_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
-VGG16_LEVELS = ((0, 1), (2, 3), (4, 5, 6), (7, 8, 9), (10, 11, 12))  # conv positions per level
-VGG16_CHANNELS = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512)
-LPIPS_LEVEL_CHANNELS = (64, 128, 256, 512, 512)
+# LPIPS taps: end index (exclusive) in ``features`` of each of the 5 levels, and their channels
+LPIPS_TAPS = {"vgg": (4, 9, 16, 23, 30), "alex": (2, 5, 8, 10, 12)}
+LPIPS_CHANNELS = {"vgg": (64, 128, 256, 512, 512), "alex": (64, 192, 384, 256, 256)}
+LPIPS_LEVEL_CHANNELS = LPIPS_CHANNELS["vgg"]
 # LPIPS input scaling: (x - shift) / scale on [-1, 1] inputs
 LPIPS_SHIFT = (-0.030, -0.088, -0.188)
 LPIPS_SCALE = (0.458, 0.448, 0.450)
-LPIPS_WHEEL_MEMBER = "lpips/weights/v0.1/vgg.pth"
+LPIPS_WHEEL_MEMBERS = {net: f"lpips/weights/v0.1/{net}.pth" for net in LPIPS_NETS}
+LPIPS_WHEEL_MEMBER = LPIPS_WHEEL_MEMBERS["vgg"]
+# channel normalisation: the lpips package's x / (|x| + 1e-10), or torchmetrics' x / sqrt(|x|^2 + 1e-8)
+NORMALIZATIONS = ("lpips", "torchmetrics")
 
 
-def unit_normalize(features: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
-    """Scale each position's channel vector (B, C, H, W) to unit length."""
-    return features / (features.pow(2).sum(dim=1, keepdim=True).sqrt() + eps)
+def unit_normalize(features: torch.Tensor, eps: float = 1e-10, eps_in_sqrt: bool = False) -> torch.Tensor:
+    """Scale each position's channel vector (B, C, H, W) to unit length: ``x / (|x| + eps)``, or with
+    ``eps_in_sqrt`` ``x / sqrt(|x|^2 + eps)`` (torchmetrics' form)."""
+    squared = features.pow(2).sum(dim=1, keepdim=True)
+    return features / ((squared + eps).sqrt() if eps_in_sqrt else squared.sqrt() + eps)
 
 
-def level_distance(a: torch.Tensor, b: torch.Tensor, head: torch.Tensor | None = None) -> torch.Tensor:
+def level_distance(
+    a: torch.Tensor, b: torch.Tensor, head: torch.Tensor | None = None, normalization: str = "lpips"
+) -> torch.Tensor:
     """Per-image distance of two feature maps (B, C, H, W): squared difference of unit-normalised channels,
-    weighted by ``head`` (1, C, 1, 1) or summed over channels, then averaged over positions -> (B,)."""
-    diff = (unit_normalize(a) - unit_normalize(b)).pow(2)  # (B, C, H, W)
+    weighted by the 1x1 head ``head`` (1, C, 1, 1) or summed over channels, then averaged over positions -> (B,).
+    ``normalization``: "lpips" (the lpips package's, the default) or "torchmetrics" (see :func:`unit_normalize`)."""
+    if normalization not in NORMALIZATIONS:
+        raise ConfigError(f"unknown normalization {normalization!r}; expected one of {NORMALIZATIONS}")
+    eps, in_sqrt = (1e-8, True) if normalization == "torchmetrics" else (1e-10, False)
+    diff = (unit_normalize(a, eps, in_sqrt) - unit_normalize(b, eps, in_sqrt)).pow(2)  # (B, C, H, W)
     per_position = (diff * head).sum(dim=1) if head is not None else diff.sum(dim=1)  # (B, H, W)
     return per_position.mean(dim=(1, 2))
+
+
+def read_state(path: str | Path, what: str) -> dict[str, torch.Tensor]:
+    """A weights file's state dict (:func:`dualtoken.checkpoint.read_weights`); a missing file is a
+    :class:`ConfigError`, an unreadable one a :class:`CheckpointError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} weights file not found: {path}")
+    try:
+        return read_weights(path)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # any unreadable file is a bad checkpoint (e.g. an unpickling error)
+        raise CheckpointError(f"{path}: not a readable {what} weights file ({type(exc).__name__}: {exc})") from None
 
 
 class PerceptualLoss(nn.Module, ABC):
@@ -68,99 +99,167 @@ class PerceptualLoss(nn.Module, ABC):
         return self.per_image(reconstruction, target).mean()
 
 
-class VGG16Features(nn.Module):
-    """The 13 convolutions of VGG16 (ReLU after each, max-pool between levels); returns the 5 levels' last ReLU."""
+class LPIPSTrunk(nn.Sequential):
+    """A torchvision ``features`` stack with torchvision's layer indices (so its weight files load by key name);
+    ``forward`` returns the ReLU outputs at the 5 LPIPS taps."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        channels_in = (3,) + VGG16_CHANNELS[:-1]
-        self.convs = nn.ModuleList(nn.Conv2d(i, o, 3, padding=1) for i, o in zip(channels_in, VGG16_CHANNELS))
+    def __init__(self, net: str, layers: list[nn.Module]) -> None:
+        super().__init__(*layers)
+        self.net = net
 
     def load_torchvision(self, state: dict[str, torch.Tensor], source: str) -> None:
-        """Load ``features.{i}.weight/bias`` from a torchvision VGG16 state dict (other keys are ignored)."""
+        """Load ``features.{i}.weight/bias`` from a torchvision state dict (other keys are ignored)."""
+        name = TORCHVISION_NAMES[self.net]
         own = {}
-        for position, index in enumerate(VGG16_CONV_INDICES):
-            for kind in ("weight", "bias"):
-                key = f"features.{index}.{kind}"
-                if key not in state:
-                    raise CheckpointError(
-                        f"{source}: no {key}; expected torchvision VGG16 weights (vgg16-*.pth)"
-                    )
-                own[f"convs.{position}.{kind}"] = state[key]
-        expected = {k: v.shape for k, v in self.state_dict().items()}
-        wrong = [k for k, v in own.items() if v.shape != expected[k]]
-        if wrong:
-            raise CheckpointError(f"{source}: {wrong[0]} has shape {tuple(own[wrong[0]].shape)}; not VGG16")
+        for key, value in self.state_dict().items():
+            if f"features.{key}" not in state:
+                raise CheckpointError(
+                    f"{source}: no features.{key}; expected torchvision {name} weights ({name}-*.pth)"
+                )
+            own[key] = state[f"features.{key}"]
+            if own[key].shape != value.shape:
+                raise CheckpointError(
+                    f"{source}: features.{key} has shape {tuple(own[key].shape)}, not {tuple(value.shape)}; "
+                    f"not a torchvision {name} state dict"
+                )
         self.load_state_dict(own)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        levels = []
-        for number, positions in enumerate(VGG16_LEVELS):
-            if number:
-                x = F.max_pool2d(x, 2)
-            for position in positions:
-                x = F.relu(self.convs[position](x))
+        levels, start = [], 0
+        for end in LPIPS_TAPS[self.net]:
+            for index in range(start, end):
+                x = self[index](x)
             levels.append(x)
+            start = end
         return levels
 
 
-def default_lpips_heads() -> Path:
-    """The LPIPS v0.1 VGG heads file shipped inside torchmetrics (identical to the lpips wheel's)."""
+def vgg16_features() -> LPIPSTrunk:
+    """torchvision's ``vgg16().features`` (random weights until :meth:`LPIPSTrunk.load_torchvision`)."""
+    layers: list[nn.Module] = []
+    channels = 3
+    for item in VGG16_LAYOUT:
+        if item == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            layers += [nn.Conv2d(channels, item, kernel_size=3, padding=1), nn.ReLU(inplace=False)]
+            channels = item
+    return LPIPSTrunk("vgg", layers)
+
+
+def alexnet_features() -> LPIPSTrunk:
+    """torchvision's ``alexnet().features`` (random weights until :meth:`LPIPSTrunk.load_torchvision`)."""
+    return LPIPSTrunk(
+        "alex",
+        [
+            nn.Conv2d(3, 64, kernel_size=11, stride=4, padding=2),
+            nn.ReLU(inplace=False),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+            nn.Conv2d(64, 192, kernel_size=5, padding=2),
+            nn.ReLU(inplace=False),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+            nn.Conv2d(192, 384, kernel_size=3, padding=1),
+            nn.ReLU(inplace=False),
+            nn.Conv2d(384, 256, kernel_size=3, padding=1),
+            nn.ReLU(inplace=False),
+            nn.Conv2d(256, 256, kernel_size=3, padding=1),
+            nn.ReLU(inplace=False),
+        ],
+    )
+
+
+TRUNKS = {"vgg": vgg16_features, "alex": alexnet_features}
+VGG16Features = vgg16_features  # the VGG16 trunk under its former name: ``load_torchvision``, 5 levels out
+
+
+def default_lpips_heads(net: str = "vgg") -> Path:
+    """The LPIPS v0.1 heads file for ``net`` ("vgg" or "alex") shipped inside torchmetrics (identical to the
+    lpips wheel's)."""
     import torchmetrics.functional.image.lpips as torchmetrics_lpips
 
-    return Path(torchmetrics_lpips.__file__).parent / "lpips_models" / "vgg.pth"
+    return Path(torchmetrics_lpips.__file__).parent / "lpips_models" / f"{net}.pth"
 
 
-def read_lpips_heads(path: str | Path) -> list[torch.Tensor]:
-    """The 5 LPIPS-VGG heads (1, C, 1, 1) from a ``vgg.pth`` heads file or from an ``lpips-*.whl`` wheel."""
+def read_lpips_heads(path: str | Path, net: str = "vgg") -> list[torch.Tensor]:
+    """The 5 LPIPS heads (1, C, 1, 1) of ``net`` from a ``vgg.pth``/``alex.pth`` heads file or from an
+    ``lpips-*.whl`` wheel."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"LPIPS heads file not found: {path} (give lpips' vgg.pth or the lpips wheel)")
+        raise CheckpointError(f"LPIPS heads file not found: {path} (give lpips' {net}.pth or the lpips wheel)")
     if path.suffix == ".whl":
+        member = LPIPS_WHEEL_MEMBERS[net]
         try:
             with zipfile.ZipFile(path) as wheel:
-                raw = wheel.read(LPIPS_WHEEL_MEMBER)
+                raw = wheel.read(member)
         except (zipfile.BadZipFile, KeyError) as exc:
-            raise CheckpointError(f"{path}: no {LPIPS_WHEEL_MEMBER} inside ({exc})") from None
+            raise CheckpointError(f"{path}: no {member} inside ({exc})") from None
         try:
             state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, ValueError) as exc:
-            raise CheckpointError(f"{path}: cannot read {LPIPS_WHEEL_MEMBER}: {exc}") from None
+        except Exception as exc:  # any unreadable member is a bad checkpoint
+            raise CheckpointError(f"{path}: cannot read {member}: {exc}") from None
     else:
-        state = read_weights(path)
+        state = read_state(path, "LPIPS heads")
     heads = []
-    for level, channels in enumerate(LPIPS_LEVEL_CHANNELS):
+    for level, channels in enumerate(LPIPS_CHANNELS[net]):
         names = [k for k in (f"lin{level}.model.1.weight", f"lin{level}.weight") if k in state]
         if not names or tuple(state[names[0]].shape) != (1, channels, 1, 1):
             raise CheckpointError(
-                f"{path}: expected lin{level}.model.1.weight of shape (1, {channels}, 1, 1)"
+                f"{path}: expected lin{level}.model.1.weight of shape (1, {channels}, 1, 1) (LPIPS-{net} heads)"
             )
         heads.append(state[names[0]].float())
     return heads
 
 
-class LPIPSVGG16(PerceptualLoss):
-    """LPIPS v0.1 on VGG16 (the distance taming's VQGAN losses and the release use)."""
+class LPIPS(PerceptualLoss):
+    """LPIPS v0.1 on a VGG16 (``net="vgg"``) or AlexNet (``"alex"``) trunk from a torchvision weights file, with
+    the LPIPS heads from ``heads`` (default: torchmetrics' copy). ``per_image`` -> (B,) for images in [-1, 1];
+    ``forward`` -> their mean (differentiable in the images). ``normalization``: "lpips" (the lpips package's)
+    or "torchmetrics" (see :func:`unit_normalize`)."""
 
-    name = "lpips_vgg16"
+    name = "lpips"
 
-    def __init__(self, vgg_weights: str | Path, heads: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        net: str,
+        trunk_weights: str | Path,
+        heads: str | Path | None = None,
+        normalization: str = "lpips",
+    ) -> None:
         super().__init__()
-        self.features = VGG16Features()
-        self.features.load_torchvision(read_weights(Path(vgg_weights)), str(vgg_weights))
-        for level, head in enumerate(read_lpips_heads(heads or default_lpips_heads())):
+        if net not in TRUNKS:
+            raise ConfigError(f"LPIPS net {net!r}: expected 'vgg' or 'alex'")
+        if normalization not in NORMALIZATIONS:
+            raise ConfigError(f"LPIPS normalization {normalization!r}: expected one of {NORMALIZATIONS}")
+        self.net_name, self.normalization = net, normalization
+        self.features = TRUNKS[net]()
+        self.features.load_torchvision(read_state(trunk_weights, f"torchvision {net}"), str(trunk_weights))
+        for level, head in enumerate(read_lpips_heads(heads or default_lpips_heads(net), net)):
             self.register_buffer(f"head{level}", head)
         self.register_buffer("shift", torch.tensor(LPIPS_SHIFT).view(1, 3, 1, 1))
         self.register_buffer("scale", torch.tensor(LPIPS_SCALE).view(1, 3, 1, 1))
         self.freeze()
+
+    @property
+    def heads(self) -> list[torch.Tensor]:
+        """The 5 learned heads (1, C, 1, 1)."""
+        return [getattr(self, f"head{level}") for level in range(len(LPIPS_TAPS[self.net_name]))]
 
     def per_image(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         both = torch.cat([reconstruction, target]).float()
         levels = self.features((both - self.shift) / self.scale)
         batch = reconstruction.shape[0]
         return sum(
-            level_distance(f[:batch], f[batch:], getattr(self, f"head{i}")) for i, f in enumerate(levels)
+            level_distance(f[:batch], f[batch:], head, self.normalization) for f, head in zip(levels, self.heads)
         )
+
+
+class LPIPSVGG16(LPIPS):
+    """LPIPS v0.1 on VGG16 (the distance taming's VQGAN losses and the release use), the training loss."""
+
+    name = "lpips_vgg16"
+
+    def __init__(self, vgg_weights: str | Path, heads: str | Path | None = None) -> None:
+        super().__init__("vgg", vgg_weights, heads)
 
 
 class EfficientNetPerceptual(PerceptualLoss):

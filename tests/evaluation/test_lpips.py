@@ -23,7 +23,7 @@ def test_lpips_loads_torchvision_weights_and_is_a_distance(tmp_path, net):
     lpips = LPIPS(net, path)
     assert torch.equal(lpips.features[0].weight, trunk[0].weight)
     lin = torch.load(default_lin_weights(net), map_location="cpu", weights_only=True)
-    assert torch.equal(lpips.lins[0].model[1].weight, lin["lin0.model.1.weight"])
+    assert torch.equal(lpips.heads[0], lin["lin0.model.1.weight"])
     generator = torch.Generator().manual_seed(1)
     a = torch.rand(2, 3, 64, 64, generator=generator) * 2 - 1
     b = (a + 0.3 * torch.randn(a.shape, generator=generator)).clamp(-1, 1)
