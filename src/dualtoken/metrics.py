@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 
 def _unit(images: torch.Tensor) -> torch.Tensor:
@@ -12,6 +11,8 @@ def _unit(images: torch.Tensor) -> torch.Tensor:
 
 def psnr(reconstruction: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
     """PSNR in dB of each image of a batch (B, 3, H, W) -> (B,)."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio  # imported on use: keeps the CLI quick
+
     return peak_signal_noise_ratio(
         _unit(reconstruction), _unit(original), data_range=1.0, reduction="none", dim=(1, 2, 3)
     )
@@ -19,6 +20,8 @@ def psnr(reconstruction: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
 
 def ssim(reconstruction: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
     """SSIM (11x11 Gaussian window) of each image of a batch (B, 3, H, W) -> (B,)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
     return structural_similarity_index_measure(
         _unit(reconstruction), _unit(original), data_range=1.0, reduction="none"
     )

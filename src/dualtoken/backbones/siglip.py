@@ -6,14 +6,15 @@ from pathlib import Path
 
 import torch
 from torch.utils.checkpoint import checkpoint
-from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from ..config import SiglipBackboneConfig
 from ..errors import CheckpointError, ConfigError
 from .base import Backbone
 
 
-def _hf_config(config: SiglipBackboneConfig) -> SiglipVisionConfig:
+def _hf_config(config: SiglipBackboneConfig):
+    from transformers import SiglipVisionConfig  # imported on use: transformers takes seconds to import
+
     hf = SiglipVisionConfig(
         hidden_size=config.width,
         intermediate_size=config.mlp_width,
@@ -40,6 +41,8 @@ def resolve_pretrained(config: SiglipBackboneConfig, model_dir: str | Path | Non
 
 def config_from_pretrained(path: str | Path) -> SiglipBackboneConfig:
     """Read the vision-tower numbers of a local SigLIP folder (SiglipModel or SiglipVisionModel format)."""
+    from transformers import SiglipVisionConfig
+
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} is not a SigLIP folder in save_pretrained format (no config.json)")
@@ -75,6 +78,8 @@ class SiglipBackbone(Backbone):
 
     @classmethod
     def from_config(cls, config: SiglipBackboneConfig, model_dir: str | Path | None = None) -> SiglipBackbone:
+        from transformers import SiglipVisionModel
+
         return cls(config, SiglipVisionModel(_hf_config(config)).vision_model)
 
     @classmethod
@@ -90,6 +95,8 @@ class SiglipBackbone(Backbone):
             config.image_size,
         ):
             raise CheckpointError(f"SigLIP folder {path} does not match the backbone config ({found} vs {config})")
+        from transformers import SiglipVisionModel
+
         model = SiglipVisionModel.from_pretrained(path, attn_implementation="sdpa").float()
         teacher = cls(config, model.vision_model).eval()
         teacher.requires_grad_(False)
