@@ -195,9 +195,10 @@ class DualTokenizer(nn.Module):
     def forward(self, images: torch.Tensor, output_hidden_states: bool = False) -> DualTokenizerOutput:
         """Tokenize, reconstruct and pool. In training mode the quantizers update their codebooks (EMA)."""
         taps = self._run_to_taps(images, output_hidden_states)
-        pixel = self.pixel.quantizer(taps.pixel_latent) if self.pixel.quantizer is not None else None
+        single = self.pixel.quantizer is None  # one vocabulary: the decoder reads the semantic codes
+        pixel = None if single else self.pixel.quantizer(taps.pixel_latent)  # first: the release's RNG order
         semantic: QuantizerOutput = self.semantic.quantizer(taps.semantic_latent)
-        pixel = pixel or semantic
+        pixel = semantic if single else pixel
         semantic_features = self.semantic.up(semantic.quantized)  # (B, h*w, W)
         pooled = self._pool_from(semantic_features, taps.hidden_states)
         reconstruction = self.decoder(self.pixel.up(pixel.quantized))
@@ -212,7 +213,7 @@ class DualTokenizer(nn.Module):
             pooled=pooled,
             reconstruction=reconstruction,
             # a single vocabulary counts its one commitment once, under semantic_commitment
-            pixel_commitment=pixel.commitment if pixel is not semantic else torch.zeros_like(semantic.commitment),
+            pixel_commitment=torch.zeros_like(semantic.commitment) if single else pixel.commitment,
             semantic_commitment=semantic.commitment,
             hidden_states=taps.hidden_states,
         )
