@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..features import EfficientNetFeatures
+from ..perceptual import level_distance as map_distance
 
 
 @dataclass
@@ -38,19 +39,11 @@ class FeatureNet(nn.Module):
         return FeatureOutput(levels=levels, pooled=head.mean(dim=(2, 3)))
 
 
-def _unit_channels(features: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
-    return features / (features.pow(2).sum(dim=1, keepdim=True).sqrt() + eps)
-
-
 def level_distance(levels_a: list[torch.Tensor], levels_b: list[torch.Tensor]) -> torch.Tensor:
-    """The perceptual distance per image pair: LPIPS's recipe without learned weights. Per level, channels are
-    normalised to unit length, the squared difference is summed over channels and averaged over positions; the
-    levels are summed. (B,)"""
-    total = torch.zeros(levels_a[0].shape[0], dtype=torch.float64, device=levels_a[0].device)
-    for a, b in zip(levels_a, levels_b, strict=True):
-        diff = (_unit_channels(a.double()) - _unit_channels(b.double())).pow(2).sum(dim=1)  # (B, h, w)
-        total = total + diff.mean(dim=(1, 2))
-    return total.float()
+    """The perceptual distance per image pair: LPIPS's recipe without learned weights (the training loss's
+    per-level distance, in float64), summed over levels. (B,)"""
+    pairs = zip(levels_a, levels_b, strict=True)
+    return sum(map_distance(a.double(), b.double()) for a, b in pairs).float()
 
 
 class PrecomputedFeatures(nn.Module):
