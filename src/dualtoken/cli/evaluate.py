@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from ..config import apply_overrides, load_config_file
-from ..evaluation import METRIC_GROUPS, EvalConfig, evaluate
+from ..evaluation import METRIC_GROUPS, EvalConfig
 from ..evaluation.distributed import init_from_environment, rank_and_world
 
 # command-line flags that map one-to-one onto EvalConfig fields
@@ -61,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     joined = init_from_environment()
     rank = rank_and_world()[0]
+    from ..evaluation.api import evaluate  # the metric libraries load only when eval runs
+
     try:
         report = evaluate(args.model, args.data, args.out, config, device=args.device, progress=not args.no_progress)
     finally:
