@@ -74,11 +74,6 @@ def load_image(source: str | Path | BinaryIO, size: tuple[int, int] | None = Non
     return to_tensor(image)
 
 
-def load_images(sources: list[str | Path], size: tuple[int, int]) -> torch.Tensor:
-    """Several files -> (B, 3, H, W) in [-1, 1]."""
-    return torch.stack([load_image(s, size) for s in sources])
-
-
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """Images in [-1, 1], (3, H, W) or (B, 3, H, W) -> uint8 (H, W, 3) or (B, H, W, 3); clamps and rounds."""
     if images.ndim not in (3, 4) or images.shape[-3] != 3:
