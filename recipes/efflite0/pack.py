@@ -11,7 +11,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+import torch
+
+from dualtoken import DualTokenizer
 
 
 def main(root: Path, out: Path) -> None:
@@ -23,12 +25,7 @@ def main(root: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for variant in variants:
         source = variant / f"export-{common:08d}"
-        target = out / variant.name
-        target.mkdir(exist_ok=True)
-        state = load_file(str(source / "model.safetensors"))
-        half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-        save_file(half, str(target / "model.safetensors"), metadata={"format": "pt", "step": str(common)})
-        shutil.copy2(source / "config.json", target / "config.json")
+        target = DualTokenizer.from_pretrained(source).save_pretrained(out / variant.name, dtype=torch.float16)
         if (variant / "metrics.jsonl").is_file():
             shutil.copy2(variant / "metrics.jsonl", target / "metrics.jsonl")
     (out / "steps.json").write_text(json.dumps({"common_step": common, "exports": steps}, indent=2))

@@ -62,6 +62,9 @@ class RecipeConfig:
     """The whole demonstration; relative paths are relative to the working directory."""
 
     tokenizer: str = "dualtoken-efflite0"  # an embedded DualToken model's name or a folder
+    # tokenize at this size (convolutional tokenizers only): 128 px gives 8x8 positions, a 4x shorter sequence
+    # than the default model's 256 px; None keeps the tokenizer's own size
+    image_size: int | None = 128
     data: str = "../shared/data/cifar10"
     work: str = "runs/mllm_cifar"
     train_limit: int | None = None  # first N training images (None = all 7,500)
@@ -131,10 +134,23 @@ def extract_split(cfg: RecipeConfig, split: str, limit: int | None, out: Path) -
     return labels
 
 
+def visual_tokenizer(cfg: RecipeConfig) -> tuple[DualTokenizer, str]:
+    """The tokenizer at the recipe's image size and a reference to it for the MLLM configs (a name or a folder;
+    a resized tokenizer is written once to ``<work>/tokenizer``)."""
+    tokenizer = DualTokenizer.from_pretrained(cfg.tokenizer)
+    if cfg.image_size is None or tokenizer.image_size == (cfg.image_size, cfg.image_size):
+        reference = str(Path(cfg.tokenizer).resolve()) if Path(cfg.tokenizer).is_dir() else cfg.tokenizer
+        return tokenizer, reference
+    folder = Path(cfg.work) / "tokenizer"
+    if not (folder / "model.safetensors").is_file():
+        tokenizer.at_resolution(cfg.image_size).save_pretrained(folder)
+    return DualTokenizer.from_pretrained(folder), str(folder.resolve())
+
+
 def prepare(cfg: RecipeConfig) -> None:
     work = Path(cfg.work)
     names = class_names(cfg)
-    tokenizer = DualTokenizer.from_pretrained(cfg.tokenizer)
+    tokenizer, tokenizer_ref = visual_tokenizer(cfg)
     labels = {}
     for split, limit in (("train", cfg.train_limit), ("test", cfg.test_limit)):
         labels[split] = extract_split(cfg, split, limit, work / "images" / split)
@@ -165,7 +181,6 @@ def prepare(cfg: RecipeConfig) -> None:
     template = prompt.user_prefix + QUESTION + prompt.user_suffix + prompt.assistant_prefix
     texts = [template + f"It is a {n}." + prompt.assistant_suffix + f"Draw a {n}." for n in names]
     text_tokenizer = train_bpe_tokenizer(texts * 20, cfg.text_vocab, work / "text_tokenizer", prompt)
-    tokenizer_ref = str(Path(cfg.tokenizer).resolve()) if Path(cfg.tokenizer).is_dir() else cfg.tokenizer
     for mode in cfg.modes:
         model = MLLMConfig(
             tokenizer=tokenizer_ref,
@@ -275,7 +290,7 @@ def evaluate(cfg: RecipeConfig) -> dict:
     torch.manual_seed(cfg.seed)
     work = Path(cfg.work)
     names = class_names(cfg)
-    tokenizer = DualTokenizer.from_pretrained(cfg.tokenizer)
+    tokenizer, _ = visual_tokenizer(cfg)
     _, train_pixel, train_semantic, train_labels = load_split(work, "train")
     test_ids, test_pixel, test_semantic, test_labels = load_split(work, "test")
     results: dict[str, Any] = {

@@ -30,11 +30,14 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
-def save_pretrained(tokenizer: DualTokenizer, path: str | Path) -> Path:
-    """Write the config and the tokenizer's weights atomically into folder ``path``."""
+def save_pretrained(tokenizer: DualTokenizer, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write the config and the tokenizer's weights atomically into folder ``path``; ``dtype`` (for example
+    ``torch.float16``, half the size) applies to the floating-point tensors."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in tokenizer.state_dict().items()}
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     tmp = path / f".{WEIGHTS_NAME}.tmp{os.getpid()}"
     save_file(state, str(tmp), metadata={"format": "pt", "model": tokenizer.config.name})
     os.replace(tmp, path / WEIGHTS_NAME)

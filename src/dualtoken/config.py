@@ -185,6 +185,13 @@ class BackboneConfig:
             raise ConfigError(f"{where}.kind: unknown backbone {kind!r}; known: {sorted(_BACKBONE_CONFIGS)}")
         return _BACKBONE_CONFIGS[kind]
 
+    def resized(self, image_size: int) -> BackboneConfig:
+        """The same backbone at another input size. Families with learned position embeddings (SigLIP) run at
+        their trained size only; a convolutional family overrides this."""
+        raise ConfigError(
+            f"backbone {self.kind!r} runs at its trained resolution only (learned position embeddings)"
+        )
+
 
 @register_backbone_config("siglip")
 @dataclass
@@ -294,6 +301,26 @@ class TokenizerConfig:
         num_layers = getattr(self.backbone, "num_layers", None)
         if num_layers is not None and self.semantic_layer > num_layers:
             raise ConfigError(f"semantic_layer ({self.semantic_layer}) exceeds the backbone's {num_layers} layers")
+
+    def at_resolution(self, image_size: int) -> TokenizerConfig:
+        """The same architecture, and so the same weights, for ``image_size`` inputs: the token grid and the
+        decoder's output scale with the image and attention stays at the same decoder level. For convolutional
+        backbones only (train on small crops, tokenize CIFAR at 128 px with fewer positions)."""
+        backbone = self.backbone.resized(image_size)
+        old, decoder = self.backbone.image_size, self.decoder
+        if decoder.latent_size is not None:
+            raise ConfigError("a decoder with a fixed latent_size cannot change resolution")
+        scaled = [decoder.resolution, *decoder.attn_resolutions]
+        if any(r * image_size % old for r in scaled):
+            raise ConfigError(
+                f"image size {image_size} does not scale the decoder's resolutions {scaled} (from {old}) to integers"
+            )
+        decoder = dataclasses.replace(
+            decoder,
+            resolution=decoder.resolution * image_size // old,
+            attn_resolutions=tuple(r * image_size // old for r in decoder.attn_resolutions),
+        )
+        return dataclasses.replace(self, backbone=backbone, decoder=decoder)
 
     def to_json(self) -> str:
         return json.dumps(to_dict(self), indent=2)

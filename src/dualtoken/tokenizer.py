@@ -137,11 +137,22 @@ class DualTokenizer(nn.Module):
 
         return load_pretrained(cls, path_or_name, strict=strict)
 
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` (tokenizer weights only, never a teacher)."""
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (tokenizer weights only, never a teacher); ``dtype``
+        casts the floating-point weights (``torch.float16`` halves the file)."""
         from .checkpoint import save_pretrained
 
-        return save_pretrained(self, path)
+        return save_pretrained(self, path, dtype)
+
+    def at_resolution(self, image_size: int) -> DualTokenizer:
+        """This tokenizer's weights for ``image_size`` inputs (convolutional backbones only; see
+        :meth:`TokenizerConfig.at_resolution`). A new module, in this one's train/eval mode."""
+        config = self.config.at_resolution(image_size)
+        backbone_config = dataclasses.replace(config.backbone, pretrained=False)  # weights come from self
+        resized = type(self)(config, backbone_class(config.backbone.kind).from_config(backbone_config))
+        resized.load_state_dict(self.state_dict())
+        resized.model_dir = self.model_dir
+        return resized.train(self.training)
 
     def init_backbone_from_teacher(self) -> DualTokenizer:
         """Start the trainable backbone from the pretrained weights (the usual start of tokenizer training)."""

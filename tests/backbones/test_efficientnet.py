@@ -44,3 +44,25 @@ def test_teacher_classifies_held_out_images(backbone, shared_data):
         logits = backbone.pool(backbone.forward_all(images)[-1])
     labels = torch.tensor([int(r["class_index"]) for r in rows])
     assert (logits.argmax(1) == labels).float().mean() > 0.7  # real ImageNet weights (random would be ~0)
+
+
+def test_at_resolution_keeps_weights_and_scales_the_grid():
+    tok = DualTokenizer.from_config("dualtoken-efflite0-256").eval()
+    small = tok.at_resolution(128)
+    assert small.image_size == (128, 128) and small.grid == (8, 8)
+    assert small.config.decoder.attn_resolutions == (8,) and small.config.decoder.resolution == 128
+    assert all(torch.equal(a, b) for a, b in zip(tok.state_dict().values(), small.state_dict().values()))
+    tokens = small.encode(torch.rand(1, 3, 128, 128) * 2 - 1)
+    assert tokens.pixel.shape == (1, 8, 8, 4) and small.decode(tokens.pixel).shape == (1, 3, 128, 128)
+    # a 128 px image is the same picture for either size: back at 256 the weights and the config round-trip
+    back = small.at_resolution(256)
+    assert back.config == tok.config
+
+
+def test_at_resolution_rejects_sizes_off_the_grid_and_siglip():
+    from dualtoken.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="multiple of 16"):
+        get_config("dualtoken-efflite0-256").at_resolution(200)
+    with pytest.raises(ConfigError, match="trained resolution"):
+        get_config("dualtoken-tiny").at_resolution(64)

@@ -54,6 +54,16 @@ def test_save_and_load_are_bit_exact(tiny_tokenizer, tiny_images, tmp_path):
         assert torch.equal(tiny_tokenizer(tiny_images).reconstruction, loaded(tiny_images).reconstruction)
 
 
+def test_half_precision_save_halves_the_file_and_keeps_integers(tiny_tokenizer, tmp_path):
+    full = tiny_tokenizer.save_pretrained(tmp_path / "full") / "model.safetensors"
+    half = tiny_tokenizer.save_pretrained(tmp_path / "half", dtype=torch.float16) / "model.safetensors"
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    loaded = DualTokenizer.from_pretrained(tmp_path / "half")
+    for (k, a), (_, b) in zip(tiny_tokenizer.state_dict().items(), loaded.state_dict().items()):
+        assert a.dtype == b.dtype, k  # loaded back into the config's float32 model
+        assert torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4) if a.is_floating_point() else torch.equal(a, b)
+
+
 def test_every_trainable_parameter_gets_a_gradient_and_codebooks_none(tiny_tokenizer, tiny_images):
     tok = tiny_tokenizer.train()
     out = tok(tiny_images)

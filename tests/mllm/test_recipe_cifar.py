@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
+
+from dualtoken import DualTokenizer
 
 from dualtoken.mllm import MLLMTrainConfig
 from dualtoken.mllm.config import load_config
@@ -27,7 +30,31 @@ TINY = [
     "eval_batch_size=10",
     "probe_steps=5",
     "text_vocab=300",
+    "image_size=null",  # the tiny tokenizer is a SigLIP: it runs at its own size only
 ]
+
+
+def _recipe_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mllm_cifar_run", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_recipe_tokenizes_at_its_own_size_with_the_same_weights(tmp_path):
+    recipe = _recipe_module()
+    source = DualTokenizer.from_config("dualtoken-efflite0-256").save_pretrained(tmp_path / "efflite0")
+    cfg = recipe.RecipeConfig(tokenizer=str(source), work=str(tmp_path / "work"), image_size=128)
+    tokenizer, reference = recipe.visual_tokenizer(cfg)
+    assert tokenizer.grid == (8, 8) and reference == str((tmp_path / "work" / "tokenizer").resolve())
+    assert torch.equal(tokenizer.codebook("pixel"), DualTokenizer.from_pretrained(source).codebook("pixel"))
+    again, _ = recipe.visual_tokenizer(cfg)  # written once, then read
+    assert again.grid == (8, 8)
+    cfg.image_size = 256
+    assert recipe.visual_tokenizer(cfg)[1] == str(source.resolve())
 
 
 @pytest.mark.slow

