@@ -49,6 +49,8 @@ def main() -> int:
 
     torch.manual_seed(0)
     tokenizer = DualTokenizer.from_config(args.architecture).eval()
+    if cfg.image_size is not None:
+        tokenizer = tokenizer.at_resolution(cfg.image_size)
     prompt = MLLMConfig().prompt
     text = (
         prompt.user_prefix
@@ -62,7 +64,7 @@ def main() -> int:
         [text] * 20, cfg.text_vocab, Path(args.work) / "text_tokenizer", prompt
     )
     config = MLLMConfig(
-        tokenizer=args.architecture,
+        tokenizer=tokenizer.config.name,
         llm=LLMConfig(
             architecture={**cfg.llm, "vocab_size": len(text_tokenizer)},
             text_tokenizer=str(Path(args.work) / "text_tokenizer"),
