@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 
 from dualtoken import DualTokenizer
-
 from dualtoken.mllm import MLLMTrainConfig
 from dualtoken.mllm.config import load_config
 
