@@ -147,9 +147,7 @@ class DualTokenizer(nn.Module):
     def at_resolution(self, image_size: int) -> DualTokenizer:
         """This tokenizer's weights for ``image_size`` inputs (convolutional backbones only; see
         :meth:`TokenizerConfig.at_resolution`). A new module, in this one's train/eval mode."""
-        config = self.config.at_resolution(image_size)
-        backbone_config = dataclasses.replace(config.backbone, pretrained=False)  # weights come from self
-        resized = type(self)(config, backbone_class(config.backbone.kind).from_config(backbone_config))
+        resized = type(self).from_config(self.config.at_resolution(image_size))
         resized.load_state_dict(self.state_dict())
         resized.model_dir = self.model_dir
         return resized.train(self.training)
