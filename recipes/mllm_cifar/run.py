@@ -282,8 +282,9 @@ def load_split(work: Path, split: str) -> tuple[list[str], torch.Tensor, torch.T
     return ids, pixel, semantic, torch.tensor([labels[i] for i in ids])
 
 
-def image_features(net: EfficientNetFeatures, images: torch.Tensor, batch: int) -> torch.Tensor:
-    return torch.cat([net(images[i : i + batch]) for i in range(0, len(images), batch)])
+def image_features(net: EfficientNetFeatures, images: torch.Tensor, batch: int, desc: str) -> torch.Tensor:
+    starts = tqdm(range(0, len(images), batch), desc=f"features ({desc})")
+    return torch.cat([net(images[i : i + batch]) for i in starts])
 
 
 def evaluate(cfg: RecipeConfig) -> dict:
@@ -331,7 +332,7 @@ def evaluate(cfg: RecipeConfig) -> dict:
     real_test = torch.stack(
         [load_image(work / "images" / "test" / f"{i}.png", tokenizer.image_size) for i in test_ids]
     )
-    real_features = image_features(features, real_test, cfg.eval_batch_size)
+    real_features = image_features(features, real_test, cfg.eval_batch_size, "real test")
     train_ids = sorted(json.loads((work / "images" / "train" / "labels.json").read_text()))
     reference_count = min(len(train_ids), cfg.samples_per_class * len(names))
     real_train = torch.stack(
@@ -344,7 +345,7 @@ def evaluate(cfg: RecipeConfig) -> dict:
         "reference_real_train_images": {
             "images": reference_count,
             "frechet_efficientnet_lite0": frechet_distance(
-                real_features, image_features(features, real_train, 100)
+                real_features, image_features(features, real_train, 100, "real train")
             ),
         }
     }
@@ -353,7 +354,8 @@ def evaluate(cfg: RecipeConfig) -> dict:
     for scale in (1.0, cfg.cfg_scale):
         requested = torch.arange(len(names)).repeat_interleave(cfg.samples_per_class)
         images = []
-        for chunk, start in enumerate(range(0, len(requested), cfg.eval_batch_size)):
+        starts = range(0, len(requested), cfg.eval_batch_size)
+        for chunk, start in enumerate(tqdm(starts, desc=f"generate (guidance {scale:g})")):
             prompts = [f"Draw a {names[int(c)]}." for c in requested[start : start + cfg.eval_batch_size]]
             out = generate_images(model, prompts, cfg_scale=scale, seed=cfg.seed + chunk)
             images.append(out.images.clamp(-1, 1))
@@ -375,7 +377,7 @@ def evaluate(cfg: RecipeConfig) -> dict:
             if judged is None
             else float((judged == requested).float().mean()),
             "frechet_efficientnet_lite0": frechet_distance(
-                real_features, image_features(features, images, cfg.eval_batch_size)
+                real_features, image_features(features, images, cfg.eval_batch_size, "generated")
             ),
         }
         rows = [
