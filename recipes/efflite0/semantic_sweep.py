@@ -41,6 +41,7 @@ VARIANTS: dict[str, tuple[list[str], list[str]]] = {
         quantizer(4096, 112, 8), ["loss.pooled_kl=0.0", "loss.pooled_mse=0.1", "loss.pooled_cosine=1.0"]
     ),
     "K4096 D112 Q8, tokens + pooled KL": (quantizer(4096, 112, 8), []),
+    "K4096 D112 Q8, tokens + 10 x pooled KL": (quantizer(4096, 112, 8), ["loss.pooled_kl=10.0"]),
     "K4096 D112 Q8, tokens + pooled KL, tail trained": (quantizer(4096, 112, 8), TAIL_TRAINED),
     "K4096 D112 Q4, tokens + pooled KL, tail trained": (quantizer(4096, 112, 4), TAIL_TRAINED),
     "K16384 D112 Q8, tokens + pooled KL, tail trained": (quantizer(16384, 112, 8), TAIL_TRAINED),
