@@ -46,8 +46,20 @@ from dualtoken.training.trainer import PART_PREFIXES, build_tokenizer
 RECIPE = Path(__file__).with_name("pixel.json")
 PART_BYTES = 15 * 2**20  # the device tool returns files of at most 16 MiB
 TRANSFER_MIB = 64.0  # what travels to the device: the working tree and the carried folders together
-QUALITIES = (90, 80, 70, 60, 50, 40, 30)
+QUALITIES = (90, 80, 70, 60, 55, 50, 45, 40, 35, 30, 25, 20)
 TRAINED = PART_PREFIXES["pixel"] + PART_PREFIXES["decoder"]
+# on the device, before the command's own --set: larger batches, and a constant learning rate after warm-up, since
+# the wall clock (not max_steps) ends the run; once a run has shown the steps a budget buys, pass
+# --set max_steps=N --set optimizer.schedule=cosine for a schedule that decays to its end
+DEVICE_DEFAULTS = [
+    "max_steps=1000000",
+    "data.batch_size=64",
+    "optimizer.schedule=constant",
+    "checkpoint.every=200",
+    "log.every=25",
+    "log.eval_every=200",
+    "log.codebook_every=100",
+]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -96,7 +108,7 @@ def pack(args: argparse.Namespace) -> None:
     out = Path(args.out)
     site = out / "site"
     copy_effnet_site(site)
-    write_kodak(args.kodak, out / "kodak", args.short_side)
+    write_kodak(args.kodak, out / "kodak", args.kodak_size)
     paths = [str(record.payload) for record, _ in resolve_source(args.list).walk(seed=0)]
     used = tracked_mib(Path.cwd()) + _folder_mib(site) + _folder_mib(out / "kodak")
     budget = (args.budget_mib if args.budget_mib else TRANSFER_MIB - 1.0 - used) * 2**20
@@ -163,6 +175,7 @@ def train(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work)
     overrides = [
+        *(DEVICE_DEFAULTS if args.device_defaults else []),
         f"output_dir={work}",
         f"device={args.device}",
         f"max_seconds={args.budget_seconds}",
@@ -225,7 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--list", default="recipes/efflite0/train_all.txt")
     p.add_argument("--kodak", default="../shared/data/kodak")
     p.add_argument("--out", default="device_data")
-    p.add_argument("--short-side", type=int, default=256)
+    p.add_argument("--short-side", type=int, default=256, help="training images: at most this on the shorter side")
+    p.add_argument("--kodak-size", type=int, default=256, help="the Kodak images' centre crops (the model's size)")
     p.add_argument("--budget-mib", type=float, default=0.0, help="bytes for train.pt (default: what the transfer leaves)")
     p.add_argument("--workers", type=int, default=1)
     t = commands.add_parser("train", help="train on the device until the budget runs out")
@@ -238,6 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--device", default="cuda")
     t.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     t.add_argument("--set", action="append", default=[], help="key.sub=value on the recipe (repeatable)")
+    t.add_argument("--no-device-defaults", dest="device_defaults", action="store_false",
+                   help="use the recipe as it is, without DEVICE_DEFAULTS")
     r = commands.add_parser("resume", help="turn the device's files into a CPU run folder")
     r.add_argument("files")
     r.add_argument("run")
