@@ -94,11 +94,11 @@ def write_kodak(source: str, folder: Path, size: int) -> None:
         resize_center_crop(open_rgb(path), (size, size)).save(folder / path.name)
 
 
-def choose_quality(paths: list[str], budget_bytes: float, short_side: int, sample: int = 200) -> int:
+def choose_quality(paths: list[str], budget_bytes: float, short_side: int, max_aspect: float, sample: int = 200) -> int:
     """The highest WebP quality whose mean size over a seeded sample of images, times their count, fits."""
     chosen = random.Random(0).sample(paths, min(sample, len(paths)))
     for quality in QUALITIES:
-        sizes = [len(data) for data in (encode_image(p, short_side, 1.25, quality) for p in chosen) if data]
+        sizes = [len(data) for data in (encode_image(p, short_side, max_aspect, quality) for p in chosen) if data]
         if sum(sizes) / max(len(sizes), 1) * len(paths) <= budget_bytes:
             return quality
     raise SystemExit(f"even quality {QUALITIES[-1]} does not fit {budget_bytes / 2**20:.1f} MiB")
@@ -112,9 +112,9 @@ def pack(args: argparse.Namespace) -> None:
     paths = [str(record.payload) for record, _ in resolve_source(args.list).walk(seed=0)]
     used = tracked_mib(Path.cwd()) + _folder_mib(site) + _folder_mib(out / "kodak")
     budget = (args.budget_mib if args.budget_mib else TRANSFER_MIB - 1.0 - used) * 2**20
-    quality = choose_quality(paths, budget, args.short_side)
+    quality = choose_quality(paths, budget, args.short_side, args.max_aspect)
     for quality in (q for q in QUALITIES if q <= quality):
-        summary = pack_images(paths, out / "train.pt", args.short_side, 1.25, quality, args.workers)
+        summary = pack_images(paths, out / "train.pt", args.short_side, args.max_aspect, quality, args.workers)
         if summary["bytes"] <= budget:
             break
     summary.update(budget_mib=round(budget / 2**20, 2), travels_mib=round(tracked_mib(Path.cwd()) + _folder_mib(out), 2))
@@ -239,6 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kodak", default="../shared/data/kodak")
     p.add_argument("--out", default="device_data")
     p.add_argument("--short-side", type=int, default=256, help="training images: at most this on the shorter side")
+    p.add_argument("--max-aspect", type=float, default=1.25, help="longer side at most this times the shorter")
     p.add_argument("--kodak-size", type=int, default=256, help="the Kodak images' centre crops (the model's size)")
     p.add_argument("--budget-mib", type=float, default=0.0, help="bytes for train.pt (default: what the transfer leaves)")
     p.add_argument("--workers", type=int, default=1)
