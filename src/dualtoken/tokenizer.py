@@ -254,8 +254,8 @@ class DualTokenizer(nn.Module):
         )
 
     def _run_to_taps(self, images: torch.Tensor, keep_hidden: bool = False, pixel_only: bool = False) -> _Taps:
-        """Run layers 1..semantic_layer and project the taps down to the code width; ``pixel_only`` stops at the
-        pixel tap (the semantic tap for a single vocabulary) and leaves the semantic latent None."""
+        """Run layers 1..semantic_layer and project the taps down to the code width. ``pixel_only`` stops at the
+        pixel tap and leaves the semantic latent None; a single vocabulary runs to its one tap either way."""
         self.check_images(images)
         cfg, backbone = self.config, self.backbone
         state = backbone.embed(images)

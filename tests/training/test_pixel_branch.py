@@ -39,7 +39,7 @@ def test_only_the_pixel_path_and_the_decoder_train(tmp_path: Path, train_images:
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert records[0]["semantic_commitment"] == 0.0 and "token_cosine" not in records[0]
     codebook = train_records(tmp_path / "run", "codebook")[-1]
-    assert "pixel/depth3/perplexity" in codebook and "semantic/usage" in codebook
+    assert "pixel/depth3/perplexity" in codebook and "semantic/usage" not in codebook  # no semantic codes made
 
 
 def test_the_pixel_branch_loss_is_the_full_objective_without_semantic_terms(tmp_path: Path, train_images: Path):

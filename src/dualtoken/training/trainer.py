@@ -183,7 +183,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
         self.disc_scaler = torch.amp.GradScaler(device.type, enabled=fp16)
 
-        self.loader = loader or TrainLoader(
+        self.loader = loader if loader is not None else TrainLoader(
             resolve_source(config.data.train, config.data.shuffle_buffer),
             tok.image_size,
             config.data.batch_size,
@@ -512,11 +512,8 @@ class Trainer:
             report = {f"pixel/depth{q}/{k}": v for q, values in enumerate(self.codebook_init) for k, v in values.items()}
             self.logger.log(self.step, report, kind="codebook_init")
         tok = unwrap(self.model)
-        usage = CodebookUsage(
-            {b: tok.codebook_size(b) for b in ("pixel", "semantic")},
-            {"pixel": tok.pixel_depth, "semantic": tok.semantic_depth},
-            runtime.device,
-        )
+        depths = {"pixel": tok.pixel_depth} if self.pixel_only else {"pixel": tok.pixel_depth, "semantic": tok.semantic_depth}
+        usage = CodebookUsage({b: tok.codebook_size(b) for b in depths}, depths, runtime.device)
         images_per_step = cfg.data.batch_size * cfg.grad_accum * runtime.world_size
         bar = tqdm(
             total=cfg.max_steps,
