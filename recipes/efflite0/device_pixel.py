@@ -43,6 +43,7 @@ from dualtoken.io import open_rgb
 from dualtoken.training import Trainer, checkpoints, load_train_config
 from dualtoken.training.trainer import PART_PREFIXES, build_tokenizer
 
+ROOT = Path(__file__).resolve().parents[2]
 RECIPE = Path(__file__).with_name("pixel.json")
 PART_BYTES = 15 * 2**20  # the device tool returns files of at most 16 MiB
 TRANSFER_MIB = 64.0  # what travels to the device: the working tree and the carried folders together
@@ -110,16 +111,20 @@ def pack(args: argparse.Namespace) -> None:
     copy_effnet_site(site)
     write_kodak(args.kodak, out / "kodak", args.kodak_size)
     paths = [str(record.payload) for record, _ in resolve_source(args.list).walk(seed=0)]
-    used = tracked_mib(Path.cwd()) + _folder_mib(site) + _folder_mib(out / "kodak")
+    used = tracked_mib(ROOT) + _folder_mib(site) + _folder_mib(out / "kodak")
     budget = (args.budget_mib if args.budget_mib else TRANSFER_MIB - 1.0 - used) * 2**20
-    quality = choose_quality(paths, budget, args.short_side, args.max_aspect)
-    for quality in (q for q in QUALITIES if q <= quality):
+    first = choose_quality(paths, budget, args.short_side, args.max_aspect)
+    for quality in (q for q in QUALITIES if q <= first):
         summary = pack_images(paths, out / "train.pt", args.short_side, args.max_aspect, quality, args.workers)
         if summary["bytes"] <= budget:
             break
-    summary.update(budget_mib=round(budget / 2**20, 2), travels_mib=round(tracked_mib(Path.cwd()) + _folder_mib(out), 2))
+    else:
+        raise SystemExit(f"{out / 'train.pt'} is {summary['bytes'] / 2**20:.1f} MiB even at quality {quality}")
+    summary.update(budget_mib=round(budget / 2**20, 2), travels_mib=round(tracked_mib(ROOT) + _folder_mib(out), 2))
     (out / "pack.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))
+    if summary["travels_mib"] > TRANSFER_MIB:
+        raise SystemExit(f"{summary['travels_mib']} MiB would travel, over the {TRANSFER_MIB} MiB limit")
 
 
 def _folder_mib(folder: Path) -> float:
