@@ -77,6 +77,15 @@ def kmeans(
     return centroids, sizes
 
 
+def split_codes(total: int, weights: list[float]) -> list[int]:
+    """``total`` codes in parts proportional to ``weights`` (each at least 1; the rounding goes to the first)."""
+    if not weights or min(weights) <= 0 or len(weights) > total:
+        raise ValueError(f"cannot split {total} codes by {weights}")
+    parts = [max(1, int(total * w / sum(weights))) for w in weights]
+    parts[0] += total - sum(parts)
+    return parts
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -125,10 +134,11 @@ class ResidualQuantizer(nn.Module):
         vectors_per_update: int,
         iterations: int = 10,
         generator: torch.Generator | None = None,
+        shares: list[float] | None = None,
     ) -> list[dict[str, float]]:
-        """Fill the shared codebook from data: depth q gets K // Q codes (depth 0 the remainder too), the k-means
-        centroids of the residuals the depths before it leave; each residual is taken against every code filled
-        so far, as encoding would. The EMA state is set so that each code starts with its expected count per
+        """Fill the shared codebook from data: depth q gets a share of the K codes (``shares``, relative weights
+        per depth; default equal, depth 0 taking the remainder), the k-means centroids of the residuals the
+        depths before it leave; each residual is taken against every code filled so far, as encoding would. The EMA state is set so that each code starts with its expected count per
         update (at least 1, so no code is restarted before it has been tried). Returns per depth: codes filled,
         codes that k-means used, and the mean squared residual left after that depth.
 
@@ -138,11 +148,10 @@ class ResidualQuantizer(nn.Module):
         """
         cfg = self.config
         residual = vectors.detach().float().reshape(-1, cfg.code_dim).to(self.codebook.device)
-        shares = [cfg.codebook_size // cfg.depth] * cfg.depth
-        shares[0] += cfg.codebook_size - sum(shares)
+        counts = split_codes(cfg.codebook_size, shares or [1.0] * cfg.depth)
         sizes = torch.zeros(cfg.codebook_size, device=residual.device)
         filled, report = 0, []
-        for share in shares:
+        for share in counts:
             centroids, counts = kmeans(residual, share, iterations, generator)
             self.codebook[filled : filled + share] = centroids
             sizes[filled : filled + share] = counts

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dualtoken.config import QuantizerConfig
-from dualtoken.quantizer import ResidualQuantizer, kmeans, nearest_codes
+from dualtoken.quantizer import ResidualQuantizer, kmeans, nearest_codes, split_codes
 
 
 def plain_nearest(vectors, codebook):
@@ -154,3 +154,15 @@ def test_a_training_step_after_the_data_init_restarts_no_used_code():
     q.train()(data[:1000])
     moved = (q.codebook - start).norm(dim=1)
     assert float(moved.max()) < 0.5  # EMA steps only; a restarted code would jump to a random vector
+
+
+def test_data_init_shares_follow_the_weights():
+    data = torch.randn(3000, 4, generator=torch.Generator().manual_seed(0))
+    q = make(K=64, D=4, Q=4).eval()
+    report = q.init_from_data(data, 500, iterations=3, generator=torch.Generator().manual_seed(0), shares=[4, 2, 1, 1])
+    assert [r["codes"] for r in report] == [32, 16, 8, 8]
+    assert [r["used"] for r in report] == [32, 16, 8, 8]
+    assert len(torch.unique(q(data).codes[..., 0])) > 16  # the first depth reaches past an equal share
+    assert split_codes(10, [1, 1, 1]) == [4, 3, 3]
+    with pytest.raises(ValueError):
+        split_codes(2, [1, 1, 1])

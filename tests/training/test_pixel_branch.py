@@ -59,6 +59,7 @@ def test_the_pixel_branch_loss_is_the_full_objective_without_semantic_terms(tmp_
         (("branch=pixel", "freeze.preset=stage0"), "no semantic path to distil"),
         (("max_seconds=-1",), "max_seconds"),
         (("codebook_init.batches=0",), "codebook_init"),
+        (("codebook_init.shares=[1,0]",), "codebook_init.shares"),
     ],
 )
 def test_bad_settings_are_refused(tmp_path: Path, train_images: Path, overrides, message):
@@ -81,6 +82,14 @@ def test_kmeans_init_starts_every_pixel_code_from_the_data(tmp_path: Path, train
     assert len(init) == 1 and init[0]["step"] == 0
     assert sum(init[0][f"pixel/depth{q}/codes"] for q in range(4)) == quantizer.codebook_size
     assert init[0]["pixel/depth3/residual_mse"] < init[0]["pixel/depth0/residual_mse"]
+
+
+def test_kmeans_shares_must_name_every_depth(tmp_path: Path, train_images: Path):
+    config = tiny_config(tmp_path / "run", train_images, *PIXEL, "codebook_init.method=kmeans", "codebook_init.shares=[2,1]")
+    with pytest.raises(ConfigError, match="2 entries for 4 depths"):
+        Trainer(config)
+    config = tiny_config(tmp_path / "ok", train_images, *PIXEL, "codebook_init.method=kmeans", "codebook_init.shares=[5,1,1,1]")
+    assert [r["codes"] for r in Trainer(config).codebook_init] == [160, 32, 32, 32]
 
 
 def test_a_resumed_run_does_not_initialise_the_codebook_again(tmp_path: Path, train_images: Path):

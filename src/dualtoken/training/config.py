@@ -111,10 +111,14 @@ class CodebookInitConfig:
     method: Literal["random", "kmeans"] = "random"
     batches: int = 4
     iterations: int = 10  # Lloyd iterations per depth
+    # relative share of the K codes per depth, e.g. [4, 2, 1, 1]: half for the first depth; [] = equal shares
+    shares: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.batches < 1 or self.iterations < 1:
             raise ConfigError("codebook_init.batches and codebook_init.iterations must be >= 1")
+        if any(w <= 0 for w in self.shares):
+            raise ConfigError(f"codebook_init.shares must be positive, got {self.shares}")
 
 
 @dataclass

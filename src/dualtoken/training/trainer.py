@@ -250,7 +250,9 @@ class Trainer:
         quantizer = tok.quantizer("pixel")
         generator = torch.Generator().manual_seed(self.config.seed)
         per_update = vectors.shape[0] // cfg.batches
-        return quantizer.init_from_data(vectors, per_update, cfg.iterations, generator)
+        if cfg.shares and len(cfg.shares) != quantizer.depth:
+            raise ConfigError(f"codebook_init.shares has {len(cfg.shares)} entries for {quantizer.depth} depths")
+        return quantizer.init_from_data(vectors, per_update, cfg.iterations, generator, cfg.shares or None)
 
     def _heldout_images(self) -> torch.Tensor | None:
         """A fixed batch of held-out images (data.eval) for PSNR and grids; identical on every rank."""
