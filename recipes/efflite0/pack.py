@@ -16,12 +16,17 @@ import torch
 from dualtoken import DualTokenizer
 
 
+def common_export_step(variants: list[Path]) -> tuple[int, dict[str, list[int]]]:
+    """The largest export step every variant folder reached, and each one's export steps."""
+    steps = {v.name: sorted(int(e.name.split("-")[1]) for e in v.glob("export-*")) for v in variants}
+    if not steps or not all(steps.values()):
+        raise SystemExit(f"a variant has no export: {steps}")
+    return min(s[-1] for s in steps.values()), steps
+
+
 def main(root: Path, out: Path) -> None:
     variants = sorted(p for p in root.iterdir() if p.is_dir())
-    steps = {v.name: sorted(int(e.name.split("-")[1]) for e in v.glob("export-*")) for v in variants}
-    common = min(s[-1] for s in steps.values() if s) if all(steps.values()) else None
-    if common is None:
-        raise SystemExit(f"a variant has no export: {steps}")
+    common, steps = common_export_step(variants)
     out.mkdir(parents=True, exist_ok=True)
     for variant in variants:
         source = variant / f"export-{common:08d}"

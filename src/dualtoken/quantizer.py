@@ -3,6 +3,8 @@
 Encode:   r_0 = x;  c_q = argmin_k ||r_q - e_k||^2;  r_{q+1} = r_q - e_{c_q};  output sum_q e_{c_q}
 Training: the codebook follows an exponential moving average of the vectors assigned to each code, and codes whose
           average cluster size falls below 1 are restarted from random vectors of the batch (SPEC 2.4).
+Data start: ``init_from_data`` fills the codebook with k-means centroids of real inputs, a share of K per depth on
+          that depth's residuals (the trainer's ``codebook_init``); the default start is random, as the reference's.
 Two schedules of the EMA update: ``per_depth`` (after every depth; the release's `rq`) and ``per_step`` (once per
 forward, over the vectors of every depth; the release's `rq_ema`). Distances, EMA and restarts always run in float32,
 also under autocast, and synchronise across processes when torch.distributed is initialised.
@@ -40,6 +42,48 @@ def nearest_codes(vectors: torch.Tensor, codebook: torch.Tensor, block_rows: int
         distances.addmm_(vectors[start:stop], codebook_t, alpha=-2.0)
         torch.argmin(distances, dim=1, out=codes[start:stop])
     return codes
+
+
+def kmeans(
+    vectors: torch.Tensor, count: int, iterations: int = 10, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means of ``vectors`` (N, D) in float32 -> (``count`` centroids (count, D), their sizes (count,)).
+
+    Centroids start at distinct random rows (drawn with replacement when N < count); a centroid that loses every
+    vector is moved to a random row, so none stays empty while there are vectors to spare.
+    """
+    vectors = vectors.float()
+    n = vectors.shape[0]
+
+    def rows(k: int) -> torch.Tensor:
+        if n >= k:
+            index = torch.randperm(n, generator=generator, device="cpu")[:k]
+        else:
+            index = torch.randint(n, (k,), generator=generator, device="cpu")
+        return vectors[index.to(vectors.device)].clone()
+
+    centroids = rows(count)
+    sizes = torch.zeros(count, device=vectors.device)
+    for _ in range(iterations):
+        codes = nearest_codes(vectors, centroids)
+        sizes = torch.bincount(codes, minlength=count).float()
+        sums = torch.zeros_like(centroids).index_add_(0, codes, vectors)
+        filled = sizes > 0
+        centroids[filled] = sums[filled] / sizes[filled, None]
+        empty = int((~filled).sum())
+        if empty:
+            centroids[~filled] = rows(empty)
+    sizes = torch.bincount(nearest_codes(vectors, centroids), minlength=count).float()
+    return centroids, sizes
+
+
+def split_codes(total: int, weights: list[float]) -> list[int]:
+    """``total`` codes in parts proportional to ``weights`` (each at least 1; the rounding goes to the first)."""
+    if not weights or min(weights) <= 0 or len(weights) > total:
+        raise ValueError(f"cannot split {total} codes by {weights}")
+    parts = [max(1, int(total * w / sum(weights))) for w in weights]
+    parts[0] += total - sum(parts)
+    return parts
 
 
 def _distributed() -> bool:
@@ -82,6 +126,47 @@ class ResidualQuantizer(nn.Module):
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Sum over depths of the code vectors: (..., Q) -> (..., D). Any prefix of depths works."""
         return self.lookup(codes).sum(dim=-2)
+
+    @torch.no_grad()
+    def init_from_data(
+        self,
+        vectors: torch.Tensor,
+        vectors_per_update: int,
+        iterations: int = 10,
+        generator: torch.Generator | None = None,
+        shares: list[float] | None = None,
+    ) -> list[dict[str, float]]:
+        """Fill the shared codebook from data: depth q gets a share of the K codes (``shares``, relative weights
+        per depth; default equal, depth 0 taking the remainder), the k-means centroids of the residuals the
+        depths before it leave; each residual is taken against every code filled so far, as encoding would. The EMA state is set so that each code starts with its expected count per
+        update (at least 1, so no code is restarted before it has been tried). Returns per depth: codes filled,
+        codes that k-means used, and the mean squared residual left after that depth.
+
+        ``vectors`` (N, D) are quantizer inputs (N >= K keeps every centroid distinct); ``vectors_per_update`` is
+        how many vectors one training forward quantizes per depth. Every process must pass the same vectors
+        (rank 0's codebook is broadcast when torch.distributed is initialised).
+        """
+        cfg = self.config
+        residual = vectors.detach().float().reshape(-1, cfg.code_dim).to(self.codebook.device)
+        counts = split_codes(cfg.codebook_size, shares or [1.0] * cfg.depth)
+        sizes = torch.zeros(cfg.codebook_size, device=residual.device)
+        filled, report = 0, []
+        for share in counts:
+            centroids, counts = kmeans(residual, share, iterations, generator)
+            self.codebook[filled : filled + share] = centroids
+            sizes[filled : filled + share] = counts
+            filled += share
+            residual = residual - self.codebook[nearest_codes(residual, self.codebook[:filled])]
+            report.append(
+                {"codes": share, "used": int((counts > 0).sum()), "residual_mse": float(residual.pow(2).mean())}
+            )
+        if _distributed():
+            dist.broadcast(self.codebook, src=0)
+            dist.broadcast(sizes, src=0)
+        per_update = (sizes * vectors_per_update / residual.shape[0]).clamp_min(1.0)
+        self.cluster_size.copy_(per_update)
+        self.embed_sum.copy_(self.codebook * per_update[:, None])
+        return report
 
     def forward(self, x: torch.Tensor, update: bool | None = None) -> QuantizerOutput:
         """Quantize ``x`` (..., D). ``update`` (default: training mode) runs the EMA update and restarts."""

@@ -35,16 +35,19 @@ class DualTokens:
 
 @dataclass
 class DualTokenizerOutput:
-    """Everything a training step needs from one forward."""
+    """Everything a training step needs from one forward.
+
+    Under ``forward(images, pixel_only=True)`` the semantic fields are None and ``semantic_commitment`` is 0.
+    """
 
     pixel_codes: torch.Tensor  # (B, h, w, Qp)
-    semantic_codes: torch.Tensor  # (B, h, w, Qs)
+    semantic_codes: torch.Tensor | None  # (B, h, w, Qs)
     pixel_latent: torch.Tensor  # (B, h*w, D) quantizer input
-    semantic_latent: torch.Tensor  # (B, h*w, D)
+    semantic_latent: torch.Tensor | None  # (B, h*w, D)
     pixel_quantized: torch.Tensor  # (B, h*w, D) straight-through
-    semantic_quantized: torch.Tensor  # (B, h*w, D)
-    semantic_features: torch.Tensor  # (B, h*w, W) replaces the semantic layer's output
-    pooled: torch.Tensor  # (B, pooled_width)
+    semantic_quantized: torch.Tensor | None  # (B, h*w, D)
+    semantic_features: torch.Tensor | None  # (B, h*w, W) replaces the semantic layer's output
+    pooled: torch.Tensor | None  # (B, pooled_width)
     reconstruction: torch.Tensor  # (B, 3, H, W), unclamped, [-1, 1] scale
     pixel_commitment: torch.Tensor  # scalar
     semantic_commitment: torch.Tensor  # scalar
@@ -201,8 +204,13 @@ class DualTokenizer(nn.Module):
     # the forward pass
     # ------------------------------------------------------------------------------------------------------------
 
-    def forward(self, images: torch.Tensor, output_hidden_states: bool = False) -> DualTokenizerOutput:
-        """Tokenize, reconstruct and pool. In training mode the quantizers update their codebooks (EMA)."""
+    def forward(
+        self, images: torch.Tensor, output_hidden_states: bool = False, pixel_only: bool = False
+    ) -> DualTokenizerOutput:
+        """Tokenize, reconstruct and pool. In training mode the quantizers update their codebooks (EMA).
+        ``pixel_only``: the pixel vocabulary and the decoder alone; the tower runs only up to the pixel tap."""
+        if pixel_only:
+            return self._forward_pixel(images)
         taps = self._run_to_taps(images, output_hidden_states)
         single = self.pixel.quantizer is None  # one vocabulary: the decoder reads the semantic codes
         pixel = None if single else self.pixel.quantizer(taps.pixel_latent)  # first: the release's RNG order
@@ -227,14 +235,36 @@ class DualTokenizer(nn.Module):
             hidden_states=taps.hidden_states,
         )
 
-    def _run_to_taps(self, images: torch.Tensor, keep_hidden: bool = False) -> _Taps:
-        """Run layers 1..semantic_layer and project the taps down to the code width."""
+    def _forward_pixel(self, images: torch.Tensor) -> DualTokenizerOutput:
+        """The pixel path alone: tower up to the pixel tap, pixel quantizer, up-projection, decoder."""
+        taps = self._run_to_taps(images, pixel_only=True)
+        pixel = self.quantizer("pixel")(taps.pixel_latent)
+        return DualTokenizerOutput(
+            pixel_codes=self._grid_codes(pixel.codes),
+            semantic_codes=None,
+            pixel_latent=taps.pixel_latent,
+            semantic_latent=None,
+            pixel_quantized=pixel.quantized,
+            semantic_quantized=None,
+            semantic_features=None,
+            pooled=None,
+            reconstruction=self.decoder(self.pixel.up(pixel.quantized)),
+            pixel_commitment=pixel.commitment,
+            semantic_commitment=torch.zeros_like(pixel.commitment),
+        )
+
+    def _run_to_taps(self, images: torch.Tensor, keep_hidden: bool = False, pixel_only: bool = False) -> _Taps:
+        """Run layers 1..semantic_layer and project the taps down to the code width. ``pixel_only`` stops at the
+        pixel tap and leaves the semantic latent None; a single vocabulary runs to its one tap either way."""
         self.check_images(images)
         cfg, backbone = self.config, self.backbone
         state = backbone.embed(images)
         hidden = [state] if keep_hidden else None
         pixel_latent = shortcut_latent = semantic_latent = None
-        for layer in range(1, cfg.semantic_layer + 1):
+        last = cfg.semantic_layer
+        if pixel_only and self.pixel.down is not None:
+            last = max(cfg.pixel_layer, cfg.shortcut_layer or 0)
+        for layer in range(1, last + 1):
             state = backbone.run_layer(layer, state)
             if hidden is not None:
                 hidden.append(state)
@@ -242,7 +272,7 @@ class DualTokenizer(nn.Module):
                 pixel_latent = self.pixel.down(backbone.to_tokens(layer, state))
             if layer == cfg.shortcut_layer:
                 shortcut_latent = self.pixel_shortcut(backbone.to_tokens(layer, state))
-            if layer == cfg.semantic_layer:
+            if layer == cfg.semantic_layer and not (pixel_only and self.pixel.down is not None):
                 semantic_latent = self.semantic.down(backbone.to_tokens(layer, state))
         if shortcut_latent is not None:
             pixel_latent = pixel_latent + cfg.shortcut_weight * shortcut_latent
@@ -273,6 +303,11 @@ class DualTokenizer(nn.Module):
         semantic = self.semantic.quantizer(taps.semantic_latent, update=False)
         pixel = self.pixel.quantizer(taps.pixel_latent, update=False) if self.pixel.quantizer is not None else semantic
         return DualTokens(self._grid_codes(pixel.codes), self._grid_codes(semantic.codes))
+
+    @torch.no_grad()
+    def pixel_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """What the pixel quantizer receives for ``images``: (B, h*w, D), the tower run only up to the pixel tap."""
+        return self._run_to_taps(images, pixel_only=True).pixel_latent
 
     def decode(self, pixel_codes: torch.Tensor) -> torch.Tensor:
         """Pixel codes (B, h, w, k), any 1 <= k <= Q first depths -> images (B, 3, H, W), unclamped."""

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dualtoken.config import QuantizerConfig
-from dualtoken.quantizer import ResidualQuantizer, nearest_codes
+from dualtoken.quantizer import ResidualQuantizer, kmeans, nearest_codes, split_codes
 
 
 def plain_nearest(vectors, codebook):
@@ -111,3 +111,58 @@ def test_bf16_autocast_keeps_the_float32_code_choices():
         out = q(x)
     assert torch.equal(out.codes, reference)
     assert out.quantized.dtype == torch.float32
+
+
+def test_kmeans_finds_separated_clusters_and_leaves_none_empty():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[5.0, 0.0], [-5.0, 0.0], [0.0, 5.0], [0.0, -5.0]])
+    points = centres.repeat_interleave(50, dim=0) + 0.1 * torch.randn(200, 2, generator=g)
+    found, sizes = kmeans(points, 4, iterations=20, generator=torch.Generator().manual_seed(1))
+    matched = nearest_codes(centres, found)
+    assert sorted(matched.tolist()) == [0, 1, 2, 3]  # one centroid per cluster
+    torch.testing.assert_close(found[matched], centres, atol=0.1, rtol=0)
+    assert sizes.tolist() == [50.0] * 4
+    # more centroids than vectors: drawn with replacement, still K rows
+    few, few_sizes = kmeans(points[:3], 8, iterations=3, generator=torch.Generator().manual_seed(1))
+    assert few.shape == (8, 2) and few_sizes.sum() == 3
+
+
+def test_data_init_fills_a_share_per_depth_and_beats_the_random_codebook():
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(2000, 4, generator=g) * torch.tensor([3.0, 1.0, 0.5, 0.2])
+    random_init = make(K=64, D=4, Q=4).eval()
+    before = (data - random_init(data).quantized).pow(2).mean()
+    q = make(K=66, D=4, Q=4).eval()
+    report = q.init_from_data(data, vectors_per_update=500, iterations=8, generator=torch.Generator().manual_seed(0))
+    assert [r["codes"] for r in report] == [18, 16, 16, 16]  # K // Q each, the remainder at depth 0
+    residuals = [r["residual_mse"] for r in report]
+    assert residuals == sorted(residuals, reverse=True) and residuals[-1] < residuals[0] / 4
+    after = (data - q(data).quantized).pow(2).mean()
+    assert after < before / 4
+    assert after == pytest.approx(residuals[-1], rel=0.5)
+    # EMA state: every code starts alive with its expected count per update, and the codebook is unchanged by it
+    assert float(q.cluster_size.min()) >= 1.0
+    assert q.cluster_size.sum() >= 500
+    torch.testing.assert_close(q.embed_sum / q.cluster_size[:, None], q.codebook)
+
+
+def test_a_training_step_after_the_data_init_restarts_no_used_code():
+    data = torch.randn(4000, 4, generator=torch.Generator().manual_seed(0))
+    q = make(K=32, D=4, Q=2)
+    q.init_from_data(data, vectors_per_update=1000, generator=torch.Generator().manual_seed(0))
+    start = q.codebook.clone()
+    q.train()(data[:1000])
+    moved = (q.codebook - start).norm(dim=1)
+    assert float(moved.max()) < 0.5  # EMA steps only; a restarted code would jump to a random vector
+
+
+def test_data_init_shares_follow_the_weights():
+    data = torch.randn(3000, 4, generator=torch.Generator().manual_seed(0))
+    q = make(K=64, D=4, Q=4).eval()
+    report = q.init_from_data(data, 500, iterations=3, generator=torch.Generator().manual_seed(0), shares=[4, 2, 1, 1])
+    assert [r["codes"] for r in report] == [32, 16, 8, 8]
+    assert [r["used"] for r in report] == [32, 16, 8, 8]
+    assert len(torch.unique(q(data).codes[..., 0])) > 16  # the first depth reaches past an equal share
+    assert split_codes(10, [1, 1, 1]) == [4, 3, 3]
+    with pytest.raises(ValueError):
+        split_codes(2, [1, 1, 1])

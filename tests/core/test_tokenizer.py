@@ -171,3 +171,24 @@ def test_release_geometry_384_over_patch_14_gives_27x27():
     backbone = SiglipBackbone.from_config(small)
     assert backbone.grid == (27, 27)
     assert backbone.embed(torch.zeros(1, 3, 384, 384)).shape == (1, 729, 64)
+
+
+def test_the_pixel_only_forward_is_the_pixel_half_of_the_full_forward(tiny_tokenizer, tiny_images):
+    with torch.no_grad():
+        full = tiny_tokenizer(tiny_images)
+        pixel = tiny_tokenizer(tiny_images, pixel_only=True)
+    assert torch.equal(pixel.pixel_codes, full.pixel_codes)
+    torch.testing.assert_close(pixel.reconstruction, full.reconstruction, atol=1e-5, rtol=0)
+    torch.testing.assert_close(pixel.pixel_commitment, full.pixel_commitment)
+    assert pixel.semantic_codes is None and pixel.pooled is None and float(pixel.semantic_commitment) == 0.0
+    torch.testing.assert_close(tiny_tokenizer.pixel_latents(tiny_images), full.pixel_latent)
+
+
+def test_the_pixel_only_forward_stops_at_the_pixel_tap(tiny_tokenizer, tiny_images):
+    ran = []
+    hooks = [layer.register_forward_hook(lambda *_, i=i: ran.append(i)) for i, layer in tiny_tokenizer.backbone.parts().items() if isinstance(i, int)]
+    with torch.no_grad():
+        tiny_tokenizer(tiny_images, pixel_only=True)
+    for hook in hooks:
+        hook.remove()
+    assert max(ran) == tiny_tokenizer.config.pixel_layer

@@ -102,6 +102,26 @@ class FeatureCacheConfig:
 
 
 @dataclass
+class CodebookInitConfig:
+    """How the pixel codebook starts. ``random``: as the model was built (the reference). ``kmeans``: before the
+    first step, k-means on the pixel tap's latents of ``batches`` training batches fills the shared codebook, a
+    share of K per depth, each depth on the residuals the depths before leave (see
+    :meth:`dualtoken.quantizer.ResidualQuantizer.init_from_data`). A resumed run never re-initialises."""
+
+    method: Literal["random", "kmeans"] = "random"
+    batches: int = 4
+    iterations: int = 10  # Lloyd iterations per depth
+    # relative share of the K codes per depth, e.g. [4, 2, 1, 1]: half for the first depth; [] = equal shares
+    shares: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.batches < 1 or self.iterations < 1:
+            raise ConfigError("codebook_init.batches and codebook_init.iterations must be >= 1")
+        if any(w <= 0 for w in self.shares):
+            raise ConfigError(f"codebook_init.shares must be positive, got {self.shares}")
+
+
+@dataclass
 class CheckpointConfig:
     """Resume checkpoints (atomic, keep-last-N) and exports of the tokenizer (``save_pretrained``)."""
 
@@ -153,11 +173,15 @@ class TrainConfig:
     init_parts: list[Literal["backbone", "pixel", "semantic", "decoder"]] = field(
         default_factory=lambda: ["backbone", "pixel", "semantic", "decoder"]
     )
-    # what trains: the whole tokenizer, or the semantic branch alone on cached tap features of the frozen tower
-    # (needs freeze.preset "stage0": the tower below the semantic tap must not change)
-    branch: Literal["both", "semantic"] = "both"
+    # what trains: the whole tokenizer; the semantic branch alone on cached tap features of the frozen tower; or
+    # the pixel branch alone (pixel projections, quantizer and decoder; the tower runs only up to the pixel tap).
+    # Both single-branch modes need freeze.preset "stage0": the tower below the tap must not change
+    branch: Literal["both", "semantic", "pixel"] = "both"
     output_dir: str = "runs/dualtoken"
     max_steps: int = 200000
+    # a wall-clock budget for the training loop in seconds (0: none); reaching it ends the run like max_steps
+    # (checkpoint, export to <output_dir>/final), and a resumed run continues towards max_steps
+    max_seconds: float = 0.0
     grad_accum: int = 1  # micro-steps per optimiser step
     seed: int = 0
     device: str = "auto"  # auto: cuda:<LOCAL_RANK> when CUDA is available, else cpu
@@ -171,17 +195,20 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     cache: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
+    codebook_init: CodebookInitConfig = field(default_factory=CodebookInitConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
-        if self.max_steps < 1 or self.grad_accum < 1:
-            raise ConfigError("max_steps and grad_accum must be >= 1")
-        if self.branch == "semantic" and self.freeze.preset != "stage0":
+        if self.max_steps < 1 or self.grad_accum < 1 or self.max_seconds < 0:
+            raise ConfigError("max_steps and grad_accum must be >= 1, max_seconds >= 0")
+        if self.branch != "both" and self.freeze.preset != "stage0":
             raise ConfigError(
-                f'branch "semantic" trains on cached tap features: it needs freeze.preset "stage0", got '
+                f'branch "{self.branch}" needs the tower below its tap frozen: freeze.preset "stage0", got '
                 f"{self.freeze.preset!r}"
             )
+        if self.branch == "pixel" and self.teacher != "none":
+            raise ConfigError('branch "pixel" has no semantic path to distil: set teacher=none and loss.semantic_weight=0')
         if self.branch == "semantic" and self.teacher == "none":
             raise ConfigError('branch "semantic" distils against a teacher: set teacher to "pretrained" or "initial"')
         if self.teacher == "none" and self.loss.needs_teacher:

@@ -42,6 +42,18 @@ def apply_freeze(tokenizer, config: FreezeConfig) -> list[str]:
     return [name for name, p in tokenizer.named_parameters() if not p.requires_grad]
 
 
+def freeze_outside_pixel_branch(tokenizer) -> list[str]:
+    """Freeze everything but the pixel path after the tap (``branch: "pixel"``): the down- and up-projections,
+    the shortcut projection and the decoder train (a single vocabulary's down-projection is the semantic
+    branch's); returns the names of the frozen parameters."""
+    tokenizer.requires_grad_(False)
+    down = tokenizer.semantic.down if tokenizer.pixel.down is None else None
+    for module in (tokenizer.pixel, tokenizer.pixel_shortcut, tokenizer.decoder, down):
+        if module is not None:
+            module.requires_grad_(True)
+    return [name for name, p in tokenizer.named_parameters() if not p.requires_grad]
+
+
 def set_train_mode(tokenizer, config: FreezeConfig) -> None:
     """Training mode, except the pixel quantizer under ``stage2`` (its codebook stops updating); a
     single-vocabulary model has no pixel quantizer of its own."""

@@ -15,6 +15,7 @@ import random
 import time
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ from .distributed import (
     unwrap,
     wrap_model,
 )
-from .freeze import apply_freeze, set_train_mode
+from .freeze import apply_freeze, freeze_outside_pixel_branch, set_train_mode
 from .metrics import MetricsLogger
 from .monitor import CodebookUsage, peak_memory_mb, reconstruction_grid
 from .optim import build_optimizer, build_scheduler
@@ -117,7 +118,14 @@ class Trainer:
     """Train a DualTokenizer as ``config`` says.
 
     ``tokenizer`` and ``teacher`` may be given (tests, notebooks); otherwise they come from the config. A given
-    teacher is used as it is, frozen; it is never part of the trained model nor of any checkpoint.
+    teacher is used as it is, frozen; it is never part of the trained model nor of any checkpoint. ``loader``
+    replaces the file loader of ``data.train``: an iterator of ``{"images": (B, 3, H, W)}`` batches with the
+    :class:`~dualtoken.data.TrainLoader` attributes ``epoch``, ``skipped``, ``state_dict`` and ``load_state_dict``
+    (e.g. :class:`~dualtoken.data.DeviceCropLoader`, images held and cropped on the accelerator).
+
+    ``branch: "pixel"`` trains the pixel projections, quantizer and decoder alone: the forward stops at the pixel
+    tap (``pixel_only``), everything else is frozen, and the loss is the same objective without its semantic
+    terms (pixel commitment, MSE, L1, perceptual, GAN).
     """
 
     def __init__(
@@ -125,6 +133,7 @@ class Trainer:
         config: TrainConfig,
         tokenizer: DualTokenizer | None = None,
         teacher: torch.nn.Module | None = None,
+        loader: Iterator[dict[str, Any]] | None = None,
     ) -> None:
         self.config = config
         self.runtime: Runtime = setup_runtime(config.device)
@@ -137,6 +146,9 @@ class Trainer:
         tok = tokenizer if tokenizer is not None else build_tokenizer(config)
         self.teacher = self._make_teacher(tok, teacher)
         self.frozen = apply_freeze(tok, config.freeze)
+        self.pixel_only = config.branch == "pixel"
+        if self.pixel_only:
+            self.frozen = freeze_outside_pixel_branch(tok)
         tok.backbone.set_gradient_checkpointing(config.gradient_checkpointing)
         tok.to(device)
         self.tokenizer = tok
@@ -171,7 +183,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
         self.disc_scaler = torch.amp.GradScaler(device.type, enabled=fp16)
 
-        self.loader = TrainLoader(
+        self.loader = loader if loader is not None else TrainLoader(
             resolve_source(config.data.train, config.data.shuffle_buffer),
             tok.image_size,
             config.data.batch_size,
@@ -186,8 +198,11 @@ class Trainer:
         self.resumed_from: Path | None = None
         if config.checkpoint.resume:
             self._resume()
+        self.codebook_init: list[dict[str, float]] = []
         if self.resumed_from is None:
             self._reseed(config.seed + self.runtime.rank)
+            if config.codebook_init.method == "kmeans":
+                self.codebook_init = self._init_pixel_codebook()
         self.heldout = self._heldout_images()
 
     # ------------------------------------------------------------------------------------------------------------
@@ -208,6 +223,8 @@ class Trainer:
         """DDP must look for unused parameters when a trainable path has no loss term."""
         if self.config.find_unused_parameters is not None:
             return self.config.find_unused_parameters
+        if self.config.branch == "pixel":
+            return False  # only pixel-path parameters train, and the reconstruction reaches all of them
         loss = self.config.loss
         pooled_used = loss.needs_teacher and bool(loss.pooled_mse or loss.pooled_cosine)
         pixels_used = bool(loss.pixel_mse or loss.pixel_l1 or loss.perceptual)
@@ -219,6 +236,23 @@ class Trainer:
         random.seed(seed)
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
+
+    @torch.no_grad()
+    def _init_pixel_codebook(self) -> list[dict[str, float]]:
+        """k-means of the pixel tap's latents over ``codebook_init.batches`` training batches fills the pixel
+        codebook (see ResidualQuantizer.init_from_data; with several processes, rank 0's codebook is kept)."""
+        cfg, tok = self.config.codebook_init, self.tokenizer
+        latents = []
+        for _ in range(cfg.batches):
+            images = next(self.loader)["images"].to(self.runtime.device)
+            latents.append(tok.pixel_latents(images).flatten(0, 1))
+        vectors = torch.cat(latents)
+        quantizer = tok.quantizer("pixel")
+        generator = torch.Generator().manual_seed(self.config.seed)
+        per_update = vectors.shape[0] // cfg.batches
+        if cfg.shares and len(cfg.shares) != quantizer.depth:
+            raise ConfigError(f"codebook_init.shares has {len(cfg.shares)} entries for {quantizer.depth} depths")
+        return quantizer.init_from_data(vectors, per_update, cfg.iterations, generator, cfg.shares or None)
 
     def _heldout_images(self) -> torch.Tensor | None:
         """A fixed batch of held-out images (data.eval) for PSNR and grids; identical on every rank."""
@@ -355,7 +389,7 @@ class Trainer:
             last = micro == cfg.grad_accum - 1
             with self._gradient_sync(self.model, last):
                 with self._autocast():
-                    out = self.model(images)
+                    out = self.model(images, pixel_only=self.pixel_only)
                     targets = (
                         teacher_targets(self.teacher, images, tok.config.semantic_layer)
                         if (self.teacher is not None and cfg.loss.needs_teacher)
@@ -377,7 +411,8 @@ class Trainer:
                 self.discriminator.requires_grad_(True)
                 micro_batches.append((images, out.reconstruction.detach()))
             usage.update("pixel", out.pixel_codes)
-            usage.update("semantic", out.semantic_codes)
+            if out.semantic_codes is not None:
+                usage.update("semantic", out.semantic_codes)
             for name, value in terms.items():
                 sums[name] += float(value) / cfg.grad_accum
         sums["lr"], sums["grad_norm"] = self._optimizer_step(
@@ -440,7 +475,7 @@ class Trainer:
         tok.eval()
         images = self.heldout[: self.config.data.eval_images].to(self.runtime.device)
         with self._autocast():
-            out = tok(images)  # every rank runs it (FSDP gathers weights collectively)
+            out = tok(images, pixel_only=self.pixel_only)  # every rank runs it (FSDP gathers weights collectively)
         set_train_mode(tok, self.config.freeze)
         reconstruction = out.reconstruction.float()
         return {
@@ -455,7 +490,7 @@ class Trainer:
         tok.eval()
         images = self.heldout[: self.config.log.grid_images].to(self.runtime.device)
         with torch.no_grad(), self._autocast():
-            out = tok(images)
+            out = tok(images, pixel_only=self.pixel_only)
         set_train_mode(tok, self.config.freeze)
         if self.runtime.is_main:
             grid = reconstruction_grid(images.cpu(), out.reconstruction.float().cpu())
@@ -467,19 +502,20 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------------
 
     def fit(self, stop_at: int | None = None) -> dict[str, Any]:
-        """Train until ``max_steps`` (or ``stop_at``, as if interrupted there); checkpoint and export at the end."""
+        """Train until ``max_steps`` (or ``stop_at``, as if interrupted there; or ``max_seconds`` of training,
+        which ends the run as ``max_steps`` does); checkpoint and export at the end."""
         cfg, runtime = self.config, self.runtime
         end = min(cfg.max_steps, stop_at) if stop_at is not None else cfg.max_steps
         self.logger = MetricsLogger(self.out_dir, cfg.log, enabled=runtime.is_main, resume_step=self.step)
         if runtime.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "train_config.json").write_text(cfg.to_json() + "\n")
+        if self.codebook_init:
+            report = {f"pixel/depth{q}/{k}": v for q, values in enumerate(self.codebook_init) for k, v in values.items()}
+            self.logger.log(self.step, report, kind="codebook_init")
         tok = unwrap(self.model)
-        usage = CodebookUsage(
-            {b: tok.codebook_size(b) for b in ("pixel", "semantic")},
-            {"pixel": tok.pixel_depth, "semantic": tok.semantic_depth},
-            runtime.device,
-        )
+        depths = {"pixel": tok.pixel_depth} if self.pixel_only else {"pixel": tok.pixel_depth, "semantic": tok.semantic_depth}
+        usage = CodebookUsage({b: tok.codebook_size(b) for b in depths}, depths, runtime.device)
         images_per_step = cfg.data.batch_size * cfg.grad_accum * runtime.world_size
         bar = tqdm(
             total=cfg.max_steps,
@@ -489,14 +525,17 @@ class Trainer:
             disable=not (cfg.log.progress and runtime.is_main),
         )
         if self.step == 0 and self.heldout is not None:
-            self.logger.log(0, self.evaluate(), kind="eval")  # the starting point of the held-out curve
+            self.logger.log(0, self._evaluate_seen(images_per_step), kind="eval")  # the start of the held-out curve
         last: dict[str, float] = {}
         window: dict[str, list[float]] = defaultdict(list)
         window_steps, clock = 0, time.perf_counter()
+        started, out_of_time = time.perf_counter(), False
         while self.step < end:
             values = self._train_step(usage)
             self.step += 1
             window_steps += 1
+            if cfg.max_seconds and self._out_of_time(started):
+                end, out_of_time = self.step, True
             for name, value in values.items():
                 window[name].append(value)
             bar.update(1)
@@ -513,7 +552,7 @@ class Trainer:
             if self.step % cfg.log.codebook_every == 0 or self.step == end:
                 self.logger.log(self.step, usage.summary(), kind="codebook")
             if (cfg.log.eval_every and self.step % cfg.log.eval_every == 0) or self.step == end:
-                heldout = self.evaluate()
+                heldout = self._evaluate_seen(images_per_step)
                 if heldout:
                     self.logger.log(self.step, heldout, kind="eval")
             if (cfg.log.grid_every and self.step % cfg.log.grid_every == 0) or self.step == end:
@@ -523,16 +562,28 @@ class Trainer:
             if cfg.checkpoint.export_every and self.step % cfg.checkpoint.export_every == 0:
                 self.export(self.out_dir / f"export-{self.step:08d}")
         bar.close()
-        exported = self.export(self.out_dir / "final") if self.step >= cfg.max_steps else None
+        finished = self.step >= cfg.max_steps or out_of_time
+        exported = self.export(self.out_dir / "final") if finished else None
         self.logger.close()
         return {
             "step": self.step,
+            "out_of_time": out_of_time,
             "metrics": last,
             "export": str(exported) if exported else None,
             "checkpoint": str(checkpoints.checkpoint_path(self.checkpoint_dir, self.step)),
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
             "frozen_parameters": len(self.frozen),
         }
+
+    def _evaluate_seen(self, images_per_step: int) -> dict[str, float]:
+        """The held-out evaluation with the number of training images seen so far (the learning curve's x)."""
+        values = self.evaluate()
+        return {**values, "images_seen": self.step * images_per_step} if values else values
+
+    def _out_of_time(self, started: float) -> bool:
+        """Whether ``max_seconds`` of training have passed (rank 0's clock decides for every rank)."""
+        over = time.perf_counter() - started >= self.config.max_seconds
+        return bool(broadcast_object(over, self.runtime))
 
     def _reduce(self, values: dict[str, float], mean: bool = True) -> dict[str, float]:
         """Average (or sum) scalars over processes."""
