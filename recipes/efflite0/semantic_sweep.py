@@ -43,8 +43,8 @@ VARIANTS: dict[str, tuple[list[str], list[str]]] = {
     "K4096 D112 Q8, tokens + pooled KL": (quantizer(4096, 112, 8), []),
     "K4096 D112 Q8, tokens + 10 x pooled KL": (quantizer(4096, 112, 8), ["loss.pooled_kl=10.0"]),
     "K4096 D112 Q8, tokens + pooled KL, tail trained": (quantizer(4096, 112, 8), TAIL_TRAINED),
-    "K4096 D112 Q4, tokens + pooled KL, tail trained": (quantizer(4096, 112, 4), TAIL_TRAINED),
-    "K16384 D112 Q8, tokens + pooled KL, tail trained": (quantizer(16384, 112, 8), TAIL_TRAINED),
+    "K4096 D112 Q4, tokens + pooled KL": (quantizer(4096, 112, 4), []),
+    "K16384 D112 Q8, tokens + pooled KL": (quantizer(16384, 112, 8), []),
 }
 
 

@@ -37,13 +37,29 @@ def test_default_reconstructs_kodak(default_model, shared_data):
 @pytest.mark.data
 def test_default_pooled_embedding_is_imagenet_logits_from_the_codes(default_model, shared_data):
     rows = list(csv.DictReader(open(shared_data / "imagenet_samples" / "labels.tsv"), delimiter="\t"))
-    rows = [r for r in rows if int(r["class_index"]) % 2 == 1][:24]  # held-out classes
+    rows = [r for r in rows if int(r["class_index"]) % 2 == 1][::10]  # 50 held-out classes
     images = torch.stack([load_image(shared_data / "imagenet_samples" / r["file"], (256, 256)) for r in rows])
     with torch.no_grad():
         logits = default_model.pooled_embedding(default_model.encode(images).semantic)
-    assert logits.shape == (24, 1000)
+    assert logits.shape == (50, 1000)
     labels = torch.tensor([int(r["class_index"]) for r in rows])
-    assert (logits.argmax(1) == labels).float().mean() > 0.25  # docs/RESULTS.md: 51.6 % on all 500; chance 0.1 %
+    assert (logits.argmax(1) == labels).float().mean() >= 0.62  # docs/RESULTS.md: 77.2 % on all 500; chance 0.1 %
+
+
+@pytest.mark.data
+def test_default_semantic_tokens_keep_the_teachers_features(default_model, shared_data):
+    """The quantized semantic features stay close to the frozen tower's features at the semantic tap."""
+    files = sorted((shared_data / "kodak").glob("*.png"))[:6]
+    images = torch.stack([load_image(f, (256, 256)) for f in files])
+    layer = default_model.config.semantic_layer
+    teacher = default_model.teacher()
+    with torch.no_grad():
+        target = teacher.to_tokens(layer, teacher.forward_all(images, stop=layer)[layer])
+        features = default_model.semantic_features(default_model.encode(images).semantic)
+        coarse = default_model.semantic_features(default_model.encode(images).semantic[..., :1])
+    cosine = torch.nn.functional.cosine_similarity(features, target, dim=-1).mean()
+    assert cosine > 0.78  # docs/RESULTS.md: 0.848 on the held-out images
+    assert cosine > torch.nn.functional.cosine_similarity(coarse, target, dim=-1).mean() + 0.1  # depth adds
 
 
 def test_demo_writes_pictures_and_metrics_of_the_default(tmp_path):
