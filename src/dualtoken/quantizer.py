@@ -2,7 +2,7 @@
 
 Encode:   r_0 = x;  c_q = argmin_k ||r_q - e_k||^2;  r_{q+1} = r_q - e_{c_q};  output sum_q e_{c_q}
 Training: the codebook follows an exponential moving average of the vectors assigned to each code, and codes whose
-          average cluster size falls below 1 are restarted from random vectors of the batch (SPEC 2.4).
+          average cluster size falls below 1 are restarted from random vectors of the batch (docs/METHOD.md "Residual quantizer").
 Two schedules of the EMA update: ``per_depth`` (after every depth; the release's `rq`) and ``per_step`` (once per
 forward, over the vectors of every depth; the release's `rq_ema`). Distances, EMA and restarts always run in float32,
 also under autocast, and synchronise across processes when torch.distributed is initialised.

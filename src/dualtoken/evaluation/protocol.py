@@ -2,7 +2,7 @@
 
 Everything a reader needs to reproduce a number is written into the report from :func:`describe_protocol`.
 Reconstructions are compared as lossless tensors: clamped to [-1, 1] and mapped to [0, 1], never JPEG-encoded
-and never truncated to uint8 (SPEC §2.8 quirk 11).
+and never truncated to uint8 (docs/METHOD.md, "Where this implementation departs", item 8).
 """
 
 from __future__ import annotations

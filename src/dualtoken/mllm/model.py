@@ -331,7 +331,7 @@ class DualTokenMLLM(nn.Module):
     # ------------------------------------------------------------------------------------------------------------
 
     def forward(self, batch: MLLMBatch) -> MLLMLoss:
-        """Text cross-entropy + per-depth visual cross-entropy of both vocabularies (SPEC 5.4), weighted."""
+        """Text cross-entropy + per-depth visual cross-entropy of both vocabularies (docs/METHOD.md "Generation"), weighted."""
         embeds = self.embed(batch.input_ids, batch.pixel_codes, batch.semantic_codes)
         out = self.llm(
             inputs_embeds=embeds,
