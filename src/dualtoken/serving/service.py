@@ -20,11 +20,10 @@ import torch
 from .. import metrics
 from ..io import load_image, to_uint8
 from ..meaning import Reading, build_reader
-from ..visualize import token_map
+from ..visualize import embedding_maps, token_map
 from .batcher import MicroBatcher
 from .config import ServeConfig
 from .limits import check_image_bytes
-from .visuals import embedding_maps
 
 BRANCHES = ("pixel", "semantic")
 
