@@ -367,8 +367,10 @@ class DualTokenMLLM(nn.Module):
 
     @torch.no_grad()
     def chat(self, image: torch.Tensor | None, question: str, **options) -> str:
-        """Answer ``question`` about ``image`` ((3, H, W) or (1, 3, H, W) in [-1, 1] at the tokenizer's size, or
-        None for a text-only question). Options: those of :func:`dualtoken.mllm.generation.answer`."""
+        """Answer ``question`` about ``image`` ((3, H, W) or (1, 3, H, W) in [-1, 1] at the tokenizer's size
+        ``self.visual_tokenizer.image_size``, e.g. ``dualtoken.io.load_image(path, that size)``; any other size
+        raises ImageError), or None for a text-only question. Options: those of
+        :func:`dualtoken.mllm.generation.answer`."""
         from .generation import answer
 
         codes = None
