@@ -3,8 +3,9 @@
 Stages (each resumable; ``all`` runs them in order), every number in ``config.json`` (override with --set):
 
     prepare   CIFAR-10 shards -> PNGs -> token cache (dualtoken.data.tokenize.encode_dataset, what `dualtoken
-              encode` runs) -> LLaVA conversations ("What is in this image?" -> "It is a {class}."), captions
-              ("Draw a {class}."), a byte-level BPE trained here, one MLLM train config per input mode
+              encode` runs) -> LLaVA conversations ("What is in this image?" -> "It is a horse." / "It is an
+              airplane."), captions ("Draw a horse."), a byte-level BPE trained here, one MLLM train config per
+              input mode
     train     one small LLM from scratch per input mode (semantic+pixel, semantic only, pixel only), same data
               (understanding and generation mixed), same steps
     evaluate  answer accuracy on the test images per input mode, next to a linear probe on the same tokens;
@@ -115,6 +116,11 @@ def class_names(cfg: RecipeConfig) -> list[str]:
     return (Path(cfg.data) / "classes.txt").read_text().split()
 
 
+def with_article(noun: str) -> str:
+    """'a horse', 'an airplane': the indefinite article by the noun's first letter (enough for CIFAR-10)."""
+    return f"{'an' if noun[0].lower() in 'aeiou' else 'a'} {noun}"
+
+
 def extract_split(cfg: RecipeConfig, split: str, limit: int | None, out: Path) -> dict[str, int]:
     """The first ``limit`` images of a split as PNGs in ``out``; returns {image id: class}."""
     import webdataset as wds
@@ -166,20 +172,20 @@ def prepare(cfg: RecipeConfig) -> None:
             "image": f"{key}.png",
             "conversations": [
                 {"from": "human", "value": f"<image>\n{QUESTION}"},
-                {"from": "gpt", "value": f"It is a {names[label]}."},
+                {"from": "gpt", "value": f"It is {with_article(names[label])}."},
             ],
         }
         for key, label in labels["train"].items()
     ]
     (work / "conversations.json").write_text(json.dumps(conversations))
     captions = [
-        {"file": f"{key}.png", "caption": f"Draw a {names[label]}."} for key, label in labels["train"].items()
+        {"file": f"{key}.png", "caption": f"Draw {with_article(names[label])}."} for key, label in labels["train"].items()
     ]
     (work / "captions.jsonl").write_text("".join(json.dumps(c) + "\n" for c in captions))
 
     prompt = MLLMConfig().prompt
     template = prompt.user_prefix + QUESTION + prompt.user_suffix + prompt.assistant_prefix
-    texts = [template + f"It is a {n}." + prompt.assistant_suffix + f"Draw a {n}." for n in names]
+    texts = [template + f"It is {with_article(n)}." + prompt.assistant_suffix + f"Draw {with_article(n)}." for n in names]
     text_tokenizer = train_bpe_tokenizer(texts * 20, cfg.text_vocab, work / "text_tokenizer", prompt)
     for mode in cfg.modes:
         model = MLLMConfig(
@@ -319,7 +325,7 @@ def evaluate(cfg: RecipeConfig) -> dict:
             rows = slice(start, start + cfg.eval_batch_size)
             texts = answer(model, [QUESTION] * len(test_ids[rows]), (test_pixel[rows], test_semantic[rows]))
             predictions += [parse_answer(t, names) for t in texts]
-            exact += sum(t == f"It is a {names[int(y)]}." for t, y in zip(texts, test_labels[rows]))
+            exact += sum(t == f"It is {with_article(names[int(y)])}." for t, y in zip(texts, test_labels[rows]))
         correct = torch.tensor(predictions) == test_labels
         results["understanding"][mode] = {
             "mllm_accuracy": float(correct.float().mean()),
@@ -356,7 +362,7 @@ def evaluate(cfg: RecipeConfig) -> dict:
         images = []
         starts = range(0, len(requested), cfg.eval_batch_size)
         for chunk, start in enumerate(tqdm(starts, desc=f"generate (guidance {scale:g})")):
-            prompts = [f"Draw a {names[int(c)]}." for c in requested[start : start + cfg.eval_batch_size]]
+            prompts = [f"Draw {with_article(names[int(c)])}." for c in requested[start : start + cfg.eval_batch_size]]
             out = generate_images(model, prompts, cfg_scale=scale, seed=cfg.seed + chunk)
             images.append(out.images.clamp(-1, 1))
         images = torch.cat(images)

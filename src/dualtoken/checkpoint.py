@@ -144,7 +144,7 @@ def _quantizer_config(block: dict, where: str) -> QuantizerConfig:
         decay=float(block.get("decay", 0.99)),
         restart_unused_codes=bool(block.get("restart_unused_codes", True)),
         ema_schedule="per_depth" if bottleneck == "rq" else "per_step",
-        per_step_final_residual=bottleneck == "rq_ema",  # SPEC 2.8 quirk 1, reproduced on import
+        per_step_final_residual=bottleneck == "rq_ema",  # the release's aliasing, reproduced on import
     )
 
 

@@ -1,4 +1,4 @@
-"""Pixel decoder: post-quant ResNet block, then a taming / RQ-VAE style conv decoder (SPEC 2.5)."""
+"""Pixel decoder: post-quant ResNet block, then a taming / RQ-VAE style conv decoder (docs/METHOD.md "Pixel decoder")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The PatchGAN-style discriminator of the release (SPEC section 3): a map of real/fake logits per image patch.
+"""The PatchGAN-style discriminator of the release (docs/METHOD.md "Objective"): a map of real/fake logits per image patch.
 
     conv3x3 s2 (3 -> c0), LeakyReLU(0.2)
     DBlock(c0 -> c1, s2), DBlock(c1 -> c2, s2), DBlock(c2 -> c3, s1)

@@ -1,4 +1,4 @@
-"""The DualToken training objective (SPEC section 3): pure loss functions and the weighted sum of them.
+"""The DualToken training objective (docs/METHOD.md "Objective"): pure loss functions and the weighted sum of them.
 
     L = semantic_weight * [ token_mse*MSE(zq_sem, T_mid) - token_cosine*cos(zq_sem, T_mid)
                             + pooled_mse*MSE(pool, T_pool) - pooled_cosine*cos(pool, T_pool)

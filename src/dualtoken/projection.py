@@ -1,7 +1,7 @@
 """AttnProjection: the attention + GeGLU block that moves token features between the tower width and the code width.
 
 Down (W -> D) attends over all tokens and averages the heads; up (D -> W) is causal in raster order and concatenates
-the heads. Both use heads of width D, so there are max(W, D) / D of them (SPEC 2.3).
+the heads. Both use heads of width D, so there are max(W, D) / D of them (docs/METHOD.md "Projections").
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Encode:   r_0 = x;  c_q = argmin_k ||r_q - e_k||^2;  r_{q+1} = r_q - e_{c_q};  output sum_q e_{c_q}
 Training: the codebook follows an exponential moving average of the vectors assigned to each code, and codes whose
-          average cluster size falls below 1 are restarted from random vectors of the batch (SPEC 2.4).
+          average cluster size falls below 1 are restarted from random vectors of the batch (docs/METHOD.md
+          "Residual quantizer").
 Data start: ``init_from_data`` fills the codebook with k-means centroids of real inputs, a share of K per depth on
           that depth's residuals (the trainer's ``codebook_init``); the default start is random, as the reference's.
 Two schedules of the EMA update: ``per_depth`` (after every depth; the release's `rq`) and ``per_step`` (once per

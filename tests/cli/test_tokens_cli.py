@@ -33,9 +33,12 @@ def test_encode_decode_reconstruct_info(photos, model_dir, tmp_path, capsys):
     assert main(["decode", str(tmp_path / "t.safetensors"), "--model", str(model_dir), "--out", str(tmp_path / "dec"), "--depth", "2"]) == 0
     assert len(list((tmp_path / "dec").glob("*.png"))) == 3
     assert main(["reconstruct", str(photos), "--model", str(model_dir), "--out", str(tmp_path / "rec")]) == 0
-    rows = json.loads((tmp_path / "rec" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "rec" / "metrics.json").read_text())
+    rows = metrics["images"]
     assert len(rows) == 3 and all(r["psnr"] > 0 for r in rows)
+    assert metrics["mean"]["psnr"] == pytest.approx(sum(r["psnr"] for r in rows) / 3, abs=1e-4)
     assert Image.open(tmp_path / "rec" / "p0_reconstruction.png").size == (64 * 2 + 4, 64)
+    assert Image.open(tmp_path / "rec" / "p0_tokens.png").size[0] > 4 * 64  # four labelled depth columns
     assert main(["info", "--model", str(model_dir)]) == 0
     assert "8x8 positions x (4 pixel + 4 semantic codes)" in capsys.readouterr().out
 
@@ -62,3 +65,13 @@ def test_corrupt_image_and_bad_depth(tmp_path, model_dir, capsys):
     Image.new("RGB", (64, 64)).save(tmp_path / "ok.png")
     assert main(["reconstruct", str(tmp_path / "ok.png"), "--model", str(model_dir), "--out", str(tmp_path / "r"), "--depth", "9"]) == 2
     assert "--depth must be in 1..4" in capsys.readouterr().err
+
+
+def test_demo_and_reconstruct_write_one_metrics_shape(photos, model_dir, tmp_path):
+    assert main(["reconstruct", str(photos), "--model", str(model_dir), "--out", str(tmp_path / "rec")]) == 0
+    assert main(["demo", str(photos), "--model", str(model_dir), "--out", str(tmp_path / "demo")]) == 0
+    reconstruct = json.loads((tmp_path / "rec" / "metrics.json").read_text())
+    demo = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert set(reconstruct) == set(demo) == {"model", "tokens_per_image", "images", "mean"}
+    assert set(reconstruct["images"][0]) == set(demo["images"][0]) == {"image", "psnr", "ssim", "pixel_depths"}
+    assert reconstruct["mean"] == demo["mean"]  # the same model on the same photos

@@ -89,6 +89,9 @@ def test_zero_shot_through_the_quantized_path(tiny_siglip_dir, labelled_folder, 
     assert metrics["teacher_cosine_tokens"] == metrics["unquantized_cosine_tokens"]
     assert [row["depth"] for row in report["rate_distortion"]["semantic"]] == [1, 2, 3, 4]
     assert len(list((tmp_path / "cache").glob("classifier-*.safetensors"))) == 1
+    # the protocol describes what ran: this zero-shot classifier, and no pixel path (its groups were not asked for)
+    assert "80 OpenAI templates" in report["protocol"]["semantic"]["classifier"]
+    assert not {"reconstruction", "features", "stability"} & set(report["protocol"])
 
 
 def test_webdataset_shards_with_labels(tiny_tokenizer, tmp_path):
@@ -159,3 +162,38 @@ def test_an_interrupted_run_resumes_where_it_stopped(tiny_tokenizer, image_folde
     for key in ("metrics", "rate_distortion", "codebooks", "extremes"):
         assert resumed[key] == reference[key], key
     assert resumed["data"]["fingerprint"] == reference["data"]["fingerprint"]
+
+
+@pytest.mark.slow
+def test_a_small_set_reports_each_image_once_and_says_what_needs_more(tiny_tokenizer, tmp_path):
+    """6 images with the default 4 best + 4 worst and KID subsets of 1000: nothing may pretend otherwise."""
+    write_images(tmp_path / "six", 6)
+    out = tmp_path / "out"
+    report = evaluate(tiny_tokenizer, tmp_path / "six", out, EvalConfig(batch_size=4, feature_resize=64), progress=False)
+    best, worst = report["extremes"]["best"], report["extremes"]["worst"]
+    assert len(best) == len(worst) == 3  # each image once, the better half as best
+    assert {e["index"] for e in best}.isdisjoint(e["index"] for e in worst)
+    assert min(e["psnr"] for e in best) >= max(e["psnr"] for e in worst)
+    metrics, caveats = report["metrics"], report["caveats"]
+    assert isinstance(metrics["kid_efficientnet_lite0"], float) and "kid_efficientnet_lite0_std" not in metrics
+    assert "on 6 images" in caveats["kid_efficientnet_lite0"] and "no spread" in caveats["kid_efficientnet_lite0"]
+    assert "on 6 images" in caveats["fd_efficientnet_lite0"]
+    assert "Read with care:" in (out / "report.md").read_text()
+    # the protocol lists what ran: no Inception without its weights, and no classifier the model lacks
+    assert set(report["protocol"]["features"]) == {"efficientnet_lite0"}
+    assert report["protocol"]["semantic"]["classifier"].startswith("no classification")
+    # the per-image table beside report.json
+    assert report["tables"] == {"per_image": "per_image.csv"}
+    lines = (out / "per_image.csv").read_text().splitlines()
+    assert lines[0] == "image,psnr,ssim,psnr@1,psnr@2,psnr@3,psnr@4" and len(lines) == 7
+    psnr = [float(line.split(",")[1]) for line in lines[1:]]
+    assert sum(psnr) / 6 == pytest.approx(metrics["psnr"], abs=1e-3)
+    assert all(float(line.split(",")[6]) == float(line.split(",")[1]) for line in lines[1:])  # psnr@4 = full depth
+
+
+def test_the_protocol_of_a_head_classifier_run_names_the_head():
+    from dualtoken.evaluation.protocol import describe_protocol
+
+    protocol = describe_protocol((256, 256), 224, {"semantic"}, [], "head")
+    assert protocol["semantic"]["classifier"].startswith("the backbone's own ImageNet-1k classifier head")
+    assert "templates" not in json.dumps(protocol) and "features" not in protocol

@@ -56,6 +56,13 @@ def test_recipe_tokenizes_at_its_own_size_with_the_same_weights(tmp_path):
     assert recipe.visual_tokenizer(cfg)[1] == str(source.resolve())
 
 
+def test_answers_and_prompts_use_the_right_article():
+    recipe = _recipe_module()
+    assert recipe.with_article("airplane") == "an airplane"
+    assert recipe.with_article("automobile") == "an automobile"
+    assert recipe.with_article("horse") == "a horse" and recipe.with_article("truck") == "a truck"
+
+
 @pytest.mark.slow
 @pytest.mark.data
 def test_cifar_recipe_runs_every_stage(tmp_path, shared_data, tiny_tokenizer):
@@ -74,7 +81,9 @@ def test_cifar_recipe_runs_every_stage(tmp_path, shared_data, tiny_tokenizer):
     assert done.returncode == 0, done.stderr[-3000:]
 
     conversations = json.loads((work / "conversations.json").read_text())
-    assert len(conversations) == 20 and conversations[0]["conversations"][1]["value"].startswith("It is a ")
+    assert len(conversations) == 20 and conversations[0]["conversations"][1]["value"].startswith("It is a")
+    answers = {c["conversations"][1]["value"] for c in conversations}
+    assert not {"It is a airplane.", "It is a automobile."} & answers
     for mode in ("both", "semantic", "pixel"):
         config = load_config(MLLMTrainConfig, work / f"train_{mode}.json")
         assert config.model.fusion.inputs == mode and config.steps == 2

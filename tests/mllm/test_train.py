@@ -141,3 +141,15 @@ def test_cli_errors_are_one_line(run_folder, capsys):
     assert "preset" in capsys.readouterr().err
     assert main(["chat", "--model", str(run_folder), "hi"]) == 2
     assert "not a DualToken MLLM folder" in capsys.readouterr().err
+
+
+def test_a_question_without_an_image_gets_a_clear_message(run_folder, capsys):
+    config = load_config(MLLMTrainConfig, run_folder / "train.json")
+    final = train_mllm(dataclasses.replace(config, steps=1, out_dir=str(run_folder / "one")), run_folder, progress=False)
+    capsys.readouterr()
+    assert main(["chat", "--model", str(final), "What is in this image?"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "no --image: this MLLM answers about an image (64x64 px" in err and "--no-image" in err
+    assert main(["chat", "--model", str(final), "--no-image", "Hello?"]) == 0
+    assert capsys.readouterr().out.strip()  # some answer from the language model alone

@@ -47,6 +47,14 @@ def test_models_health_and_schema(client, tiny_tokenizer):
     assert info["name"] == "dualtoken-tiny" and info["grid"] == list(tiny_tokenizer.grid)
     assert info["pixel_depth"] == tiny_tokenizer.pixel_depth
     assert info["codebook_size"] == {"pixel": 256, "semantic": 256}
+    assert info["meaning"]["unavailable"].startswith("no zero-shot classifier")
+    assert models["limits"] == {
+        "max_body_bytes": 2_000_000,
+        "max_image_pixels": 4_000_000,
+        "allowed_formats": ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"],
+        "max_prompt_chars": 200,
+        "max_cfg_scale": 50.0,
+    }
     health = client.get("/healthz").json()
     assert health["status"] == "ok" and set(health["pending"]) == {
         "encode",
@@ -111,6 +119,29 @@ def test_reconstruct_reports_every_depth_prefix(client, tiny_tokenizer, photo_by
         assert data_url_pixels(view["token_maps"][0]).shape == (8, 8, 3)
         assert data_url_pixels(view["code_maps"][3]).shape == (8, 8, 3)
         assert view["usage"]["unique"] == codes.unique().numel()
+    assert body["meaning"] is None  # the tiny model has no classifier
+
+
+def test_reconstruct_says_what_the_semantic_codes_mean(photo_bytes):
+    from fastapi.testclient import TestClient
+
+    from dualtoken import DualTokenizer
+    from dualtoken.meaning import build_reader
+
+    tokenizer = DualTokenizer.from_pretrained("dualtoken-efflite0")
+    with TestClient(create_app(tokenizer)) as client:
+        info = client.get("/v1/models").json()["models"][0]
+        body = client.post("/v1/reconstruct", files=upload(photo_bytes)).json()
+    assert info["meaning"] == {
+        "classifier": "backbone classifier head (ImageNet-1k)",
+        "reference": "the pretrained tower, unquantized",
+    }
+    image = load_image(BytesIO(photo_bytes), tokenizer.image_size)[None]  # what the server's preprocessing gives
+    (expected,) = build_reader(tokenizer)[0].read(image, torch.tensor(body["semantic"]["codes"])[None])
+    meaning = body["meaning"]
+    assert len(meaning["codes"]) == 4 and len(meaning["unquantized"]) == 5
+    assert [g["name"] for g in meaning["codes"][-1]] == [g.name for g in expected.codes[-1]]
+    assert [g["name"] for g in meaning["unquantized"]] == [g.name for g in expected.unquantized]
 
 
 def test_the_page_and_its_assets(client):
@@ -126,6 +157,9 @@ def test_the_page_and_its_assets(client):
         assert element in page.text
     assert client.get("/static/app.js").headers["content-type"].startswith("text/javascript")
     assert client.get("/static/style.css").headers["content-type"].startswith("text/css")
+    assert client.get("/favicon.ico").headers["content-type"] == "image/svg+xml"
+    assert client.get("/docs").status_code == 404  # Swagger UI would need a CDN: not served, not linked
+    assert 'href="/docs"' not in page.text and "https://" not in page.text
     for name in ("missing.js", "..%2Fapp.py", "%2Fetc%2Fpasswd"):
         assert client.get(f"/static/{name}").status_code == 404
 

@@ -1,5 +1,6 @@
-"""End to end in headless Chromium: upload a real photo, move the depth slider, see reconstructions, token maps,
-per-depth quality, code usage, chat and generation. Leaves a screenshot in test-artifacts/serving/."""
+"""End to end in headless Chromium: upload a real photo, move the depth slider, see reconstructions, what the
+semantic codes say, labelled token maps, per-depth quality, code usage, chat and generation, and errors beside the
+control that caused them. Leaves screenshots in test-artifacts/serving/ (ignored by git)."""
 
 from __future__ import annotations
 
@@ -35,12 +36,10 @@ CHROMIUM_ARGS = [
 ARTIFACTS = REPO / "test-artifacts" / "serving"
 
 
-@pytest.fixture
-def server_url(tiny_tokenizer):
-    """The app on uvicorn, in a thread, on 127.0.0.1 and a free port chosen by the OS."""
+def serve(app):
+    """The app on uvicorn, in a thread, on 127.0.0.1 and a free port chosen by the OS; yields its URL."""
     import uvicorn
 
-    app = create_app(tiny_tokenizer, mllm=FakeMLLM(tiny_tokenizer.image_size))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
@@ -54,6 +53,18 @@ def server_url(tiny_tokenizer):
     server.should_exit = True
     thread.join(10)
     sock.close()
+
+
+@pytest.fixture
+def server_url(tiny_tokenizer):
+    yield from serve(create_app(tiny_tokenizer, mllm=FakeMLLM(tiny_tokenizer.image_size)))
+
+
+@pytest.fixture
+def efflite0_url():
+    from dualtoken import DualTokenizer
+
+    yield from serve(create_app(DualTokenizer.from_pretrained("dualtoken-efflite0")))
 
 
 @pytest.fixture
@@ -72,6 +83,8 @@ def loaded_width(page, selector: str) -> int:
 
 def test_upload_slide_and_look(page, server_url, photo_path, tmp_path):
     expect = playwright_api.expect
+    requests = []
+    page.on("request", lambda request: requests.append(request.url))
     page.goto(server_url)
     expect(page.locator("#model-info")).to_contain_text("dualtoken-tiny")
     expect(page.locator("#mllm")).to_be_visible()
@@ -101,6 +114,16 @@ def test_upload_slide_and_look(page, server_url, photo_path, tmp_path):
         assert loaded_width(page, selector) == 64
     for selector in ("#pixel-map", "#semantic-map", "#pixel-codes", "#semantic-codes"):
         assert loaded_width(page, selector) == 8, f"{selector} did not render an 8x8 token map"
+    # the maps are labelled as laid out: a column per kind of map, a row per vocabulary with its depth
+    expect(page.locator("#maps-sum-header")).to_have_text("sum of depths 1..2")
+    expect(page.locator("#maps-ids-header")).to_have_text("code ids of depth 2")
+    expect(page.locator(".maps [role=rowheader]")).to_have_text(["pixeldepth 2 of 4", "semanticdepth 2 of 4"])
+    row_of = "el => Math.round(el.getBoundingClientRect().top)"
+    assert page.eval_on_selector("#pixel-map", row_of) == page.eval_on_selector("#pixel-codes", row_of)
+    assert page.eval_on_selector("#pixel-map", row_of) < page.eval_on_selector("#semantic-map", row_of)
+    # the tiny model has no classifier: the meaning card says why instead of showing classes
+    expect(page.locator("#meaning-note")).to_contain_text("cannot be read as classes here: no zero-shot classifier")
+    expect(page.locator("#meaning-columns")).to_be_hidden()
     expect(page.locator("#depth-table tbody tr")).to_have_count(4)
     expect(page.locator("#psnr-chart circle")).to_have_count(4)
     expect(page.locator("#pixel-usage")).to_contain_text("distinct codes of 256")
@@ -114,8 +137,22 @@ def test_upload_slide_and_look(page, server_url, photo_path, tmp_path):
     expect(page.locator("#gen-image")).to_be_visible()
     page.wait_for_function("document.getElementById('gen-image').naturalWidth === 64")
 
+    # limits are in the form, and a value beyond them is reported beside the control, not sent
+    expect(page.locator("#gen-cfg-limits")).to_have_text("0 to 50; 1 = off")
+    expect(page.locator("#chat-limits")).to_have_text("at most 2000 characters")
+    expect(page.locator("#upload-limits")).to_contain_text("at most 16 MiB and 40 megapixels")
+    page.fill("#gen-cfg", "80")
+    page.click("#gen-send")
+    expect(page.locator("#gen-error")).to_contain_text("guidance: ")
+    # what the server refuses lands there too (the form's own limit taken away)
+    page.eval_on_selector("#gen-cfg", "input => input.removeAttribute('max')")
+    page.click("#gen-send")
+    expect(page.locator("#gen-error")).to_contain_text("Could not generate: cfg_scale: ")
+    expect(page.locator("#gen-error")).to_contain_text("less than or equal to 50")
+    expect(page.locator("#status")).not_to_have_class("status error")
+
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "page.png"), full_page=True)
+    page.screenshot(path=str(ARTIFACTS / "page_mllm.png"), full_page=True)
 
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_bytes(b"plain text pretending to be a PNG")
@@ -124,4 +161,41 @@ def test_upload_slide_and_look(page, server_url, photo_path, tmp_path):
         "Could not tokenize notes.png: the upload is not a readable image"
     )
     expect(page.locator("#status")).to_have_class("status error")
+    expect(page.locator("#results")).to_be_hidden()  # the previous image's results are gone
+    page.click("#chat-send")
+    expect(page.locator("#chat-error")).to_have_text("Upload an image first: the question is about it.")
+    assert Path(ARTIFACTS / "page_mllm.png").stat().st_size > 10_000
+
+    # everything the page loaded came from this server (it works offline), and it has an icon
+    fetched = [url for url in requests if not url.startswith(("data:", "blob:"))]
+    assert fetched and all(url.startswith(server_url) for url in fetched), fetched
+    assert page.eval_on_selector("link[rel=icon]", "link => link.href") == f"{server_url}/static/favicon.svg"
+    assert page.request.get(f"{server_url}/static/favicon.svg").headers["content-type"] == "image/svg+xml"
+    assert page.locator("a[href='/docs']").count() == 0 and page.request.get(f"{server_url}/docs").status == 404
+
+
+def test_page_shows_what_the_semantic_codes_say(page, efflite0_url, photo_path):
+    """The shipped model's semantic codes read as ImageNet classes, beside the unquantized tower's."""
+    expect = playwright_api.expect
+    page.goto(efflite0_url)
+    expect(page.locator("#model-info")).to_contain_text("dualtoken-efflite0")
+    page.set_input_files("#file-input", str(photo_path))
+    expect(page.locator("#results")).to_be_visible(timeout=60_000)
+    expect(page.locator("#meaning-codes li")).to_have_count(5)
+    expect(page.locator("#meaning-unquantized li")).to_have_count(5)
+    expect(page.locator("#meaning-reference-title")).to_have_text("the pretrained tower, unquantized")
+    expect(page.locator("#meaning-note")).to_contain_text("backbone classifier head (ImageNet-1k)")
+    expect(page.locator("#meaning-agreement")).to_contain_text("top classes are shared")
+    if photo_path.name == "kodim23.png":  # two parrots: both readings name the macaw first
+        expect(page.locator("#meaning-codes li .guess-name").first).to_have_text("macaw")
+        expect(page.locator("#meaning-unquantized li .guess-name").first).to_have_text("macaw")
+        expect(page.locator("#meaning-agreement")).to_contain_text("Top-1 agrees: macaw.")
+    full = page.locator("#meaning-codes").inner_text()
+    page.locator("#depth-slider").focus()
+    page.keyboard.press("Home")  # one semantic depth: a coarser reading
+    expect(page.locator("#meaning-card h3.semantic-title")).to_have_text("from the semantic codes, depths 1..1")
+    assert page.locator("#meaning-codes").inner_text() != full
+    page.keyboard.press("End")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "page.png"), full_page=True)
     assert Path(ARTIFACTS / "page.png").stat().st_size > 10_000

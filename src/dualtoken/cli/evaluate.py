@@ -20,13 +20,13 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "eval",
         help="evaluate a tokenizer: reconstruction, perceptual, distribution, semantic, codebooks, stability",
-        description="Evaluate a tokenizer and write report.json, report.md and PNG figures into --out. "
+        description="Evaluate a tokenizer and write report.json, report.md, per_image.csv and PNG figures into --out. "
         "Standard rFID / LPIPS run only with local weight files; otherwise EfficientNet-Lite0 substitutes "
         "are reported under their own names.",
     )
     parser.add_argument("--model", required=True, help="model folder (save_pretrained) or embedded model name")
     parser.add_argument("--data", required=True, help="image folder, file list, or WebDataset shards")
-    parser.add_argument("--out", required=True, help="output folder for report.json, report.md and figures")
+    parser.add_argument("--out", required=True, help="output folder for report.json, report.md, per_image.csv and figures")
     parser.add_argument("--metrics", nargs="+", choices=METRIC_GROUPS, help="metric groups (default: all)")
     parser.add_argument("--config", help="EvalConfig JSON file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

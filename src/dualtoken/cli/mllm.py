@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..config import apply_overrides
+from ..errors import DataError
 from ..io import load_image, save_image
 
 
@@ -22,7 +23,13 @@ def _load(model_dir: str, device: str):
 
 def cmd_chat(args: argparse.Namespace) -> int:
     model = _load(args.model, args.device)
-    image = load_image(args.image, model.visual_tokenizer.image_size) if args.image else None
+    height, width = model.visual_tokenizer.image_size
+    if args.image is None and not args.no_image:
+        raise DataError(
+            f"no --image: this MLLM answers about an image ({height}x{width} px; any image file is resized and "
+            "centre-cropped to it); pass --image FILE, or --no-image to ask the language model alone"
+        )
+    image = load_image(args.image, (height, width)) if args.image else None
     options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seed": args.seed}
     print(model.chat(image, args.question, **options))
     return 0
@@ -66,7 +73,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("chat", help="answer a question about an image with an MLLM")
     p.add_argument("question")
     p.add_argument("--model", required=True, help="MLLM folder written by save_pretrained / train-mllm")
-    p.add_argument("--image", default=None, help="image file (any PIL-readable format); omit for text only")
+    p.add_argument(
+        "--image", default=None,
+        help="image file (any PIL-readable format), resized and centre-cropped to the MLLM's input size",
+    )
+    p.add_argument("--no-image", action="store_true", help="ask without an image (the language model alone)")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (the default)")
     p.add_argument("--seed", type=int, default=0)

@@ -18,7 +18,7 @@ from ..io import expand_inputs, load_image, save_image
 from ..metrics import psnr, ssim
 from ..tokenfile import load_tokens, save_tokens
 from ..tokenizer import DualTokenizer
-from ..visualize import side_by_side, token_maps, vstack
+from ..visualize import side_by_side, token_figure, vstack
 
 DEFAULT_MODEL = "dualtoken-efflite0"
 FALLBACK_MODEL = "dualtoken-tiny"
@@ -97,7 +97,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 
 def reconstruct_files(tokenizer: DualTokenizer, files: list[Path], out: Path, depth: int | None, batch_size: int) -> list[dict]:
-    """Tokenize and reconstruct files; write side-by-side PNGs and token maps; return per-image metrics."""
+    """Tokenize and reconstruct files; write side-by-side PNGs and labelled token maps; return per-image metrics."""
     _check_depth(depth, tokenizer.pixel_depth)
     rows = []
     with torch.inference_mode():
@@ -109,12 +109,7 @@ def reconstruct_files(tokenizer: DualTokenizer, files: list[Path], out: Path, de
             scores_psnr, scores_ssim = psnr(recon, images), ssim(recon, images)
             for i, path in enumerate(chunk):
                 save_image(side_by_side(images[i], recon[i]), out / f"{path.stem}_reconstruction.png")
-                maps = vstack(
-                    [
-                        token_maps(tokens.pixel[i], tokenizer.codebook_size("pixel")),
-                        token_maps(tokens.semantic[i], tokenizer.codebook_size("semantic")),
-                    ]
-                )
+                maps = token_figure(tokenizer, tokens.pixel[i], tokens.semantic[i])
                 save_image(maps, out / f"{path.stem}_tokens.png")
                 rows.append(
                     {
@@ -132,21 +127,31 @@ def _tokens_per_image(tokenizer: DualTokenizer) -> str:
     return f"{h}x{w} positions x ({tokenizer.pixel_depth} pixel + {tokenizer.semantic_depth} semantic codes)"
 
 
-def _print_rows(rows: list[dict]) -> None:
+def write_metrics(tokenizer: DualTokenizer, rows: list[dict], out: Path) -> dict:
+    """``metrics.json`` of ``reconstruct`` and ``demo`` (one shape): the model, its tokens per image, one row per
+    image (image, psnr, ssim, pixel_depths) and the means over the images; prints the same."""
+    summary = {
+        "model": tokenizer.config.name,
+        "tokens_per_image": _tokens_per_image(tokenizer),
+        "images": rows,
+        "mean": {
+            metric: round(sum(r[metric] for r in rows) / len(rows), 4) if rows else None for metric in ("psnr", "ssim")
+        },
+    }
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     for row in rows:
         print(f"{row['image']}: PSNR {row['psnr']:.2f} dB  SSIM {row['ssim']:.4f}")
     if rows:
-        mean_psnr = sum(r["psnr"] for r in rows) / len(rows)
-        mean_ssim = sum(r["ssim"] for r in rows) / len(rows)
-        print(f"mean over {len(rows)} images: PSNR {mean_psnr:.2f} dB  SSIM {mean_ssim:.4f}")
+        mean = summary["mean"]
+        print(f"mean over {len(rows)} images: PSNR {mean['psnr']:.2f} dB  SSIM {mean['ssim']:.4f}")
+    return summary
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     tokenizer = load_model(args.model)
     out = Path(args.out)
     rows = reconstruct_files(tokenizer, expand_inputs(args.inputs), out, args.depth, args.batch_size)
-    (out / "metrics.json").write_text(json.dumps(rows, indent=2) + "\n")
-    _print_rows(rows)
+    write_metrics(tokenizer, rows, out)
     return 0
 
 
@@ -202,17 +207,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
             files.append(source / f"{name}.png")
     files = expand_inputs(files)
     rows = reconstruct_files(tokenizer, files, out, None, 4)
-    summary = {
-        "model": tokenizer.config.name,
-        "tokens_per_image": _tokens_per_image(tokenizer),
-        "images": rows,
-    }
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     pictures = [np.asarray(Image.open(out / f"{Path(r['image']).stem}_reconstruction.png")) for r in rows]
     save_image(vstack(pictures), out / "demo.png")
     print(f"model {tokenizer.config.name}; tokens per image: {_tokens_per_image(tokenizer)}")
-    _print_rows(rows)
-    print(f"pictures in {out}/ (demo.png: originals left, reconstructions right; *_tokens.png: token maps)")
+    write_metrics(tokenizer, rows, out)
+    print(f"pictures in {out}/ (demo.png: originals left, reconstructions right; *_tokens.png: token maps by "
+          "vocabulary and depth k)")
     return 0
 
 

@@ -11,7 +11,7 @@ import torch
 from .config import EvalConfig
 from .distributed import rank_and_world
 from .figures import codebook_usage_figure, rate_distortion_figure, reconstruction_grid_figure
-from .report import build_report, write_report
+from .report import build_report, write_per_image_csv, write_report
 from .runner import load_model, run_evaluation
 
 if TYPE_CHECKING:
@@ -35,8 +35,9 @@ def evaluate(
     ``model``: a DualTokenizer, a folder written by ``save_pretrained``, or an embedded model's name.
     ``data``: an image folder, a file list, or WebDataset shards (see ``dualtoken.data.resolve_source``).
     Under torchrun (``torch.distributed`` initialised) every process evaluates its share and all return the same
-    report; only rank 0 writes ``report.json``, ``report.md`` and the PNG figures into ``out_dir``. An interrupted
-    run started again with the same ``out_dir``, model, data and config continues where it stopped.
+    report; only rank 0 writes ``report.json``, ``report.md``, ``per_image.csv`` and the PNG figures into
+    ``out_dir``. An interrupted run started again with the same ``out_dir``, model, data and config continues where
+    it stopped.
     """
     config = config or EvalConfig()
     device = torch.device(device) if device is not None else _default_device()
@@ -64,6 +65,8 @@ def evaluate(
             ),
         }
         report["figures"] = {name: path.name for name, path in figures.items() if path is not None}
+        if results["per_image"]:
+            report["tables"]["per_image"] = write_per_image_csv(results["per_image"], out_dir / "per_image.csv").name
         write_report(report, out_dir)
     return report
 

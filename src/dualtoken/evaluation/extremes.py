@@ -49,10 +49,19 @@ class ExtremeImages:
         self._trim()
 
     def gathered(self) -> tuple[list[Example], list[Example]]:
-        """(best, worst) over all processes."""
+        """(best, worst) over all processes, each image in one of them only.
+
+        With fewer than 2 x ``count`` images the two lists would overlap: the images are then split, the better
+        half (rounded up) as best and the rest as worst.
+        """
         merged = ExtremeImages(self.count)
         for best, worst in gather_objects((self.best, self.worst)):
             merged.best += best
             merged.worst += worst
         merged._trim()
-        return merged.best, merged.worst
+        candidates = {e.index: e for e in merged.best + merged.worst}
+        if len(candidates) >= 2 * self.count:
+            return merged.best, merged.worst
+        ranked = sorted(candidates.values(), key=lambda e: (-e.score, e.index))
+        half = (len(ranked) + 1) // 2
+        return ranked[:half], sorted(ranked[half:], key=lambda e: (e.score, e.index))

@@ -3,13 +3,15 @@
 report.json keys: ``schema``, ``created``, ``versions``, ``model``, ``data``, ``protocol``, ``config``,
 ``metrics`` (every number at full depth, with ``*_gap`` = quantized - unquantized accuracy), ``rate_distortion``
 (``pixel`` / ``semantic`` rows, one per k), ``codebooks``, ``stability``, ``classifier``, ``extremes``,
-``skipped_metrics``, ``figures``, ``runtime``. A group that did not run is absent (its reason in
+``skipped_metrics``, ``caveats`` (metric -> why its value needs care at this number of images), ``figures``,
+``tables`` (``per_image``: the CSV of per-image PSNR / SSIM), ``runtime``. A group that did not run is absent (its reason in
 ``skipped_metrics`` when it was asked for).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -18,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 
 from ..config import to_dict
-from .config import EvalConfig
+from .config import METRIC_GROUPS, EvalConfig
 from .protocol import describe_protocol
 
 SCHEMA = "dualtoken-eval/1"
@@ -75,13 +77,21 @@ def build_report(results: dict, tokenizer, model_source: str, config: EvalConfig
             "labeled_images": results["labeled_images"],
             "skipped_images": [{"index": n, "id": i, "reason": r} for n, i, r in results["skipped_images"]],
         },
-        "protocol": describe_protocol(tokenizer.image_size, config.feature_resize),
+        "protocol": describe_protocol(
+            tokenizer.image_size,
+            config.feature_resize,
+            {group for group in METRIC_GROUPS if config.wants(group)},
+            results["feature_nets"],
+            results["classifier_kind"],
+        ),
         "config": to_dict(config),
         "metrics": metrics,
         "rate_distortion": {"pixel": pixel_rows, "semantic": semantic_rows},
         "classifier": results["classifier"],
         "skipped_metrics": results["skipped_metrics"],
+        "caveats": results["caveats"],
         "figures": {},
+        "tables": {},
         "runtime": {"seconds": round(results["seconds"], 2), "world_size": results["world_size"], "device": device},
     }
     if results["kid"] is not None:
@@ -134,6 +144,8 @@ def render_markdown(report: dict) -> str:
         *[f"| {name} | {_fmt(value)} |" for name, value in report["metrics"].items()],
         "",
     ]
+    if report["caveats"]:
+        lines += ["Read with care:", ""] + [f"- {note}" for note in report["caveats"].values()] + [""]
     if report["skipped_metrics"]:
         lines += ["Not computed:", ""] + [f"- {reason}" for reason in report["skipped_metrics"].values()] + [""]
     for branch in ("pixel", "semantic"):
@@ -161,12 +173,32 @@ def render_markdown(report: dict) -> str:
         else:
             lines += [f"- **{section}**: {content}"]
     lines += ["", "## Versions", "", *[f"- {k}: {v}" for k, v in report["versions"].items()], ""]
+    if report["tables"]:
+        lines += ["## Tables", ""] + [f"- {name}: [{file}]({file})" for name, file in report["tables"].items()] + [""]
     if report["figures"]:
         lines += ["## Figures", ""] + [f"![{name}]({file})" for name, file in report["figures"].items()] + [""]
     if data["skipped_images"]:
         lines += ["## Unreadable images (skipped)", ""]
         lines += [f"- {item['id']}: {item['reason']}" for item in data["skipped_images"]] + [""]
     return "\n".join(lines)
+
+
+def write_per_image_csv(rows: list[dict], path: Path) -> Path:
+    """The per-image table (image, psnr, ssim, psnr@1..psnr@Q) as CSV, one row per image in data order."""
+    columns = list(dict.fromkeys(name for row in rows for name in row))
+    lines = [",".join(columns)]
+    for row in rows:
+        cells = [row.get(name, "") for name in columns]
+        lines.append(",".join(_csv_cell(cell) for cell in cells))
+    _atomic_write(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _csv_cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if math.isfinite(value) else str(value)
+    text = str(value)
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
 
 
 def write_report(report: dict, out_dir: str | Path) -> tuple[Path, Path]:

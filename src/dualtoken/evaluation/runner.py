@@ -59,6 +59,7 @@ class Evaluator:
         self.config = config
         self.device = device
         self.skipped_reasons: dict[str, str] = {}
+        self.caveats: dict[str, str] = {}  # metric -> why its value needs care at this number of images
         rd = config.wants("rate_distortion")
         self.pixel_depths = list(range(1, tokenizer.pixel_depth + 1)) if rd else [tokenizer.pixel_depth]
         self.semantic_depths = list(range(1, tokenizer.semantic_depth + 1)) if rd else [tokenizer.semantic_depth]
@@ -312,6 +313,9 @@ class Evaluator:
         results = {
             "num_images": len(indices),
             "ids": ids,
+            "per_image": self._per_image(ids, rows),
+            "caveats": dict(self.caveats),
+            "feature_nets": sorted(self.feature_nets),
             "fingerprint": _fingerprint(ids, rows["fingerprint"]),
             "pixel_rows": pixel_rows,
             "semantic_rows": semantic_rows,
@@ -320,6 +324,7 @@ class Evaluator:
             "skipped_images": skipped_images,
             "skipped_metrics": dict(self.skipped_reasons),
             "classifier": self.classifier.description if self.classifier is not None else None,
+            "classifier_kind": self.classifier.kind if self.classifier is not None else None,
         }
         if self.config.wants("codebook"):
             results["codebooks"] = {
@@ -342,6 +347,20 @@ class Evaluator:
         results["kid"] = self.kid_settings
         return results
 
+    def _per_image(self, ids: list[str], rows: dict[str, torch.Tensor]) -> list[dict]:
+        """One row per image in data order: its id, PSNR and SSIM at full depth, and PSNR from each depth prefix."""
+        if not self.decodes:
+            return []
+        full = self.pixel_depths[-1]
+        table = []
+        for i, image_id in enumerate(ids):
+            row = {"image": image_id, "psnr": float(rows[f"psnr@{full}"][i])}
+            if f"ssim@{full}" in rows:
+                row["ssim"] = float(rows[f"ssim@{full}"][i])
+            row.update({f"psnr@{k}": float(rows[f"psnr@{k}"][i]) for k in self.pixel_depths})
+            table.append(row)
+        return table
+
     def _distribution(self, rows: dict[str, torch.Tensor], k: int, count: int) -> dict:
         """Set-level distances at depth k: FD (torchmetrics, synced) and KID (on features in data order)."""
         out = {}
@@ -353,13 +372,29 @@ class Evaluator:
                 self.skipped_reasons[label] = f"{label} needs at least 2 images"
                 continue
             out[label] = float(self.frechet[(name, k)].compute())
+            dims = self.feature_nets[name].feature_dim
+            if count <= dims:
+                self.caveats[label] = (
+                    f"{label} on {count} images, not more than its {dims} feature dimensions: the covariances are "
+                    "singular and the distance is biased upwards; compare it only with runs on as many images"
+                )
             if name == EFFICIENTNET:
+                # with no more images than a subset holds, every subset is the whole set: draw it once
+                subsets = self.config.kid_subsets if self.config.kid_subset_size < count else 1
                 mean, std, size = kernel_distance(
-                    rows[f"features_{name}_real"], rows[f"features_{name}@{k}"], self.config.kid_subsets,
+                    rows[f"features_{name}_real"], rows[f"features_{name}@{k}"], subsets,
                     self.config.kid_subset_size, self.config.kid_degree, self.config.seed,
                 )
-                out[f"kid_{name}"], out[f"kid_{name}_std"] = mean, std
-                self.kid_settings = {"subsets": self.config.kid_subsets, "subset_size": size,
+                out[f"kid_{name}"] = mean
+                if size < count:  # subsets drawn from more images than they hold: their spread means something
+                    out[f"kid_{name}_std"] = std
+                else:
+                    self.caveats[f"kid_{name}"] = (
+                        f"kid_{name} on {count} images, not more than kid_subset_size {self.config.kid_subset_size}:"
+                        f" every subset is the whole set, so it is one estimate with no spread (no kid_{name}_std);"
+                        " KID is unbiased, so values near 0 can be negative"
+                    )
+                self.kid_settings = {"subsets": subsets, "subset_size": size,
                                      "degree": self.config.kid_degree, "seed": self.config.seed}
         return out
 

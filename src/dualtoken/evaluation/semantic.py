@@ -16,6 +16,7 @@ from .templates import OPENAI_IMAGENET_TEMPLATES
 from .zeroshot import cached_text_classifier, has_tokenizer, read_class_names
 
 IMAGENET_CLASSES = 1000
+ZEROSHOT_LOGIT_SCALE = 100.0  # logits = 100 x cosine, as in the zero-shot evaluation
 
 
 @dataclass
@@ -54,6 +55,11 @@ class Classifier:
         if self.kind == "head":
             return pooled.float()  # (B, 1000) logits
         return F.normalize(pooled.float(), dim=-1) @ self.weights.to(pooled.device).T  # (B, C)
+
+    def probabilities(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, C) class probabilities: softmax of the head's logits, or of 100 x the cosines (open_clip's scale)."""
+        scale = 1.0 if self.kind == "head" else ZEROSHOT_LOGIT_SCALE
+        return (self.scores(pooled) * scale).softmax(dim=-1)
 
 
 def pretrained_folder(tokenizer) -> Path | None:

@@ -1,6 +1,6 @@
 """Zero-shot classification with the SigLIP text tower, and top-k accuracy from any class scores.
 
-The classifier is built as in the reference evaluation (open_clip ``zero_shot_eval``, SPEC §4): for each class,
+The classifier is built as in the reference evaluation (open_clip ``zero_shot_eval``, docs/METHOD.md "Evaluation protocol"): for each class,
 the text embeddings of the 80 templates are L2-normalised, averaged and renormalised. Building it runs the text
 tower over C x 80 prompts, so it is cached on disk under a key of everything it depends on.
 """

@@ -1,4 +1,4 @@
-"""The unified MLLM (SPEC section 5): understanding and generation with both DualToken vocabularies, on any
+"""The unified MLLM (docs/METHOD.md "The unified MLLM"): understanding and generation with both DualToken vocabularies, on any
 transformers decoder-only language model."""
 
 from .config import (

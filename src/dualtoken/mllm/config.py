@@ -1,4 +1,4 @@
-"""Configs of the unified MLLM (SPEC section 5): the wrapped LLM, the prompt template, input fusion, visual heads,
+"""Configs of the unified MLLM (docs/METHOD.md "The unified MLLM"): the wrapped LLM, the prompt template, input fusion, visual heads,
 loss weights, sampling, and training. Every number lives here; all of them round-trip to JSON and reject unknown
 keys through :mod:`dualtoken.config`.
 """
@@ -90,9 +90,9 @@ class PromptConfig:
 class FusionConfig:
     """Understanding input: per grid position, summed code embeddings -> 2-layer MLP(s) -> one LLM input vector."""
 
-    # which vocabularies feed the LLM (the pixel-only and semantic-only modes are the ablation of SPEC 5.6)
+    # which vocabularies feed the LLM (the pixel-only and semantic-only modes are the paper's ablation)
     inputs: Literal["both", "pixel", "semantic"] = "both"
-    # "per_branch": each vocabulary its own MLP to half the LLM width, then concatenation (SPEC 5.3, method text);
+    # "per_branch": each vocabulary its own MLP to half the LLM width, then concatenation (the paper's method text);
     # "concat_first": concatenate the two code sums, then one MLP (the appendix's parameter count)
     order: Literal["per_branch", "concat_first"] = "per_branch"
     hidden_width: int | None = None  # the MLPs' inner width; None = their output width
@@ -139,7 +139,7 @@ class LossConfig:
 
 @dataclass
 class SamplingConfig:
-    """Defaults for sampling (SPEC 5.3 step 8 and 5.4); every call can override them."""
+    """Defaults for sampling (docs/METHOD.md "Generation"); every call can override them."""
 
     temperature: float = 1.0  # visual codes; 0 = argmax
     top_k: int = 900  # 0 = off
@@ -206,7 +206,7 @@ def default_optimizer() -> OptimizerConfig:
     return OptimizerConfig(lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=30, grad_clip=1.0)
 
 
-# what each preset trains (SPEC 5.5); everything else stays frozen, the DualToken tokenizer always
+# what each preset trains (docs/METHOD.md "MLLM training stages"); everything else stays frozen, the DualToken tokenizer always
 PRESETS = {
     "align": ("fusion",),  # stage 1: the input projector only
     "understanding": ("fusion", "llm"),  # stage 2

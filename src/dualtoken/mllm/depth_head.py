@@ -1,4 +1,4 @@
-"""A visual head (SPEC 5.4): the LLM state at a visual position -> the Q residual codes of one vocabulary.
+"""A visual head (docs/METHOD.md "Generation"): the LLM state at a visual position -> the Q residual codes of one vocabulary.
 
 Depth inputs: I_1 = gen_projector(h); I_d = W_in·Σ_{d'<d} E[c_d'] for d > 1 (the partial residual
 reconstruction), plus a learned depth embedding. A causal transformer over the Q depths, a final LayerNorm and

@@ -1,4 +1,4 @@
-"""Understanding input (SPEC 5.3): both code stacks of a grid position -> one LLM input vector.
+"""Understanding input (docs/METHOD.md "Understanding input"): both code stacks of a grid position -> one LLM input vector.
 
     e_pix = Σ_d E_pix[c_pix,d],  e_sem = Σ_d E_sem[c_sem,d]         (code tables start as the tokenizer's codebooks)
     per_branch:   concat(MLP_pix(e_pix), MLP_sem(e_sem))             (each MLP to half the LLM width)
@@ -17,7 +17,7 @@ BRANCHES = ("pixel", "semantic")
 
 
 def two_layer_mlp(in_width: int, hidden_width: int, out_width: int) -> nn.Sequential:
-    """Linear -> GELU -> Linear (the projector shape of SPEC 5.3 / 5.4)."""
+    """Linear -> GELU -> Linear (the projector shape of the paper)."""
     return nn.Sequential(nn.Linear(in_width, hidden_width), nn.GELU(), nn.Linear(hidden_width, out_width))
 
 

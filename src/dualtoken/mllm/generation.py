@@ -108,7 +108,7 @@ def generate_images(
     use_cache: bool = True,
     decode: bool = True,
 ) -> GeneratedImages:
-    """One image per prompt: h·w positions, each both code stacks, fed back as the next input (SPEC 5.4).
+    """One image per prompt: h·w positions, each both code stacks, fed back as the next input (docs/METHOD.md "Generation").
 
     ``cfg_scale`` 1 turns guidance off; None values take ``model.config.sampling``. The same seed gives the same
     images. Only the pixel codes are decoded (with the DualToken tokenizer).

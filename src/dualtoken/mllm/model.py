@@ -331,7 +331,7 @@ class DualTokenMLLM(nn.Module):
     # ------------------------------------------------------------------------------------------------------------
 
     def forward(self, batch: MLLMBatch) -> MLLMLoss:
-        """Text cross-entropy + per-depth visual cross-entropy of both vocabularies (SPEC 5.4), weighted."""
+        """Text cross-entropy + per-depth visual cross-entropy of both vocabularies (docs/METHOD.md "Generation"), weighted."""
         embeds = self.embed(batch.input_ids, batch.pixel_codes, batch.semantic_codes)
         out = self.llm(
             inputs_embeds=embeds,
@@ -367,8 +367,10 @@ class DualTokenMLLM(nn.Module):
 
     @torch.no_grad()
     def chat(self, image: torch.Tensor | None, question: str, **options) -> str:
-        """Answer ``question`` about ``image`` ((3, H, W) or (1, 3, H, W) in [-1, 1] at the tokenizer's size, or
-        None for a text-only question). Options: those of :func:`dualtoken.mllm.generation.answer`."""
+        """Answer ``question`` about ``image`` ((3, H, W) or (1, 3, H, W) in [-1, 1] at the tokenizer's size
+        ``self.visual_tokenizer.image_size``, e.g. ``dualtoken.io.load_image(path, that size)``; any other size
+        raises ImageError), or None for a text-only question. Options: those of
+        :func:`dualtoken.mllm.generation.answer`."""
         from .generation import answer
 
         codes = None

@@ -1,4 +1,4 @@
-"""Turning conversations and captions into token ids, text labels and image slots (SPEC 5.3, 5.4).
+"""Turning conversations and captions into token ids, text labels and image slots (docs/METHOD.md "The unified MLLM").
 
 Every image takes exactly ``tokens_per_image`` (= h·w) slots between two markers:
 understanding ``<image_start> slot … slot <image_end>``, generation ``<image_gen_start> slot … slot <image_gen_end>``.

@@ -2,7 +2,7 @@
 (DDP, or FSDP2 ``fully_shard`` per LLM decoder layer and per visual head), AdamW + warm-up/cosine, atomic
 keep-last-N resume checkpoints with every rank's RNG, and console / JSONL / TensorBoard metrics.
 
-Presets (SPEC 5.5) choose what trains: ``align`` the input fusion, ``understanding`` fusion + LLM, ``generation``
+Presets (docs/METHOD.md "MLLM training stages") choose what trains: ``align`` the input fusion, ``understanding`` fusion + LLM, ``generation``
 the visual heads, ``full`` all three. The DualToken tokenizer never trains. LoRA (peft) replaces full LLM training.
 The data position follows from the step (a seeded permutation per epoch), so a resumed run sees the same batches.
 """

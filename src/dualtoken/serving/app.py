@@ -8,6 +8,7 @@ bodies or images over the limits, 422 for requests missing a field or of the wro
 """
 
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 from importlib import resources
 from typing import Annotated, Any
 
@@ -34,7 +35,12 @@ from .schemas import (
 from .service import BRANCHES, Reconstruction, TokenizerService
 from .visuals import png_bytes, png_data_url
 
-STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
+STATIC_FILES = {
+    "index.html": "text/html",
+    "app.js": "text/javascript",
+    "style.css": "text/css",
+    "favicon.svg": "image/svg+xml",
+}
 PNG_RESPONSE = {"content": {"image/png": {}}, "description": "a PNG image"}
 
 
@@ -65,6 +71,10 @@ def create_app(tokenizer, mllm: MultimodalModel | None = None, config: ServeConf
         version=__version__,
         description="DualToken tokenization service: pixel and semantic residual codes of images, and back.",
         lifespan=lifespan,
+        # Swagger UI and ReDoc load their scripts from a CDN, so they would render blank offline: the page links
+        # the OpenAPI document itself instead
+        docs_url=None,
+        redoc_url=None,
     )
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
     app.state.service = service
@@ -122,7 +132,14 @@ def _add_tokenizer_routes(
             "max_wait_ms": config.max_wait_ms,
             "max_queue": config.max_queue,
         }
-        return {"models": [info], "mllm": has_mllm, "batching": batching}
+        limits = {
+            "max_body_bytes": config.max_body_bytes,
+            "max_image_pixels": config.max_image_pixels,
+            "allowed_formats": list(config.allowed_formats),
+            "max_prompt_chars": config.max_prompt_chars,
+            "max_cfg_scale": config.max_cfg_scale,
+        }
+        return {"models": [info], "mllm": has_mllm, "batching": batching, "limits": limits}
 
     @app.post("/v1/encode", response_model=EncodeResponse, responses=_errors(400, 413, 503))
     async def encode(image: upload) -> dict[str, Any]:
@@ -189,6 +206,7 @@ def _reconstruction_view(result: Reconstruction, info: dict[str, Any], config: S
         "original": png_data_url(result.original),
         "steps": steps,
         **branches,
+        "meaning": asdict(result.meaning) if result.meaning is not None else None,
     }
 
 
@@ -223,6 +241,10 @@ def _add_page_routes(app: FastAPI) -> None:
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
         return HTMLResponse(assets["index.html"])
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        return Response(assets["favicon.svg"], media_type=STATIC_FILES["favicon.svg"])
 
     @app.get("/static/{name}", include_in_schema=False)
     async def static(name: str) -> Response:

@@ -54,6 +54,18 @@ class BranchView(BaseModel):
     usage: CodeUsage
 
 
+class ClassGuess(BaseModel):
+    name: str
+    probability: float
+
+
+class Meaning(BaseModel):
+    codes: list[list[ClassGuess]] = Field(
+        description="per semantic depth prefix k = 1..Q, the top classes read from the first k semantic codes"
+    )
+    unquantized: list[ClassGuess] = Field(description="the top classes of the same image without quantization")
+
+
 class ReconstructResponse(BaseModel):
     model: str
     image_size: list[int]
@@ -62,6 +74,9 @@ class ReconstructResponse(BaseModel):
     steps: list[DepthStep]
     pixel: BranchView
     semantic: BranchView
+    meaning: Meaning | None = Field(
+        description="what the semantic codes say (ImageNet classes); null when the model has no classifier"
+    )
 
 
 class ModelInfo(BaseModel):
@@ -71,6 +86,9 @@ class ModelInfo(BaseModel):
     pixel_depth: int
     semantic_depth: int
     codebook_size: dict[str, int]
+    meaning: dict[str, str] = Field(
+        description="the classifier and reference tower of the page's meaning panel, or {'unavailable': reason}"
+    )
 
 
 class BatchingInfo(BaseModel):
@@ -79,10 +97,19 @@ class BatchingInfo(BaseModel):
     max_queue: int
 
 
+class Limits(BaseModel):
+    max_body_bytes: int = Field(description="the largest request body (an upload) accepted")
+    max_image_pixels: int = Field(description="the largest width x height of an uploaded image")
+    allowed_formats: list[str] = Field(description="PIL format names of the images accepted")
+    max_prompt_chars: int = Field(description="the longest chat question or generation prompt")
+    max_cfg_scale: float = Field(description="the largest classifier-free guidance scale of /v1/generate")
+
+
 class ModelsResponse(BaseModel):
     models: list[ModelInfo]
     mllm: bool
     batching: BatchingInfo
+    limits: Limits
 
 
 class HealthResponse(BaseModel):

@@ -19,11 +19,11 @@ import torch
 
 from .. import metrics
 from ..io import load_image, to_uint8
-from ..visualize import token_map
+from ..meaning import Reading, build_reader
+from ..visualize import embedding_maps, token_map
 from .batcher import MicroBatcher
 from .config import ServeConfig
 from .limits import check_image_bytes
-from .visuals import embedding_maps
 
 BRANCHES = ("pixel", "semantic")
 
@@ -39,6 +39,7 @@ class Reconstruction:
     codes: dict[str, torch.Tensor]  # branch -> (h, w, Q) long
     embedding_maps: dict[str, np.ndarray]  # branch -> (Q, h, w, 3) uint8, code embeddings summed to prefix k
     code_maps: dict[str, np.ndarray]  # branch -> (Q, h, w, 3) uint8, the code ids of depth d
+    meaning: Reading | None  # the top classes from the semantic codes and unquantized; None without a classifier
 
 
 class TokenizerService:
@@ -48,6 +49,7 @@ class TokenizerService:
         self.tokenizer = tokenizer.eval()
         self.config = config
         self.model_lock = model_lock or threading.Lock()
+        self.reader, self.no_reader_reason = build_reader(self.tokenizer)
         self.encoder = self._batcher("encode", self._encode_batch)
         self.reconstructor = self._batcher("reconstruct", self._reconstruct_batch)
         self.decoder = self._batcher("decode", self._decode_batch)
@@ -76,6 +78,7 @@ class TokenizerService:
             "pixel_depth": tok.pixel_depth,
             "semantic_depth": tok.semantic_depth,
             "codebook_size": {branch: tok.codebook_size(branch) for branch in BRANCHES},
+            "meaning": self.reader.describe() if self.reader else {"unavailable": self.no_reader_reason},
         }
 
     def depth(self, branch: str) -> int:
@@ -111,6 +114,7 @@ class TokenizerService:
         embeddings = {
             b: tok.code_embeddings(codes[b], b, per_depth=True) for b in BRANCHES
         }  # (B, h, w, Q, D)
+        readings = self.reader.read(batch, tokens.semantic) if self.reader else [None] * len(images)
         return [
             Reconstruction(
                 original=originals[i],
@@ -120,6 +124,7 @@ class TokenizerService:
                 codes={b: codes[b][i] for b in BRANCHES},
                 embedding_maps={b: embedding_maps(embeddings[b][i]) for b in BRANCHES},
                 code_maps={b: self._code_maps(codes[b][i], b) for b in BRANCHES},
+                meaning=readings[i],
             )
             for i in range(len(images))
         ]

@@ -1,6 +1,6 @@
 """Training configuration: one dataclass tree, JSON round trip (unknown keys rejected), ``--set a.b=value``.
 
-Every number of a run lives here; the defaults are the release's stage-1 recipe (SPEC section 3) except for the
+Every number of a run lives here; the defaults are the release's stage-1 recipe (docs/METHOD.md "Stages") except for the
 data and model, which a recipe file names. ``load_train_config(path, overrides)`` is what ``dualtoken train`` uses.
 """
 
@@ -59,7 +59,7 @@ def _discriminator_optimizer() -> OptimizerConfig:
 
 @dataclass
 class FreezeConfig:
-    """Which parameters train. Presets (SPEC section 3):
+    """Which parameters train. Presets (docs/METHOD.md "Stages"):
 
     - ``stage0``: the patch embedding and tower layers 1..semantic_layer are frozen;
     - ``stage1``: everything trains (the release's main run);

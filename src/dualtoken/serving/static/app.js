@@ -2,7 +2,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { model: null, result: null, file: null };
+const state = { model: null, limits: null, result: null, file: null };
 
 function setStatus(text, isError = false) {
   $("status").textContent = text;
@@ -12,10 +12,21 @@ function setStatus(text, isError = false) {
 async function errorText(response) {
   try {
     const body = await response.json();
-    return typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
+    if (typeof body.detail === "string") return body.detail;
+    // FastAPI's validation errors: a list of {loc, msg}; name the field, not the JSON
+    return body.detail.map((e) => `${e.loc[e.loc.length - 1]}: ${e.msg}`).join("; ");
   } catch (_) {
     return response.statusText;
   }
+}
+
+function showFieldError(id, text) {
+  $(id).textContent = text;
+}
+
+function mebibytes(bytes) {
+  const mib = bytes / 1048576;
+  return `${Number.isInteger(mib) ? mib : mib.toFixed(1)} MiB`;
 }
 
 async function loadModel() {
@@ -27,10 +38,37 @@ async function loadModel() {
     `${m.name} · ${m.image_size[0]}×${m.image_size[1]} px · ${m.grid[0]}×${m.grid[1]} tokens · ` +
     `pixel ${m.pixel_depth} × ${m.codebook_size.pixel} codes · semantic ${m.semantic_depth} × ${m.codebook_size.semantic} codes`;
   $("mllm").hidden = !body.mllm;
+  showLimits(body.limits);
+}
+
+function showLimits(limits) {
+  state.limits = limits;
+  const formats = limits.allowed_formats.join(", ");
+  $("upload-limits").textContent =
+    `${formats}; at most ${mebibytes(limits.max_body_bytes)} and ${(limits.max_image_pixels / 1e6).toFixed(0)} ` +
+    "megapixels. It is resized and centre-cropped to the model's size.";
+  for (const id of ["chat-question", "gen-prompt"]) $(id).maxLength = limits.max_prompt_chars;
+  $("chat-limits").textContent = `at most ${limits.max_prompt_chars} characters`;
+  $("gen-prompt-limits").textContent = `at most ${limits.max_prompt_chars} characters`;
+  $("gen-cfg").max = String(limits.max_cfg_scale);
+  $("gen-cfg-limits").textContent = `0 to ${limits.max_cfg_scale}; 1 = off`;
+}
+
+function clearResult() {
+  state.result = null;
+  state.file = null;
+  $("results").hidden = true;
+  $("chat-answer").textContent = "";
+  showFieldError("chat-error", "");
 }
 
 async function reconstruct(file) {
-  state.file = file;
+  clearResult();
+  if (state.limits && file.size > state.limits.max_body_bytes) {
+    setStatus(`Could not tokenize ${file.name}: it has ${mebibytes(file.size)}, the limit is ` +
+      `${mebibytes(state.limits.max_body_bytes)}`, true);
+    return;
+  }
   setStatus(`Tokenizing ${file.name}…`);
   const form = new FormData();
   form.append("image", file);
@@ -39,6 +77,7 @@ async function reconstruct(file) {
     setStatus(`Could not tokenize ${file.name}: ${await errorText(response)}`, true);
     return;
   }
+  state.file = file;
   state.result = await response.json();
   renderResult();
   setStatus(`${file.name}: ${state.model.grid[0] * state.model.grid[1]} positions, each with ` +
@@ -56,6 +95,9 @@ function renderResult() {
   renderQuality();
   renderUsage("pixel", $("pixel-usage"));
   renderUsage("semantic", $("semantic-usage"));
+  document.querySelectorAll(".grid-size").forEach((e) => (e.textContent = `${r.grid[0]}×${r.grid[1]}`));
+  document.querySelectorAll(".q-pixel").forEach((e) => (e.textContent = String(r.pixel.token_maps.length)));
+  document.querySelectorAll(".q-semantic").forEach((e) => (e.textContent = String(r.semantic.token_maps.length)));
   $("results").hidden = false;
   showDepth(depth);
 }
@@ -73,11 +115,58 @@ function showDepth(k) {
   $("pixel-codes").src = r.pixel.code_maps[k - 1];
   $("semantic-codes").src = r.semantic.code_maps[kSemantic - 1];
   document.querySelectorAll(".k-now").forEach((e) => (e.textContent = `k = ${k}`));
+  document.querySelectorAll(".k-now-number").forEach((e) => (e.textContent = String(k)));
+  renderMeaning(kSemantic);
   document.querySelectorAll(".k-pixel").forEach((e) => (e.textContent = String(k)));
   document.querySelectorAll(".k-semantic").forEach((e) => (e.textContent = String(kSemantic)));
   document.querySelectorAll("#depth-strip figure").forEach((f, i) => f.classList.toggle("active", i === k - 1));
   document.querySelectorAll("#depth-table tbody tr").forEach((row, i) => row.classList.toggle("active", i === k - 1));
   document.querySelectorAll("#psnr-chart circle").forEach((c, i) => c.classList.toggle("active", i === k - 1));
+}
+
+function renderMeaning(k) {
+  const info = state.model.meaning;
+  const meaning = state.result.meaning;
+  $("meaning-columns").hidden = meaning === null;
+  $("meaning-agreement").hidden = meaning === null;
+  if (meaning === null) {
+    $("meaning-note").textContent = `This model's semantic path cannot be read as classes here: ${info.unavailable}.`;
+    return;
+  }
+  $("meaning-note").textContent =
+    `The top-5 ImageNet classes read from the first ${k} semantic depths through the tower's remaining layers, ` +
+    `and beside them the same image through the tower without quantization. Classifier: ${info.classifier}.`;
+  $("meaning-reference-title").textContent = info.reference;
+  const fromCodes = meaning.codes[k - 1];
+  renderGuesses($("meaning-codes"), fromCodes, "semantic");
+  renderGuesses($("meaning-unquantized"), meaning.unquantized, "reference");
+  const reference = meaning.unquantized.map((g) => g.name);
+  const shared = fromCodes.filter((g) => reference.includes(g.name)).length;
+  const top1 = fromCodes[0].name === reference[0]
+    ? `Top-1 agrees: ${reference[0]}.`
+    : `Top-1 differs: ${fromCodes[0].name} from the codes, ${reference[0]} without quantization.`;
+  $("meaning-agreement").textContent = `${top1} ${shared} of the ${reference.length} top classes are shared.`;
+}
+
+function renderGuesses(list, guesses, kind) {
+  list.replaceChildren();
+  for (const guess of guesses) {
+    const item = document.createElement("li");
+    const name = document.createElement("span");
+    name.className = "guess-name";
+    name.textContent = guess.name;
+    const bar = document.createElement("span");
+    bar.className = `guess-bar ${kind}`;
+    bar.style.width = `${Math.max(1, 100 * guess.probability).toFixed(1)}%`;
+    const value = document.createElement("span");
+    value.className = "guess-value";
+    value.textContent = `${(100 * guess.probability).toFixed(1)}%`;
+    const track = document.createElement("span");
+    track.className = "guess-track";
+    track.append(bar);
+    item.append(name, track, value);
+    list.append(item);
+  }
 }
 
 function formatPsnr(value) {
@@ -195,22 +284,36 @@ function drawHistogram(canvas, counts, branch) {
   });
 }
 
+// The browser's own check of an input's limits (required, min, max, maxlength), shown beside the form.
+function invalidField(inputs) {
+  const bad = inputs.find((input) => !input.checkValidity());
+  return bad ? `${bad.closest("label").firstChild.textContent.trim()}: ${bad.validationMessage}` : "";
+}
+
 async function ask(event) {
   event.preventDefault();
-  if (!state.file) {
-    $("chat-answer").textContent = "Upload an image first.";
-    return;
-  }
+  $("chat-answer").textContent = "";
+  const problem = state.file ? invalidField([$("chat-question")]) : "Upload an image first: the question is about it.";
+  showFieldError("chat-error", problem);
+  if (problem) return;
   const form = new FormData();
   form.append("image", state.file);
   form.append("question", $("chat-question").value);
   $("chat-answer").textContent = "…";
   const response = await fetch("/v1/chat", { method: "POST", body: form });
-  $("chat-answer").textContent = response.ok ? (await response.json()).answer : `Error: ${await errorText(response)}`;
+  if (!response.ok) {
+    $("chat-answer").textContent = "";
+    showFieldError("chat-error", `Could not answer: ${await errorText(response)}`);
+    return;
+  }
+  $("chat-answer").textContent = (await response.json()).answer;
 }
 
 async function generate(event) {
   event.preventDefault();
+  const problem = invalidField([$("gen-prompt"), $("gen-cfg"), $("gen-seed")]);
+  showFieldError("gen-error", problem);
+  if (problem) return;
   const body = {
     prompt: $("gen-prompt").value,
     cfg_scale: Number($("gen-cfg").value),
@@ -223,7 +326,8 @@ async function generate(event) {
     body: JSON.stringify(body),
   });
   if (!response.ok) {
-    setStatus(`Could not generate: ${await errorText(response)}`, true);
+    image.hidden = true;  // not the image of an earlier prompt under this error
+    showFieldError("gen-error", `Could not generate: ${await errorText(response)}`);
     return;
   }
   if (image.src) URL.revokeObjectURL(image.src);
