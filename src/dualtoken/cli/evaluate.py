@@ -8,8 +8,11 @@ import json
 from pathlib import Path
 
 from ..config import apply_overrides, load_config_file
+from ..data.images import warn_skipped
+from ..errors import DataError
 from ..evaluation import METRIC_GROUPS, EvalConfig
 from ..evaluation.distributed import init_from_environment, rank_and_world
+from .options import MODEL_HELP, add_strict_option
 
 # command-line flags that map one-to-one onto EvalConfig fields
 FLAG_FIELDS = ("batch_size", "limit", "classes", "labels", "inception_weights", "lpips_weights", "lpips_net",
@@ -24,7 +27,7 @@ def register(subparsers) -> None:
         "Standard rFID / LPIPS run only with local weight files; otherwise EfficientNet-Lite0 substitutes "
         "are reported under their own names.",
     )
-    parser.add_argument("--model", required=True, help="model folder (save_pretrained) or embedded model name")
+    parser.add_argument("--model", required=True, help=MODEL_HELP)
     parser.add_argument("--data", required=True, help="image folder, file list, or WebDataset shards")
     parser.add_argument("--out", required=True, help="output folder for report.json, report.md and figures")
     parser.add_argument("--metrics", nargs="+", choices=METRIC_GROUPS, help="metric groups (default: all)")
@@ -43,6 +46,7 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, help="seed of KID's random subsets")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_strict_option(parser)
     parser.set_defaults(func=run)
 
 
@@ -71,6 +75,10 @@ def run(args: argparse.Namespace) -> int:
 
             dist.destroy_process_group()
     if rank == 0:
+        for item in report["data"]["skipped_images"]:
+            warn_skipped(item["id"], item["reason"])
+        if report["data"]["num_images"] == 0:
+            raise DataError(f"no readable image in {args.data}")
         metrics = report["metrics"]
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("psnr", "ssim", "fd_efficientnet_lite0",
                                                                                 "rfid", "zeroshot_top1", "head_top1"))
