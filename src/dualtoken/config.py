@@ -126,8 +126,33 @@ def read_json(path: str | Path, what: str = "config file") -> Any:
 
 
 def load_config_file(cls: type[T], path: str | Path, what: str = "config file") -> T:
-    """A config dataclass from a JSON file (unknown keys and wrong types raise ConfigError)."""
-    return from_dict(cls, read_json(path, what), where=Path(path).name)
+    """A config dataclass from a JSON file (unknown keys and wrong types raise ConfigError).
+
+    The class names its path fields in ``path_fields`` (dotted keys: always paths) and ``name_or_path_fields``
+    (a model name or a path); relative paths among them are taken from the file's folder.
+    """
+    data = read_json(path, what)
+    if isinstance(data, dict):
+        base = Path(path).resolve().parent
+        for key in getattr(cls, "path_fields", ()):
+            _map_field(data, key, lambda value: resolve_path(value, base))
+        for key in getattr(cls, "name_or_path_fields", ()):
+            _map_field(data, key, lambda value: resolve_name_or_path(value, base))
+    return from_dict(cls, data, where=Path(path).name)
+
+
+def _map_field(data: dict[str, Any], key: str, fn) -> None:
+    """Apply ``fn`` to the string (or each string of the list) at dotted ``key`` of ``data``, when present."""
+    *parents, last = key.split(".")
+    for part in parents:
+        data = data.get(part)
+        if not isinstance(data, dict):
+            return
+    value = data.get(last)
+    if isinstance(value, str):
+        data[last] = fn(value)
+    elif isinstance(value, list):
+        data[last] = [fn(v) if isinstance(v, str) else v for v in value]
 
 
 def resolve_path(value: str, base: str | Path) -> str:
@@ -139,9 +164,11 @@ def resolve_path(value: str, base: str | Path) -> str:
 
 
 def resolve_name_or_path(value: str, base: str | Path) -> str:
-    """A field that takes a model name (registry name, Hub repo id) or a path: a path when one exists there."""
-    candidate = Path(base) / value
-    return str(candidate.resolve()) if not Path(value).is_absolute() and candidate.exists() else value
+    """A field that takes a model name (registry name, Hub repo id) or a path: a path when one exists in ``base``
+    or when it starts with ``./`` or ``../``; otherwise a name, returned as it is."""
+    if value.startswith(("./", "../")) or (Path(base) / value).exists():
+        return resolve_path(value, base)
+    return value
 
 
 def apply_overrides(config: T, overrides: list[str]) -> T:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..config import TokenizerConfig, apply_overrides, get_config, to_dict
+from ..config import TokenizerConfig, apply_overrides, to_dict
 from ..data import SkippedImageWarning, TrainLoader, open_image_source, resolve_source
 from ..discriminator import PatchDiscriminator
 from ..errors import CheckpointError, ConfigError
@@ -30,6 +30,7 @@ from ..io import save_image
 from ..losses import DualTokenObjective, teacher_targets
 from ..metrics import psnr
 from ..perceptual import build_perceptual
+from ..registry import is_model, model_entry
 from ..tokenizer import DualTokenizer
 from . import checkpoints
 from .config import TrainConfig
@@ -54,19 +55,15 @@ CHECKPOINT_FORMAT = 1
 
 
 def build_tokenizer(config: TrainConfig) -> DualTokenizer:
-    """The model a run starts from: a named or JSON architecture (random init, or the tower of
-    ``backbone_pretrained``), or a ``save_pretrained`` folder / embedded model name (fine-tuning)."""
+    """The model a run starts from: an architecture name or a tokenizer config JSON (random init, or the tower of
+    ``backbone_pretrained``), or trained weights (fine-tuning): a trained name, a folder or a Hub repo id."""
     source = config.model
-    path = Path(source)
-    if path.suffix == ".json" and path.is_file():
-        model_config = TokenizerConfig.load(path)
-    elif path.is_dir():
-        model_config = None
+    if source.endswith(".json"):
+        model_config = TokenizerConfig.load(source)
+    elif is_model(source) and not model_entry(source).trained:
+        model_config = model_entry(source).config()
     else:
-        try:
-            model_config = get_config(source)
-        except ConfigError:
-            model_config = None
+        model_config = None
     if model_config is None:
         if config.model_overrides:
             raise ConfigError("model_overrides apply to new models only, not to a trained model")
