@@ -129,10 +129,13 @@ def load_config_file(cls: type[T], path: str | Path, what: str = "config file") 
     """A config dataclass from a JSON file (unknown keys and wrong types raise ConfigError).
 
     The class names its path fields in ``path_fields`` (dotted keys: always paths) and ``name_or_path_fields``
-    (a model name or a path); relative paths among them are taken from the file's folder.
+    (a model name or a path); relative paths among them are taken from the file's folder. A class with an
+    ``upgrade(data)`` classmethod renames keys of older versions first.
     """
     data = read_json(path, what)
     if isinstance(data, dict):
+        if hasattr(cls, "upgrade"):
+            data = cls.upgrade(data)
         base = Path(path).resolve().parent
         for key in getattr(cls, "path_fields", ()):
             _map_field(data, key, lambda value: resolve_path(value, base))

@@ -40,8 +40,10 @@ from .distributed import (
     full_model_state,
     full_optimizer_state,
     gather_objects,
+    gradient_sync,
     load_model_state,
     load_optimizer_state,
+    resolve_precision,
     setup_runtime,
     unwrap,
     wrap_model,
@@ -49,7 +51,7 @@ from .distributed import (
 from .freeze import apply_freeze, set_train_mode
 from .metrics import MetricsLogger
 from .monitor import CodebookUsage, peak_memory_mb, reconstruction_grid
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, optimizer_step
 
 CHECKPOINT_FORMAT = 1
 
@@ -70,13 +72,6 @@ def build_tokenizer(config: TrainConfig) -> DualTokenizer:
         return DualTokenizer.from_pretrained(source)
     model_config = apply_overrides(model_config, config.model_overrides)
     return DualTokenizer.from_config(model_config, config.backbone_pretrained)
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None: float32 throughout)."""
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 class Trainer:
@@ -206,15 +201,6 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.runtime.device.type, dtype=self.autocast_dtype)
 
-    def _gradient_sync(self, module: torch.nn.Module, enabled: bool):
-        """Skip the gradient all-reduce on accumulation micro-steps (DDP no_sync / FSDP2 requires_gradient_sync)."""
-        if enabled or not self.runtime.distributed:
-            return contextlib.nullcontext()
-        if hasattr(module, "no_sync"):
-            return module.no_sync()
-        module.set_requires_gradient_sync(False)
-        return _RestoreSync(module)
-
     # ------------------------------------------------------------------------------------------------------------
     # checkpoints
     # ------------------------------------------------------------------------------------------------------------
@@ -319,7 +305,7 @@ class Trainer:
             batch = next(self.loader)
             images = batch["images"].to(device, non_blocking=True)
             last = micro == cfg.grad_accum - 1
-            with self._gradient_sync(self.model, last):
+            with gradient_sync(self.model, last):
                 with self._autocast():
                     out = self.model(images)
                     targets = (
@@ -346,7 +332,7 @@ class Trainer:
             usage.update("semantic", out.semantic_codes)
             for name, value in terms.items():
                 sums[name] += float(value) / cfg.grad_accum
-        sums["lr"], sums["grad_norm"] = self._optimizer_step(
+        sums["lr"], sums["grad_norm"] = optimizer_step(
             self.optimizer, self.scheduler, self.scaler, cfg.optimizer.grad_clip
         )
         if gan_on:
@@ -354,25 +340,12 @@ class Trainer:
                 sums[name] += value
         return dict(sums)
 
-    @staticmethod
-    def _optimizer_step(optimizer, scheduler, scaler, clip: float) -> tuple[float, float]:
-        """Unscale, clip (when asked), step, advance the schedule -> (learning rate used, gradient norm)."""
-        scaler.unscale_(optimizer)
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        lr = optimizer.param_groups[0]["lr"]
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        return lr, float(norm)
-
     def _discriminator_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
         """One discriminator update on the step's (images, detached reconstructions) micro-batches."""
         sums: dict[str, float] = defaultdict(float)
         count = len(micro_batches)
         for index, (images, reconstruction) in enumerate(micro_batches):
-            with self._gradient_sync(self.disc_model, index == count - 1):
+            with gradient_sync(self.disc_model, index == count - 1):
                 with self._autocast():
                     logits = self.disc_model(torch.cat([images, reconstruction]))
                     real, fake = logits.split(images.shape[0])
@@ -381,7 +354,7 @@ class Trainer:
             for name, value in terms.items():
                 sums[name] += float(value) / count
         clip = self.config.disc_optimizer.grad_clip
-        sums["disc_lr"], sums["disc_grad_norm"] = self._optimizer_step(
+        sums["disc_lr"], sums["disc_grad_norm"] = optimizer_step(
             self.disc_optimizer, self.disc_scheduler, self.disc_scaler, clip
         )
         return sums
@@ -513,19 +486,6 @@ class Trainer:
 
     def close(self) -> None:
         self.runtime.close()
-
-
-class _RestoreSync:
-    """Context that turns FSDP2 gradient synchronisation back on when it exits."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.module = module
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc) -> None:
-        self.module.set_requires_gradient_sync(True)
 
 
 def train(config: TrainConfig, stop_at: int | None = None) -> dict[str, Any]:
