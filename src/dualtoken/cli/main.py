@@ -12,6 +12,8 @@ import importlib
 import sys
 import warnings
 
+from tqdm import tqdm
+
 from ..data.images import SkippedImageWarning
 from ..errors import DualTokenError
 
@@ -56,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _Console:
-    """Prints warnings as single lines and counts the skipped images."""
+    """Prints warnings as single lines (between progress-bar updates) and counts the skipped images."""
 
     def __init__(self, command: str) -> None:
         self.command = command
@@ -65,9 +67,9 @@ class _Console:
     def show(self, message, category, filename, lineno, file=None, line=None) -> None:
         if issubclass(category, SkippedImageWarning):
             self.skipped += 1
-            print(f"skipped {message}", file=sys.stderr)
+            tqdm.write(f"skipped {message}", file=sys.stderr)
         else:
-            print(f"dualtoken {self.command}: warning: {message}", file=sys.stderr)
+            tqdm.write(f"dualtoken {self.command}: warning: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
