@@ -15,7 +15,7 @@ import torch
 
 from ..data.images import warn_skipped
 from ..errors import DataError, ImageError
-from ..io import IMAGE_SUFFIXES, load_image
+from ..io import list_images, load_image
 from ..registry import DEFAULT_MODEL, get_config
 from ..tokenizer import DualTokenizer
 
@@ -53,10 +53,10 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                warn_skipped(item, f"no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-            files.extend(found)
+            try:
+                files.extend(list_images(path))
+            except ImageError as exc:  # no image files in it
+                warn_skipped(item, str(exc))
         elif path.is_file():
             files.append(path)
         else:

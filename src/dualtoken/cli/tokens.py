@@ -91,14 +91,12 @@ def _token_sets(path: Path) -> list[TokenFile]:
 
 
 def _recorded_model(tokens: TokenFile, where: Path) -> str:
-    """The model a token file was written with, as something the resolver loads."""
-    recorded = tokens.source or tokens.model
-    if is_model(recorded) and not model_entry(recorded).trained:
-        raise DataError(
-            f"{where} was written by the architecture {recorded!r} with random weights: "
-            f"decode with --model {recorded} --random-weights"
-        )
-    return recorded
+    """What the token file's model was loaded from (a trained name, a folder, a Hub id), for the resolver. A file
+    without it was written by a model built in memory (random weights): the user names the model."""
+    if tokens.source is not None:
+        return tokens.source
+    hint = f"--model {tokens.model} --random-weights" if is_model(tokens.model) else "--model"
+    raise DataError(f"{where} does not record where its model {tokens.model!r} came from (random weights?): pass {hint}")
 
 
 def cmd_decode(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
-from ..config import load_config_file, to_dict
+from ..config import load_config_file, resolve_name_or_path, to_dict
 from ..errors import ConfigError
 from ..training.config import CheckpointConfig, LogConfig, OptimizerConfig
 
@@ -242,7 +242,11 @@ class MLLMTrainConfig:
     In a config file, relative paths are taken from the file's folder.
     """
 
-    path_fields: ClassVar[tuple[str, ...]] = ("output_dir",)
+    path_fields: ClassVar[tuple[str, ...]] = (
+        "output_dir", "init_from", "data.token_cache", "data.conversations", "data.captions", "model.llm.path",
+        "model.llm.text_tokenizer",
+    )
+    name_or_path_fields: ClassVar[tuple[str, ...]] = ("model.tokenizer",)
 
     model: MLLMConfig | None = None
     init_from: str | None = None  # an MLLM folder written by save_pretrained
@@ -288,8 +292,7 @@ class MLLMTrainConfig:
 
 
 def load_config(cls: type[T], path: str | Path) -> T:
-    """Read a config JSON file into ``cls`` (older key names upgraded): ``output_dir`` is taken from the file's
-    folder, the data and model paths through :func:`locate` with that folder as ``base``."""
+    """Read a config JSON file into ``cls`` (older key names upgraded; relative paths taken from the file's folder)."""
     return load_config_file(cls, path)
 
 
@@ -298,8 +301,6 @@ def save_config(config: Any, path: str | Path) -> None:
 
 
 def locate(value: str, base: str | Path | None) -> str:
-    """``value`` relative to ``base`` when that exists (a relative folder), else ``value`` as given (absolute, a
-    path relative to the working directory, or a name such as an embedded tokenizer's)."""
-    if base is not None and not Path(value).is_absolute() and (Path(base) / value).exists():
-        return str(Path(base) / value)
-    return value
+    """A name or path of a config read from folder ``base`` (a saved MLLM's folder, a config file's folder), by the
+    rule of every config file (:func:`dualtoken.config.resolve_name_or_path`); ``value`` itself without a base."""
+    return value if base is None else resolve_name_or_path(value, base)
