@@ -1,7 +1,8 @@
 """The DualToken training objective (SPEC section 3): pure loss functions and the weighted sum of them.
 
     L = semantic_weight * [ token_mse*MSE(zq_sem, T_mid) - token_cosine*cos(zq_sem, T_mid)
-                            + pooled_mse*MSE(pool, T_pool) - pooled_cosine*cos(pool, T_pool) ]
+                            + pooled_mse*MSE(pool, T_pool) - pooled_cosine*cos(pool, T_pool)
+                            + pooled_kl*tau^2*KL(softmax(T_pool/tau) || softmax(pool/tau)) ]
         + pixel_commitment*commit_pix + semantic_commitment*commit_sem
         + pixel_mse*MSE(recon, x) + pixel_l1*L1(recon, x) + perceptual*P(recon, x)
         + lambda * gan.weight * L_G,        L_G = -mean(D(recon))
@@ -72,6 +73,9 @@ class LossConfig:
     token_cosine: float = 5.0
     pooled_mse: float = 1.0
     pooled_cosine: float = 1.0
+    # knowledge distillation on pooled logits (a backbone whose pooled output is class logits); 0 = off
+    pooled_kl: float = 0.0
+    pooled_kl_temperature: float = 1.0
     pixel_commitment: float = 5.0
     semantic_commitment: float = 5.0
     pixel_mse: float = 5.0
@@ -87,12 +91,14 @@ class LossConfig:
     gan: GanConfig = field(default_factory=GanConfig)
 
     def __post_init__(self) -> None:
+        if self.pooled_kl_temperature <= 0:
+            raise ConfigError(f"loss.pooled_kl_temperature must be > 0, got {self.pooled_kl_temperature}")
         if self.perceptual and self.perceptual_kind == "none":
             raise ConfigError("loss.perceptual is non-zero but loss.perceptual_kind is 'none'")
 
     @property
     def needs_teacher(self) -> bool:
-        weights = (self.token_mse, self.token_cosine, self.pooled_mse, self.pooled_cosine)
+        weights = (self.token_mse, self.token_cosine, self.pooled_mse, self.pooled_cosine, self.pooled_kl)
         return self.semantic_weight != 0 and any(w != 0 for w in weights)
 
 
@@ -114,6 +120,13 @@ def l1(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def mean_cosine(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cosine similarity along the last (feature) axis, averaged over every other axis."""
     return F.cosine_similarity(prediction.float(), target.float(), dim=-1).mean()
+
+
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's distillation loss: ``tau^2 * KL(softmax(teacher / tau) || softmax(student / tau))``, batch mean."""
+    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
 
 
 def discriminator_hinge_loss(
@@ -182,6 +195,28 @@ class DualTokenObjective:
         self.config = config
         self.perceptual = perceptual
 
+    def distillation(
+        self, semantic_features: torch.Tensor, pooled: torch.Tensor, targets: TeacherTargets
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted distillation terms: quantized semantic features (B, h*w, W) against the teacher's tokens,
+        the pooled output (B, P) against the teacher's. Terms of weight 0 are not computed."""
+        cfg = self.config
+        tau = cfg.pooled_kl_temperature
+        distill = {
+            "token_mse": (cfg.token_mse, lambda: mse(semantic_features, targets.tokens)),
+            "token_cosine": (-cfg.token_cosine, lambda: mean_cosine(semantic_features, targets.tokens)),
+            "pooled_mse": (cfg.pooled_mse, lambda: mse(pooled, targets.pooled)),
+            "pooled_cosine": (-cfg.pooled_cosine, lambda: mean_cosine(pooled, targets.pooled)),
+            "pooled_kl": (cfg.pooled_kl, lambda: distillation_kl(pooled, targets.pooled, tau)),
+        }
+        terms: dict[str, torch.Tensor] = {}
+        total = semantic_features.new_zeros((), dtype=torch.float32)
+        for name, (weight, compute) in distill.items():
+            if weight:
+                terms[name] = compute()
+                total = total + cfg.semantic_weight * weight * terms[name]
+        return total, terms
+
     def generator(
         self,
         out,
@@ -201,19 +236,7 @@ class DualTokenObjective:
         if cfg.needs_teacher:
             if targets is None:
                 raise ConfigError("the distillation terms need teacher targets (loss.semantic_weight > 0)")
-            distill = {
-                "token_mse": (cfg.token_mse, lambda: mse(out.semantic_features, targets.tokens)),
-                "token_cosine": (
-                    -cfg.token_cosine,
-                    lambda: mean_cosine(out.semantic_features, targets.tokens),
-                ),
-                "pooled_mse": (cfg.pooled_mse, lambda: mse(out.pooled, targets.pooled)),
-                "pooled_cosine": (-cfg.pooled_cosine, lambda: mean_cosine(out.pooled, targets.pooled)),
-            }
-            for name, (weight, compute) in distill.items():
-                if weight:
-                    terms[name] = compute()
-                    total = total + cfg.semantic_weight * weight * terms[name]
+            total, terms = self.distillation(out.semantic_features, out.pooled, targets)
 
         terms["pixel_commitment"] = out.pixel_commitment.float()
         terms["semantic_commitment"] = out.semantic_commitment.float()

@@ -252,7 +252,7 @@ class DualTokenizer(
         semantic: QuantizerOutput = self.semantic.quantizer(taps.semantic_latent)
         pixel = semantic if single else pixel
         semantic_features = self.semantic.up(semantic.quantized)  # (B, h*w, W)
-        pooled = self._pool_from(semantic_features, taps.hidden_states)
+        pooled = self.pool_from_features(semantic_features, taps.hidden_states)
         reconstruction = self.decoder(self.pixel.up(pixel.quantized))
         return DualTokenizerOutput(
             pixel_codes=self._grid_codes(pixel.codes),
@@ -293,7 +293,7 @@ class DualTokenizer(
             pixel_latent = semantic_latent
         return _Taps(pixel_latent, semantic_latent, hidden)
 
-    def _pool_from(self, semantic_features: torch.Tensor, hidden: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def pool_from_features(self, semantic_features: torch.Tensor, hidden: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Continue from the quantized semantic features through the remaining layers, then the head."""
         state = self.backbone.from_tokens(self.config.semantic_layer, semantic_features)
         for layer in range(self.config.semantic_layer + 1, self.backbone.num_layers + 1):
@@ -329,7 +329,7 @@ class DualTokenizer(
 
     def pooled_embedding(self, semantic_codes: torch.Tensor) -> torch.Tensor:
         """Semantic codes -> the backbone head's output (B, pooled_width) through the remaining layers."""
-        return self._pool_from(self.semantic_features(semantic_codes))
+        return self.pool_from_features(self.semantic_features(semantic_codes))
 
     def code_embeddings(self, codes: torch.Tensor, branch: str, per_depth: bool = True) -> torch.Tensor:
         """Code vectors (B, h, w, Q, D), or their sum over depth (B, h, w, D) when ``per_depth`` is False."""

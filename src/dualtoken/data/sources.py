@@ -197,7 +197,8 @@ def _list_folder(folder: Path) -> list[tuple[str, str]]:
 
 
 def _read_file_list(path: Path) -> list[tuple[str, str]]:
-    """One image path per line (relative to the list's folder); '#' comments and blank lines are skipped.
+    """One image path or image folder per line (relative to the list's folder); '#' comments and blank lines are
+    skipped.
 
     A tab-separated file whose header names a ``file`` or ``path`` column reads that column.
     """
@@ -214,7 +215,10 @@ def _read_file_list(path: Path) -> list[tuple[str, str]]:
     for line in lines:
         entry = line.split("\t")[column].strip()
         target = Path(entry) if Path(entry).is_absolute() else path.parent / entry
-        items.append((entry, str(target)))
+        if target.is_dir():  # a folder stands for every image below it
+            items.extend((f"{entry}/{item_id}", item_path) for item_id, item_path in _list_folder(target))
+        else:
+            items.append((entry, str(target)))
     return items
 
 

@@ -33,7 +33,7 @@ class Batch:
     skipped: list[tuple[int, str, str]]  # (index, id, reason) of unreadable images
 
 
-def _labels_from_tsv(path: Path) -> tuple[dict[str, int], dict[str, int]]:
+def labels_from_tsv(path: Path) -> tuple[dict[str, int], dict[str, int]]:
     """labels.tsv (``file`` relative to its folder, ``class_index``) -> ({resolved path: class}, {file: class})."""
     with path.open(encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle, delimiter="\t"))
@@ -81,7 +81,7 @@ class LabelLookup:
             return
         path = Path(labels_path) if labels_path is not None else find_beside(source.spec, ("labels.tsv",))
         if path is not None:
-            self.by_path, self.by_key = _labels_from_tsv(path)
+            self.by_path, self.by_key = labels_from_tsv(path)
             self.origin = str(path)
 
     @property

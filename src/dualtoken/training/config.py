@@ -72,10 +72,33 @@ class FreezeConfig:
 
     preset: Literal["stage0", "stage1", "stage2", "finetune"] = "stage1"
     finetune_last_layers: int = 2
+    # also freeze the tower layers after semantic_layer and the head at their starting weights (with the teacher's
+    # weights there, the pooled output of the quantized path is compared with the very network that made the target)
+    tail: bool = False
 
     def __post_init__(self) -> None:
         if self.finetune_last_layers < 0:
             raise ConfigError("freeze.finetune_last_layers must be >= 0")
+
+
+@dataclass
+class FeatureCacheConfig:
+    """Tap features of the frozen tower, computed once per training crop (``branch: "semantic"``).
+
+    Each image gives ``crops_per_image`` random crops (``data.crop_scale``); per crop the cache keeps the tower's
+    tokens at the semantic tap and the teacher's pooled output. Shards of ``shard_images`` images are written
+    atomically, so an interrupted cache build resumes where it stopped.
+    """
+
+    folder: str | None = None  # default: <output_dir>/features
+    crops_per_image: int = 1
+    shard_images: int = 256
+    batch_size: int = 8  # crops per forward while computing features
+    dtype: Literal["float16", "float32"] = "float16"
+
+    def __post_init__(self) -> None:
+        if self.crops_per_image < 1 or self.shard_images < 1 or self.batch_size < 1:
+            raise ConfigError("cache.crops_per_image, cache.shard_images and cache.batch_size must be >= 1")
 
 
 @dataclass
@@ -130,6 +153,14 @@ class TrainConfig:
     # the distillation target: the pretrained tower of backbone.pretrained, a frozen copy of the initial
     # model's tower ("initial": for models without a pretrained folder), or none (no distillation terms)
     teacher: Literal["pretrained", "initial", "none"] = "pretrained"
+    # a trained model (save_pretrained folder or embedded name) whose weights start the listed parts of the model
+    init_from: str | None = None
+    init_parts: list[Literal["backbone", "pixel", "semantic", "decoder"]] = field(
+        default_factory=lambda: ["backbone", "pixel", "semantic", "decoder"]
+    )
+    # what trains: the whole tokenizer, or the semantic branch alone on cached tap features of the frozen tower
+    # (needs freeze.preset "stage0": the tower below the semantic tap must not change)
+    branch: Literal["both", "semantic"] = "both"
     output_dir: str = "runs/dualtoken"
     max_steps: int = 200000
     grad_accum: int = 1  # micro-steps per optimiser step
@@ -144,12 +175,20 @@ class TrainConfig:
     disc_optimizer: OptimizerConfig = field(default_factory=_discriminator_optimizer)
     loss: LossConfig = field(default_factory=LossConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    cache: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.grad_accum < 1:
             raise ConfigError("max_steps and grad_accum must be >= 1")
+        if self.branch == "semantic" and self.freeze.preset != "stage0":
+            raise ConfigError(
+                f'branch "semantic" trains on cached tap features: it needs freeze.preset "stage0", got '
+                f"{self.freeze.preset!r}"
+            )
+        if self.branch == "semantic" and self.teacher == "none":
+            raise ConfigError('branch "semantic" distils against a teacher: set teacher to "pretrained" or "initial"')
         if self.teacher == "none" and self.loss.needs_teacher:
             raise ConfigError(
                 "teacher is 'none' but the loss has distillation terms: set loss.semantic_weight=0 or a teacher"

@@ -12,9 +12,14 @@ from .config import FreezeConfig
 
 
 def frozen_modules(tokenizer, config: FreezeConfig) -> list[nn.Module]:
-    """The modules a preset freezes."""
-    cfg = tokenizer.config
+    """The modules a preset freezes, and the tower's tail after the semantic tap when ``config.tail`` is set."""
     parts = tokenizer.backbone.parts()
+    tail = [parts[i] for i in range(tokenizer.config.semantic_layer + 1, tokenizer.backbone.num_layers + 1)]
+    return _preset_modules(tokenizer, config, parts) + (tail + [parts["head"]] if config.tail else [])
+
+
+def _preset_modules(tokenizer, config: FreezeConfig, parts: dict) -> list[nn.Module]:
+    cfg = tokenizer.config
     if config.preset == "stage1":
         return []
     if config.preset == "stage0":

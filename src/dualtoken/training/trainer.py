@@ -71,7 +71,38 @@ def build_tokenizer(config: TrainConfig) -> DualTokenizer:
             raise ConfigError("model_overrides apply to new models only, not to a trained model")
         return DualTokenizer.from_pretrained(source)
     model_config = apply_overrides(model_config, config.model_overrides)
-    return DualTokenizer.from_config(model_config, config.backbone_pretrained)
+    tokenizer = DualTokenizer.from_config(model_config, config.backbone_pretrained)
+    if config.init_from is not None:
+        init_parts_from(tokenizer, DualTokenizer.from_pretrained(config.init_from), config.init_parts)
+    return tokenizer
+
+
+# the state-dict prefixes of each part of a tokenizer that a run can start from a trained model
+PART_PREFIXES = {
+    "backbone": ("backbone.",),
+    "pixel": ("pixel.", "pixel_shortcut."),
+    "semantic": ("semantic.",),
+    "decoder": ("decoder.",),
+}
+
+
+def init_parts_from(tokenizer: DualTokenizer, trained: DualTokenizer, parts: list[str]) -> list[str]:
+    """Copy the weights of ``parts`` from a trained tokenizer of the same shapes there; returns the copied names."""
+    prefixes = tuple(prefix for part in parts for prefix in PART_PREFIXES[part])
+    source = trained.state_dict()
+    target = tokenizer.state_dict()
+    copied = {}
+    for name, value in source.items():
+        if not name.startswith(prefixes):
+            continue
+        if name not in target or target[name].shape != value.shape:
+            raise ConfigError(
+                f"init_from: {name} {tuple(value.shape)} does not fit this model "
+                f"({tuple(target[name].shape) if name in target else 'no such weight'}); drop its part from init_parts"
+            )
+        copied[name] = value.to(target[name].dtype)
+    tokenizer.load_state_dict(copied, strict=False)
+    return sorted(copied)
 
 
 class Trainer:
@@ -489,7 +520,12 @@ class Trainer:
 
 
 def train(config: TrainConfig, stop_at: int | None = None) -> dict[str, Any]:
-    """Build a :class:`Trainer` from ``config``, run it, release the process group it made."""
+    """Build a :class:`Trainer` from ``config``, run it, release the process group it made; ``branch: "semantic"``
+    trains the semantic branch alone on cached tap features instead (one process)."""
+    if config.branch == "semantic":
+        from .semantic import train_semantic_branch
+
+        return train_semantic_branch(config, stop_at=stop_at)
     trainer = Trainer(config)
     try:
         return trainer.fit(stop_at=stop_at)

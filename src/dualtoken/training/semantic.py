@@ -1,0 +1,388 @@
+"""The semantic branch alone, trained on cached tap features of the frozen tower (``branch: "semantic"``).
+
+With the tower frozen below the semantic tap (freeze preset ``stage0``), the semantic branch — down-projection,
+residual quantizer, up-projection, and the layers after the tap — sees the same tap tokens for a crop at every
+step, whatever the pixel branch and the decoder do. So the tower runs once per training crop: its tokens at the
+semantic tap and the teacher's targets go to a feature cache on disk, and training reads the cache. An epoch over
+thousands of images then costs seconds to minutes on a CPU instead of an hour.
+
+    crop -> frozen tower 1..semantic_layer -> tap tokens (N, h*w, W)        } cached once
+    crop -> teacher -> tokens at semantic_layer, pooled output               }
+    tap tokens -> down -> residual quantizer -> up -> features -> layers after the tap -> pooled   (each step)
+    loss = distillation(features, pooled; teacher) + semantic_commitment * commitment
+
+The pixel branch and the decoder keep the weights the run starts with (``init_from`` brings trained ones).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from ..config import to_dict
+from ..data.sources import resolve_source
+from ..data.transforms import eval_transform, train_transform
+from ..errors import DataError, ImageError
+from ..evaluation.codebook_stats import code_histogram, usage_stats
+from ..evaluation.samples import labels_from_tsv
+from ..io import open_rgb
+from ..losses import DualTokenObjective, TeacherTargets
+from ..tokenizer import DualTokenizer
+from . import checkpoints
+from .config import TrainConfig
+from .freeze import apply_freeze
+from .metrics import MetricsLogger
+from .optim import build_optimizer, build_scheduler
+
+CACHE_FORMAT = 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the feature cache
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FeatureCache:
+    """Per crop: the tower's tap tokens, the teacher's tokens at the same layer and its pooled output."""
+
+    inputs: torch.Tensor  # (N, h*w, W) what the semantic branch reads
+    target_tokens: torch.Tensor  # (N, h*w, W) the teacher's tokens (the same tensor when the towers agree)
+    pooled: torch.Tensor  # (N, P) the teacher's pooled output
+    ids: list[str]  # "<image id>#<crop>"
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, TeacherTargets]:
+        """Float32 inputs and teacher targets of the crops at ``index``."""
+        inputs = self.inputs[index].float()
+        tokens = inputs if self.target_tokens is self.inputs else self.target_tokens[index].float()
+        return inputs, TeacherTargets(tokens=tokens, pooled=self.pooled[index].float())
+
+
+@torch.no_grad()
+def tap_features(
+    tokenizer: DualTokenizer, teacher, images: torch.Tensor, shared_tower: bool = False
+) -> tuple[torch.Tensor, TeacherTargets]:
+    """The tokenizer's tower tokens at the semantic tap (B, h*w, W) and the teacher's targets for ``images``.
+    ``shared_tower``: the tokenizer's tower below the tap is the teacher's, so the teacher's run gives both."""
+    layer = tokenizer.config.semantic_layer
+    teacher_states = teacher.forward_all(images)
+    targets = TeacherTargets(
+        tokens=teacher.to_tokens(layer, teacher_states[layer]), pooled=teacher.pool(teacher_states[-1])
+    )
+    if shared_tower:
+        return targets.tokens, targets
+    states = tokenizer.backbone.forward_all(images, stop=layer)
+    return tokenizer.backbone.to_tokens(layer, states[layer]), targets
+
+
+def same_tower_below_tap(tokenizer: DualTokenizer, teacher) -> bool:
+    """Whether the tokenizer's tower up to the semantic tap has exactly the teacher's weights and buffers."""
+    mine, theirs = tokenizer.backbone.parts(), teacher.parts()
+    for layer in range(tokenizer.config.semantic_layer + 1):
+        a, b = mine[layer].state_dict(), theirs[layer].state_dict()
+        if a.keys() != b.keys() or any(not torch.equal(a[k].cpu(), b[k].cpu()) for k in a):
+            return False
+    return True
+
+
+def _fingerprint(config: TrainConfig, tokenizer: DualTokenizer, spec: str, train: bool) -> dict[str, Any]:
+    """What a cache's contents depend on; a cache folder made for anything else is refused."""
+    backbone_state = tokenizer.backbone.state_dict()
+    digest = hashlib.sha256()
+    for name in sorted(backbone_state):
+        digest.update(name.encode())
+        digest.update(backbone_state[name].float().cpu().numpy().tobytes())
+    return {
+        "format": CACHE_FORMAT,
+        "source": spec,
+        "train": train,
+        "crops_per_image": config.cache.crops_per_image if train else 1,
+        "crop_scale": list(config.data.crop_scale) if train else None,
+        "seed": config.seed,
+        "image_size": list(tokenizer.image_size),
+        "semantic_layer": tokenizer.config.semantic_layer,
+        "backbone": to_dict(tokenizer.config.backbone),
+        "backbone_weights": digest.hexdigest()[:16],
+        "teacher": config.teacher,
+        "dtype": config.cache.dtype,
+    }
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def build_feature_cache(
+    config: TrainConfig,
+    tokenizer: DualTokenizer,
+    teacher,
+    spec: str,
+    folder: Path,
+    train: bool = True,
+    progress: bool = True,
+) -> FeatureCache:
+    """Compute (or read back) the features of every image of ``spec``: ``crops_per_image`` random crops each for
+    training, one centre crop otherwise. Shards are written atomically as they finish, so a second call resumes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fingerprint = _fingerprint(config, tokenizer, spec, train)
+    meta = folder / "cache.json"
+    if meta.is_file() and json.loads(meta.read_text()) != fingerprint:
+        raise DataError(
+            f"{folder} holds features made for another model, data or crop setting; remove it or set cache.folder"
+        )
+    meta.write_text(json.dumps(fingerprint, indent=2) + "\n")
+    dtype = torch.float16 if config.cache.dtype == "float16" else torch.float32
+    crops = fingerprint["crops_per_image"]
+    shared = same_tower_below_tap(tokenizer, teacher)
+    teacher.to(memory_format=torch.channels_last)  # faster convolutions on a CPU; same values
+    tokenizer.backbone.to(memory_format=torch.channels_last)
+    records = [record for record, _ in resolve_source(spec).walk(seed=config.seed)]
+    shard_size = config.cache.shard_images
+    shards = []
+    skipped: list[str] = []
+    bar = tqdm(total=len(records), desc=f"features {'train' if train else 'eval'}", unit="img", disable=not progress)
+    for start in range(0, len(records), shard_size):
+        path = folder / f"shard-{start // shard_size:05d}.pt"
+        chunk = records[start : start + shard_size]
+        if not path.is_file():
+            _save_atomic(_features_of(chunk, config, tokenizer, teacher, crops, train, dtype, skipped, shared), path)
+        shards.append(torch.load(path, map_location="cpu", weights_only=True))
+        bar.update(len(chunk))
+    bar.close()
+    for image_id in skipped:
+        tqdm.write(f"skipped unreadable image {image_id}")
+    shards = [s for s in shards if s["ids"]]
+    if not shards:
+        raise DataError(f"{spec}: no readable image to compute features from")
+    inputs = torch.cat([s["inputs"] for s in shards])
+    same = all("target_tokens" not in s for s in shards)
+    return FeatureCache(
+        inputs=inputs,
+        target_tokens=inputs if same else torch.cat([s.get("target_tokens", s["inputs"]) for s in shards]),
+        pooled=torch.cat([s["pooled"] for s in shards]),
+        ids=[image_id for s in shards for image_id in s["ids"]],
+    )
+
+
+def _features_of(records, config, tokenizer, teacher, crops, train, dtype, skipped, shared) -> dict[str, Any]:
+    """One shard: the features of ``crops`` crops of each readable record (ids ``<id>#<crop>``). Crop ``c`` of an
+    image is the training crop of epoch ``c`` (the trainer's crop seeding); each file is decoded once."""
+    images, ids = [], []
+    for record in records:
+        try:
+            image = open_rgb(io.BytesIO(record.payload) if isinstance(record.payload, bytes) else record.payload)
+        except ImageError as exc:
+            skipped.append(f"{record.id}: {exc}")
+            continue
+        for crop in range(crops):
+            if train:
+                rng = random.Random(f"crop/{config.seed}/{crop}/{record.id}")
+                images.append(train_transform(image, tokenizer.image_size, rng, scale=config.data.crop_scale))
+            else:
+                images.append(eval_transform(image, tokenizer.image_size))
+            ids.append(f"{record.id}#{crop}")
+    parts: dict[str, list[torch.Tensor]] = {"inputs": [], "target_tokens": [], "pooled": []}
+    batch = config.cache.batch_size
+    for start in range(0, len(images), batch):
+        batch_images = torch.stack(images[start : start + batch]).contiguous(memory_format=torch.channels_last)
+        inputs, targets = tap_features(tokenizer, teacher, batch_images, shared)
+        parts["inputs"].append(inputs.to(dtype))
+        parts["target_tokens"].append(targets.tokens.to(dtype))
+        parts["pooled"].append(targets.pooled.to(dtype))
+    shard: dict[str, Any] = {"ids": ids}
+    for name, values in parts.items():
+        shard[name] = torch.cat(values) if values else torch.empty(0)
+    if shared:
+        del shard["target_tokens"]  # the same tensor as the inputs: keep one copy
+    return shard
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluation on cached held-out features
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_semantic(
+    tokenizer: DualTokenizer, cache: FeatureCache, labels: torch.Tensor | None = None, batch_size: int = 64
+) -> dict[str, float]:
+    """Per depth k (the first k codes): token cosine to the teacher, agreement of the pooled argmax with the
+    teacher's, top-1 / top-5 accuracy when ``labels`` (N,) are given (-1: unknown); code usage per depth."""
+    branch = tokenizer.semantic
+    quantizer = branch.quantizer
+    depth = quantizer.depth
+    sums: dict[str, float] = {}
+    counts = torch.zeros(depth, quantizer.codebook_size, dtype=torch.long)
+    for start in range(0, len(cache), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(cache)))
+        inputs, targets = cache.batch(index)
+        codes = quantizer(branch.down(inputs), update=False).codes  # (B, h*w, Q)
+        counts += code_histogram(codes.unsqueeze(1), quantizer.codebook_size)
+        for k in range(1, depth + 1):
+            features = branch.up(quantizer.decode(codes[..., :k]))  # (B, h*w, W)
+            pooled = tokenizer.pool_from_features(features)
+            cosine = torch.nn.functional.cosine_similarity(features, targets.tokens, dim=-1).mean(dim=-1)
+            agree = (pooled.argmax(-1) == targets.pooled.argmax(-1)).float()
+            _accumulate(sums, f"token_cosine@{k}", cosine)
+            _accumulate(sums, f"teacher_agreement@{k}", agree)
+            if labels is not None:
+                known = labels[index] >= 0
+                top5 = pooled.topk(5, dim=-1).indices
+                _accumulate(sums, f"top1@{k}", (top5[:, 0] == labels[index]).float()[known])
+                _accumulate(sums, f"top5@{k}", (top5 == labels[index, None]).any(-1).float()[known])
+        if labels is not None:
+            known = labels[index] >= 0
+            _accumulate(sums, "teacher_top1", (targets.pooled.argmax(-1) == labels[index]).float()[known])
+    metrics = {name: total / sums[f"n:{name}"] for name, total in sums.items() if not name.startswith("n:")}
+    for k in range(depth):
+        stats = usage_stats(counts[k])
+        metrics[f"usage@{k + 1}"] = stats["usage"]
+        metrics[f"perplexity@{k + 1}"] = stats["perplexity"]
+    return metrics
+
+
+def _accumulate(sums: dict[str, float], name: str, values: torch.Tensor) -> None:
+    sums[name] = sums.get(name, 0.0) + float(values.sum())
+    sums[f"n:{name}"] = sums.get(f"n:{name}", 0.0) + values.numel()
+
+
+def cache_labels(cache: FeatureCache, spec: str) -> torch.Tensor | None:
+    """Class indices (N,) of a cache's crops when ``spec`` is a TSV with ``file`` and ``class_index``; -1 unknown."""
+    path = Path(spec)
+    if path.suffix.lower() != ".tsv" or "class_index" not in path.read_text().splitlines()[0].split("\t"):
+        return None
+    _, by_file = labels_from_tsv(path)
+    return torch.tensor([by_file.get(image_id.rsplit("#", 1)[0], -1) for image_id in cache.ids])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the training loop
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def train_semantic_branch(config: TrainConfig, stop_at: int | None = None) -> dict[str, Any]:
+    """Train the semantic branch (and the tower's tail unless ``freeze.tail``) on cached tap features; resumes
+    from ``<output_dir>/checkpoints`` and exports the whole tokenizer to ``<output_dir>/final``."""
+    from .trainer import build_tokenizer
+
+    torch.manual_seed(config.seed)
+    out_dir = Path(config.output_dir)
+    tokenizer = build_tokenizer(config)
+    teacher = tokenizer.teacher() if config.teacher == "pretrained" else copy.deepcopy(tokenizer.backbone)
+    teacher.requires_grad_(False).eval()
+    apply_freeze(tokenizer, config.freeze)
+    for module in (tokenizer.pixel, tokenizer.pixel_shortcut, tokenizer.decoder):
+        if module is not None:
+            module.requires_grad_(False)
+    tokenizer.train()
+    tokenizer.pixel.eval()  # the pixel codebook keeps its state: this run never quantizes pixels
+    cache_root = Path(config.cache.folder) if config.cache.folder else out_dir / "features"
+    progress = config.log.progress
+    train_cache = build_feature_cache(config, tokenizer, teacher, config.data.train, cache_root / "train", True, progress)
+    eval_cache = eval_labels = None
+    if config.data.eval:
+        eval_cache = build_feature_cache(config, tokenizer, teacher, config.data.eval, cache_root / "eval", False, progress)
+        eval_labels = cache_labels(eval_cache, config.data.eval)
+
+    objective = DualTokenObjective(config.loss)
+    optimizer = build_optimizer(tokenizer, config.optimizer)
+    scheduler = build_scheduler(optimizer, config.max_steps, config.optimizer)
+    step = 0
+    found = checkpoints.load_latest_checkpoint(out_dir / "checkpoints") if config.checkpoint.resume else None
+    if found is not None:
+        state = found[1]
+        tokenizer.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        checkpoints.set_rng_state(state["rng"])
+        step = state["step"]
+    logger = MetricsLogger(out_dir, config.log, resume_step=step)
+    logger.log(step, {"train_crops": len(train_cache), "trainable_parameters": _trainable(tokenizer)}, "system")
+
+    last = config.max_steps if stop_at is None else min(stop_at, config.max_steps)
+    batch_size = min(config.data.batch_size, len(train_cache))
+    steps_per_epoch = len(train_cache) // batch_size  # each epoch visits the crops in a new order
+    bar = tqdm(total=last, initial=step, desc="semantic branch", unit="step", disable=not progress)
+    started, checkpoint, order, epoch = time.perf_counter(), None, None, -1
+    while step < last:
+        if step // steps_per_epoch != epoch:
+            epoch = step // steps_per_epoch
+            order = _epoch_order(len(train_cache), config.seed, epoch)
+        position = (step % steps_per_epoch) * batch_size
+        inputs, targets = train_cache.batch(order[position : position + batch_size])
+        quantized = tokenizer.semantic.quantizer(tokenizer.semantic.down(inputs))
+        features = tokenizer.semantic.up(quantized.quantized)  # (B, h*w, W)
+        pooled = tokenizer.pool_from_features(features)
+        loss, terms = objective.distillation(features, pooled, targets)
+        loss = loss + config.loss.semantic_commitment * quantized.commitment
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.optimizer.grad_clip:
+            torch.nn.utils.clip_grad_norm_(tokenizer.parameters(), config.optimizer.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        bar.update(1)
+        if step % config.log.every == 0 or step == last:
+            values = {name: float(v.detach()) for name, v in terms.items()}
+            values.update(loss=float(loss.detach()), commitment=float(quantized.commitment.detach()), lr=scheduler.get_last_lr()[0])
+            values["seconds"] = round(time.perf_counter() - started, 1)
+            logger.log(step, values)
+        if eval_cache is not None and config.log.eval_every and step % config.log.eval_every == 0 and step < last:
+            logger.log(step, _eval_summary(tokenizer, eval_cache, eval_labels), "eval")
+        if step % config.checkpoint.every == 0 or step == last:
+            state = {
+                "step": step,
+                "model": tokenizer.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": checkpoints.rng_state(),
+            }
+            checkpoint = checkpoints.save_checkpoint(out_dir / "checkpoints", step, state, config.checkpoint.keep_last)
+    bar.close()
+    export = None
+    if step >= config.max_steps:
+        tokenizer.eval()
+        if eval_cache is not None:
+            results = evaluate_semantic(tokenizer, eval_cache, eval_labels)
+            logger.log(step, results, "eval")
+            (out_dir / "semantic_eval.json").write_text(json.dumps(results, indent=2) + "\n")
+        export = tokenizer.save_pretrained(out_dir / "final")
+    logger.close()
+    return {"step": step, "export": str(export) if export else None, "checkpoint": str(checkpoint) if checkpoint else None}
+
+
+def _eval_summary(tokenizer: DualTokenizer, cache: FeatureCache, labels: torch.Tensor | None) -> dict[str, float]:
+    tokenizer.eval()
+    results = evaluate_semantic(tokenizer, cache, labels)
+    tokenizer.train()
+    tokenizer.pixel.eval()
+    return results
+
+
+def _epoch_order(count: int, seed: int, epoch: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed * 100003 + epoch)
+    return torch.randperm(count, generator=generator)
+
+
+def _trainable(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
