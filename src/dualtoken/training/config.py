@@ -141,9 +141,10 @@ class TrainConfig:
     """A whole training run. In a recipe file, relative paths are taken from the file's folder."""
 
     path_fields: ClassVar[tuple[str, ...]] = (
-        "backbone_pretrained", "output_dir", "data.train", "data.eval", "loss.vgg_weights", "loss.lpips_heads"
+        "backbone_pretrained", "output_dir", "data.train", "data.eval", "loss.vgg_weights", "loss.lpips_heads",
+        "cache.folder",
     )
-    name_or_path_fields: ClassVar[tuple[str, ...]] = ("model",)
+    name_or_path_fields: ClassVar[tuple[str, ...]] = ("model", "init_from")
 
     # an architecture name (dualtoken-tiny, ...) or a tokenizer config JSON file: a new model; trained weights to
     # fine-tune: a trained model's name (dualtoken-efflite0), a save_pretrained folder, or a Hub repo id
