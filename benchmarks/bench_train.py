@@ -50,7 +50,7 @@ def write_images(folder: Path, count: int, size: int) -> Path:
 
 def run_case(model: str, variant: str, steps: int, work: Path) -> dict:
     """One variant in a fresh process; returns its per-step records."""
-    from dualtoken.config import get_config
+    from dualtoken import get_config
 
     size = get_config(model).backbone.image_size
     data = write_images(work / f"data-{size}", MODELS[model] * 4, size)

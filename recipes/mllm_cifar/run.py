@@ -51,7 +51,7 @@ from dualtoken.mllm import (
 from dualtoken.mllm.data import TokenCache
 from dualtoken.mllm.text_tokenizer import train_bpe_tokenizer
 from dualtoken.mllm.train import train_mllm
-from dualtoken.training.config import OptimizerConfig
+from dualtoken.training.config import CheckpointConfig, LogConfig, OptimizerConfig
 from dualtoken.visualize import hstack, vstack
 
 MODES = ("both", "semantic", "pixel")
@@ -204,14 +204,14 @@ def prepare(cfg: RecipeConfig) -> None:
                 conversations=("conversations.json",),
                 captions=("captions.jsonl",),
                 condition_dropout=cfg.condition_dropout,
+                batch_size=cfg.batch_size,
             ),
-            optim=cfg.optim,
-            steps=cfg.steps,
-            batch_size=cfg.batch_size,
+            optimizer=cfg.optim,
+            max_steps=cfg.steps,
             seed=cfg.seed,
-            out_dir=str((work / "runs" / mode).resolve()),
-            log_every=max(1, cfg.steps // 100),
-            save_every=max(1, cfg.steps // 10),
+            output_dir=str((work / "runs" / mode).resolve()),
+            log=LogConfig(every=max(1, cfg.steps // 100), console=False),
+            checkpoint=CheckpointConfig(every=max(1, cfg.steps // 10), keep_last=2),
         )
         (work / f"train_{mode}.json").write_text(json.dumps(to_dict(train), indent=2) + "\n")
     print(f"prepared {work}: {len(labels['train'])} train / {len(labels['test'])} test images")

@@ -1,7 +1,8 @@
 """DualToken: one vision tokenizer, two residual-quantized vocabularies (pixel and semantic)."""
 
-from .config import DecoderConfig, QuantizerConfig, TokenizerConfig, get_config, list_models
+from .config import DecoderConfig, QuantizerConfig, TokenizerConfig
 from .errors import CheckpointError, CodesError, ConfigError, DataError, DualTokenError, ImageError
+from .registry import get_config, list_models
 from .tokenizer import DualTokenizer, DualTokenizerOutput, DualTokens
 
 __version__ = "0.1.0"

@@ -1,5 +1,5 @@
-"""Checkpoints: ``save_pretrained`` / ``from_pretrained`` (config.json + model.safetensors), and the import of the
-authors' release format (a ``config.json`` with an ``rqvaesiglip`` block and a reference state dict)."""
+"""Checkpoints: ``save_pretrained`` / ``from_pretrained`` (config.json + model.safetensors + a model card), and the
+import of the authors' release format (a ``config.json`` with an ``rqvaesiglip`` block and a reference state dict)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -21,18 +21,21 @@ from .config import (
     read_json,
 )
 from .errors import CheckpointError, ConfigError
-from .pretrained import pretrained_path
+from .registry import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, is_model, resolve_model_dir
 
 if TYPE_CHECKING:
     from .tokenizer import DualTokenizer
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
-
-def save_pretrained(tokenizer: DualTokenizer, path: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write the config and the tokenizer's weights atomically into folder ``path``; ``dtype`` (for example
-    ``torch.float16``, half the size) applies to the floating-point tensors."""
+def save_pretrained(
+    tokenizer: DualTokenizer,
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> Path:
+    """Write the config, the tokenizer's weights (atomically) and a model card into folder ``path``; ``dtype`` (for
+    example ``torch.float16``, half the size) applies to the floating-point tensors; ``metrics`` (name -> value,
+    e.g. the figures of an evaluation) go into the card."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in tokenizer.state_dict().items()}
@@ -42,22 +45,52 @@ def save_pretrained(tokenizer: DualTokenizer, path: str | Path, dtype: torch.dty
     save_file(state, str(tmp), metadata={"format": "pt", "model": tokenizer.config.name})
     os.replace(tmp, path / WEIGHTS_NAME)
     tokenizer.config.save(path / CONFIG_NAME)
+    (path / CARD_NAME).write_text(model_card(tokenizer, metrics))
     return path
 
 
-def _resolve(path_or_name: str | Path) -> Path:
-    embedded = pretrained_path(str(path_or_name))
-    if embedded is not None:
-        return embedded
-    path = Path(path_or_name)
-    if not path.is_dir():
-        from .config import list_models
+def model_card(tokenizer: DualTokenizer, metrics: dict[str, Any] | None = None) -> str:
+    """The README.md of a model folder: Hub metadata, what the tokens are, the rate, the figures, the config."""
+    from huggingface_hub import ModelCardData
 
-        raise CheckpointError(f"no model folder at {path} (and not an embedded model: {list_models()})")
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (path / name).is_file():
-            raise CheckpointError(f"{path} has no {name}: expected a folder written by save_pretrained")
-    return path
+    config = tokenizer.config
+    h, w = tokenizer.grid
+    rate = tokenizer.bits_per_pixel()
+    data = ModelCardData(library_name="dualtoken", tags=["image-tokenizer", "dualtoken"], license="apache-2.0")
+    lines = [
+        "---",
+        data.to_yaml(),
+        "---",
+        "",
+        f"# {config.name}",
+        "",
+        "A [DualToken](https://arxiv.org/abs/2503.14324) image tokenizer: one backbone, a pixel vocabulary for "
+        "reconstruction and a semantic vocabulary for understanding, both residual-quantized.",
+        "",
+        "```python",
+        "from dualtoken import DualTokenizer",
+        "",
+        'tokenizer = DualTokenizer.from_pretrained("<this folder or org/name>")',
+        "```",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| input | {tokenizer.image_size[0]}x{tokenizer.image_size[1]} RGB |",
+        f"| backbone | {config.backbone.kind} |",
+        f"| token grid | {h}x{w} |",
+    ]
+    for branch in ("pixel", "semantic"):
+        quantizer = tokenizer.quantizer(branch)
+        lines.append(
+            f"| {branch} vocabulary | {quantizer.depth} codes per position from {quantizer.codebook_size}, "
+            f"{rate[branch]:.4f} bits per pixel |"
+        )
+    if metrics:
+        lines += ["", "## Figures", "", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {name} | {value:.4g} |" if isinstance(value, float) else f"| {name} | {value} |"
+                  for name, value in metrics.items()]
+    lines += ["", "## Config", "", "```json", config.to_json(), "```", ""]
+    return "\n".join(lines)
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -101,11 +134,16 @@ def load_state(tokenizer: DualTokenizer, state: dict[str, torch.Tensor], strict:
         warnings.warn(message, stacklevel=3)
 
 
-def load_pretrained(cls: type[DualTokenizer], path_or_name: str | Path, strict: bool = False) -> DualTokenizer:
-    path = _resolve(path_or_name)
+def load_pretrained(
+    cls: type[DualTokenizer], path_or_name: str | Path, strict: bool = False, revision: str | None = None
+) -> DualTokenizer:
+    """A trained name, a local folder or a Hub repo id (see :func:`dualtoken.registry.resolve_model_dir`)."""
+    path = resolve_model_dir(path_or_name, revision)
     config = TokenizerConfig.load(path / CONFIG_NAME)
     tokenizer = cls.from_config(config)
     tokenizer.model_dir = path
+    spec = str(path_or_name)
+    tokenizer.name_or_path = spec if is_model(spec) or not Path(spec).is_dir() else str(path.resolve())
     load_state(tokenizer, read_weights(path / WEIGHTS_NAME), strict, str(path))
     return tokenizer.eval()
 

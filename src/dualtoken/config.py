@@ -1,7 +1,11 @@
-"""Configs: one dataclass per component, a JSON round trip that rejects unknown keys, and the named-config registry.
+"""Configs: one dataclass per component, a JSON round trip that rejects unknown keys, and the path convention of
+config files.
 
-Every number the model uses lives here. Backbone configs are chosen by their ``kind`` field, so a new backbone
-family registers its config class with :func:`register_backbone_config` and nothing else changes.
+Every number the model uses lives here. Backbone configs live with their family in :mod:`dualtoken.backbones` and
+are chosen by their ``kind`` field; the named models are in :mod:`dualtoken.registry`.
+
+Paths inside a config file are relative to that file's folder (:func:`resolve_path`), whatever the working
+directory; paths given on a command line (``--set key=value``) are relative to the working directory.
 """
 
 from __future__ import annotations
@@ -11,10 +15,10 @@ import json
 import types
 import typing
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .backbones import BackboneConfig, SiglipBackboneConfig
 from .errors import ConfigError
 
 T = TypeVar("T")
@@ -122,8 +126,52 @@ def read_json(path: str | Path, what: str = "config file") -> Any:
 
 
 def load_config_file(cls: type[T], path: str | Path, what: str = "config file") -> T:
-    """A config dataclass from a JSON file (unknown keys and wrong types raise ConfigError)."""
-    return from_dict(cls, read_json(path, what), where=Path(path).name)
+    """A config dataclass from a JSON file (unknown keys and wrong types raise ConfigError).
+
+    The class names its path fields in ``path_fields`` (dotted keys: always paths) and ``name_or_path_fields``
+    (a model name or a path); relative paths among them are taken from the file's folder. A class with an
+    ``upgrade(data)`` classmethod renames keys of older versions first.
+    """
+    data = read_json(path, what)
+    if isinstance(data, dict):
+        if hasattr(cls, "upgrade"):
+            data = cls.upgrade(data)
+        base = Path(path).resolve().parent
+        for key in getattr(cls, "path_fields", ()):
+            _map_field(data, key, lambda value: resolve_path(value, base))
+        for key in getattr(cls, "name_or_path_fields", ()):
+            _map_field(data, key, lambda value: resolve_name_or_path(value, base))
+    return from_dict(cls, data, where=Path(path).name)
+
+
+def _map_field(data: dict[str, Any], key: str, fn) -> None:
+    """Apply ``fn`` to the string (or each string of the list) at dotted ``key`` of ``data``, when present."""
+    *parents, last = key.split(".")
+    for part in parents:
+        data = data.get(part)
+        if not isinstance(data, dict):
+            return
+    value = data.get(last)
+    if isinstance(value, str):
+        data[last] = fn(value)
+    elif isinstance(value, list):
+        data[last] = [fn(v) if isinstance(v, str) else v for v in value]
+
+
+def resolve_path(value: str, base: str | Path) -> str:
+    """A path read from a config file in folder ``base``: relative paths are taken from that folder. URLs and
+    pipes (``scheme://...``, ``pipe:...``) are returned as they are."""
+    if "://" in value or value.startswith("pipe:") or Path(value).is_absolute():
+        return value
+    return str((Path(base) / value).resolve())
+
+
+def resolve_name_or_path(value: str, base: str | Path) -> str:
+    """A field that takes a model name (registry name, Hub repo id) or a path: a path when one exists in ``base``
+    or when it starts with ``./`` or ``../``; otherwise a name, returned as it is."""
+    if value.startswith(("./", "../")) or (Path(base) / value).exists():
+        return resolve_path(value, base)
+    return value
 
 
 def apply_overrides(config: T, overrides: list[str]) -> T:
@@ -155,62 +203,6 @@ def apply_overrides(config: T, overrides: list[str]) -> T:
 # ----------------------------------------------------------------------------------------------------------------
 # Components
 # ----------------------------------------------------------------------------------------------------------------
-
-_BACKBONE_CONFIGS: dict[str, type] = {}
-
-
-def register_backbone_config(kind: str):
-    """Class decorator: make a backbone config class selectable by its ``kind`` value."""
-
-    def wrap(cls):
-        _BACKBONE_CONFIGS[kind] = cls
-        return cls
-
-    return wrap
-
-
-@dataclass
-class BackboneConfig:
-    """Base of the backbone configs; ``kind`` picks the concrete class when reading JSON."""
-
-    kind: str = "siglip"
-
-    @classmethod
-    def resolve_class(cls, data: dict, where: str) -> type:
-        kind = data.get("kind", "siglip")
-        if kind not in _BACKBONE_CONFIGS:
-            # importing the backbones package registers the built-in families
-            from . import backbones  # noqa: F401
-        if kind not in _BACKBONE_CONFIGS:
-            raise ConfigError(f"{where}.kind: unknown backbone {kind!r}; known: {sorted(_BACKBONE_CONFIGS)}")
-        return _BACKBONE_CONFIGS[kind]
-
-    def resized(self, image_size: int) -> BackboneConfig:
-        """The same backbone at another input size. Families with learned position embeddings (SigLIP) run at
-        their trained size only; a convolutional family overrides this."""
-        raise ConfigError(
-            f"backbone {self.kind!r} runs at its trained resolution only (learned position embeddings)"
-        )
-
-
-@register_backbone_config("siglip")
-@dataclass
-class SiglipBackboneConfig(BackboneConfig):
-    """A SigLIP / SigLIP 2 (fixed resolution) vision tower, built with transformers' own SigLIP modules."""
-
-    kind: str = "siglip"
-    image_size: int = 224
-    patch_size: int = 16
-    width: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
-    mlp_width: int = 3072
-    layer_norm_eps: float = 1e-6
-    hidden_act: str = "gelu_pytorch_tanh"
-    # a local SigLIP folder in save_pretrained format (relative paths are resolved against the model folder):
-    # the frozen teacher for training and the text tower for zero-shot evaluation
-    pretrained: str | None = None
-
 
 @dataclass
 class QuantizerConfig:
@@ -339,28 +331,3 @@ class TokenizerConfig:
     @classmethod
     def load(cls, path: str | Path) -> TokenizerConfig:
         return load_config_file(cls, path)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Named configs (JSON files shipped in dualtoken/configs)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _named_config_files() -> dict[str, Any]:
-    folder = resources.files("dualtoken") / "configs"
-    return {p.name[: -len(".json")]: p for p in folder.iterdir() if p.name.endswith(".json")}
-
-
-def list_models() -> list[str]:
-    """Names accepted by ``DualTokenizer.from_config`` (architectures) and ``from_pretrained`` (trained models)."""
-    from .pretrained import list_pretrained
-
-    return sorted(set(_named_config_files()) | set(list_pretrained()))
-
-
-def get_config(name: str) -> TokenizerConfig:
-    """The named architecture config, e.g. ``dualtoken-tiny``."""
-    files = _named_config_files()
-    if name not in files:
-        raise ConfigError(f"unknown config name {name!r}; known: {sorted(files)}")
-    return TokenizerConfig.from_json(files[name].read_text())

@@ -102,17 +102,3 @@ def list_images(folder: str | Path) -> list[Path]:
     if not files:
         raise ImageError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
     return files
-
-
-def expand_inputs(inputs: list[str | Path]) -> list[Path]:
-    """Files and folders given on a command line -> a flat sorted list of image files."""
-    files: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            files.extend(list_images(path))
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise ImageError(f"no such file or folder: {path}")
-    return files

@@ -1,7 +1,9 @@
 """Token files: both code tensors of a set of images and their ids, in one safetensors file.
 
 Layout: tensors ``pixel`` and ``semantic`` (N, h, w, Q), int16 when the codebook fits, else int32; metadata
-``ids`` (JSON list of N strings), ``model`` (config name) and ``codebook_size`` (JSON [pixel, semantic]).
+``ids`` (JSON list of N strings), ``model`` (config name), ``codebook_size`` (JSON [pixel, semantic]) and, when
+known, ``source``: what the model was loaded from (a trained name, a folder, a Hub repo id), so that ``decode``
+finds it again.
 A sharded data set is a folder of such files; :func:`load_tokens` reads one file, :func:`iter_token_files` a folder.
 """
 
@@ -27,6 +29,7 @@ class TokenFile:
     ids: list[str]
     model: str
     codebook_size: tuple[int, int]
+    source: str | None = None
 
 
 def _storage_dtype(codebook_size: int) -> torch.dtype:
@@ -40,6 +43,7 @@ def save_tokens(
     ids: list[str],
     model: str,
     codebook_size: tuple[int, int],
+    source: str | None = None,
 ) -> Path:
     """Write a token file atomically (temp file + rename)."""
     if pixel.shape[0] != semantic.shape[0] or pixel.shape[0] != len(ids):
@@ -51,6 +55,8 @@ def save_tokens(
         "semantic": semantic.to(_storage_dtype(codebook_size[1])).contiguous().cpu(),
     }
     metadata = {"ids": json.dumps(list(ids)), "model": model, "codebook_size": json.dumps(list(codebook_size))}
+    if source is not None:
+        metadata["source"] = source
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
@@ -72,7 +78,7 @@ def load_tokens(path: str | Path) -> TokenFile:
         pixel, semantic = tensors["pixel"].long(), tensors["semantic"].long()
     except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as exc:
         raise DataError(f"{path} is not a DualToken token file ({type(exc).__name__}: {exc})") from None
-    return TokenFile(pixel=pixel, semantic=semantic, ids=ids, model=model, codebook_size=sizes)
+    return TokenFile(pixel, semantic, ids, model, sizes, metadata.get("source"))
 
 
 def iter_token_files(folder: str | Path) -> Iterator[TokenFile]:

@@ -9,18 +9,22 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from huggingface_hub import ModelHubMixin
 from torch import nn
 
 from .backbones import Backbone, backbone_class
-from .config import TokenizerConfig, get_config
+from .config import TokenizerConfig
 from .decoder import PixelDecoder
 from .errors import CodesError, ConfigError, ImageError
 from .projection import AttnProjection
 from .quantizer import QuantizerOutput, ResidualQuantizer
+from .registry import get_config
 
 BRANCHES = ("pixel", "semantic")
 
@@ -78,13 +82,21 @@ class Branch(nn.Module):
         self.up = AttnProjection(code_dim, width, code_dim, projection_config)
 
 
-class DualTokenizer(nn.Module):
-    """The DualToken tokenizer. Build with :meth:`from_config` or :meth:`from_pretrained`."""
+class DualTokenizer(
+    nn.Module,
+    ModelHubMixin,
+    library_name="dualtoken",
+    paper_url="https://arxiv.org/abs/2503.14324",
+    tags=["image-tokenizer", "dualtoken"],
+):
+    """The DualToken tokenizer. Build with :meth:`from_config` (random weights) or :meth:`from_pretrained` (a
+    trained name, a local folder or a Hugging Face Hub repo id); ``push_to_hub`` comes from ``ModelHubMixin``."""
 
     def __init__(self, config: TokenizerConfig, backbone: Backbone) -> None:
         super().__init__()
         self.config = config
         self.model_dir: Path | None = None
+        self.name_or_path: str | None = None  # what from_pretrained was given (a folder: its absolute path)
         self.loading_info: dict[str, list[str]] = {"missing": [], "unexpected": []}
         self.backbone = backbone
         pixel_width = backbone.tap_width(config.pixel_layer)
@@ -120,32 +132,53 @@ class DualTokenizer(nn.Module):
     def from_config(
         cls, name_or_config: str | TokenizerConfig, backbone_path: str | Path | None = None
     ) -> DualTokenizer:
-        """A new tokenizer: random weights, or the backbone's pretrained weights from a local folder."""
+        """A new tokenizer from a registered name or a config: random weights, or the backbone's pretrained weights
+        from a local folder (families that take one)."""
         config = get_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
         if backbone_path is not None:
-            if not isinstance(getattr(config.backbone, "pretrained", False), (str, type(None))):
-                raise ConfigError(f"backbone kind {config.backbone.kind!r} takes no pretrained folder")
-            config = dataclasses.replace(
-                config, backbone=dataclasses.replace(config.backbone, pretrained=str(Path(backbone_path).resolve()))
-            )
+            config = dataclasses.replace(config, backbone=config.backbone.with_pretrained_folder(backbone_path))
         tokenizer = cls(config, backbone_class(config.backbone.kind).from_config(config.backbone))
         if backbone_path is not None:
             tokenizer.init_backbone_from_teacher()
         return tokenizer
 
     @classmethod
-    def from_pretrained(cls, path_or_name: str | Path, strict: bool = False) -> DualTokenizer:
-        """Load a folder written by :meth:`save_pretrained` (or an embedded model by name), in eval mode."""
+    def from_pretrained(
+        cls, path_or_name: str | Path, strict: bool = False, *, revision: str | None = None
+    ) -> DualTokenizer:
+        """Load trained weights, in eval mode: a trained model's name (``dualtoken.list_models(trained=True)``), a
+        folder written by :meth:`save_pretrained`, or a Hugging Face Hub repo id ``org/name`` (at ``revision``),
+        downloaded into the Hugging Face cache (``HF_HUB_OFFLINE=1``: the cache only)."""
         from .checkpoint import load_pretrained
 
-        return load_pretrained(cls, path_or_name, strict=strict)
+        return load_pretrained(cls, path_or_name, strict=strict, revision=revision)
 
-    def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` (tokenizer weights only, never a teacher); ``dtype``
-        casts the floating-point weights (``torch.float16`` halves the file)."""
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        dtype: torch.dtype | None = None,
+        *,
+        metrics: dict[str, Any] | None = None,
+        push_to_hub: bool = False,
+        repo_id: str | None = None,
+        **push_to_hub_kwargs: Any,
+    ) -> Path:
+        """Write ``config.json``, ``model.safetensors`` (tokenizer weights only, never a teacher) and a model card
+        ``README.md`` (config, bits per pixel of each vocabulary, ``metrics`` when given); ``dtype`` casts the
+        floating-point weights (``torch.float16`` halves the file). ``push_to_hub`` then uploads the folder to
+        ``repo_id`` (default: the folder's name) with ``ModelHubMixin.push_to_hub``."""
         from .checkpoint import save_pretrained
 
-        return save_pretrained(self, path, dtype)
+        path = save_pretrained(self, save_directory, dtype, metrics)
+        if push_to_hub:
+            self.push_to_hub(repo_id or path.name, **push_to_hub_kwargs)
+        return path
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """What ``ModelHubMixin.push_to_hub`` writes before uploading: the same folder as :meth:`save_pretrained`."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, save_directory)
 
     def at_resolution(self, image_size: int) -> DualTokenizer:
         """This tokenizer's weights for ``image_size`` inputs (convolutional backbones only; see
@@ -183,6 +216,16 @@ class DualTokenizer(nn.Module):
     @property
     def semantic_depth(self) -> int:
         return self.config.semantic_quantizer.depth
+
+    def bits_per_pixel(self) -> dict[str, float]:
+        """The rate of each vocabulary, ``depth * log2(K) * positions / pixels``, and their ``total`` (a single
+        vocabulary counts its one set of codes once)."""
+        positions = self.grid[0] * self.grid[1]
+        pixels = self.image_size[0] * self.image_size[1]
+        rate = {b: self.quantizer(b).depth * math.log2(self.quantizer(b).codebook_size) * positions / pixels
+                for b in BRANCHES}
+        rate["total"] = rate["semantic"] + (rate["pixel"] if self.pixel.quantizer is not None else 0.0)
+        return rate
 
     def branch(self, name: str) -> Branch:
         if name not in BRANCHES:

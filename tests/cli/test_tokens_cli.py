@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -46,9 +47,9 @@ def test_encode_decode_reconstruct_info(photos, model_dir, tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["encode", "missing_dir", "--out", "x.safetensors"], "no such file or folder"),
         (["decode", "missing.safetensors", "--out", "o"], "token file not found"),
-        (["info", "--model", "dualtoken-nope"], "neither a model folder"),
+        (["info", "--model", "dualtoken-nope"], "not a registered name"),
+        (["info", "--model", "dualtoken-tiny"], "architecture without trained weights"),
         (["convert-reference", "--config", "none.json", "--weights", "w", "--siglip", "s", "--out", "o"], "not found"),
     ],
 )
@@ -62,6 +63,7 @@ def test_bad_input_prints_one_line_and_exits_2(args, message, tmp_path):
 def test_corrupt_image_and_bad_depth(tmp_path, model_dir, capsys):
     (tmp_path / "bad.png").write_bytes(b"\x89PNG garbage")
     assert main(["encode", str(tmp_path / "bad.png"), "--model", str(model_dir), "--out", str(tmp_path / "t.safetensors")]) == 2
+    assert "no readable image among the inputs" in capsys.readouterr().err
     Image.new("RGB", (64, 64)).save(tmp_path / "ok.png")
     assert main(["reconstruct", str(tmp_path / "ok.png"), "--model", str(model_dir), "--out", str(tmp_path / "r"), "--depth", "9"]) == 2
     assert "--depth must be in 1..4" in capsys.readouterr().err
@@ -75,3 +77,79 @@ def test_demo_and_reconstruct_write_one_metrics_shape(photos, model_dir, tmp_pat
     assert set(reconstruct) == set(demo) == {"model", "tokens_per_image", "images", "mean"}
     assert set(reconstruct["images"][0]) == set(demo["images"][0]) == {"image", "psnr", "ssim", "pixel_depths"}
     assert reconstruct["mean"] == demo["mean"]  # the same model on the same photos
+
+
+def test_without_a_model_the_commands_use_the_trained_default(capsys):
+    assert main(["info"]) == 0
+    assert '"name": "dualtoken-efflite0"' in capsys.readouterr().out
+    assert main(["info", "--model", "dualtoken-tiny", "--random-weights"]) == 0
+    assert '"name": "dualtoken-tiny"' in capsys.readouterr().out
+
+
+def test_info_lists_the_names_by_kind(capsys):
+    assert main(["info", "--list"]) == 0
+    rows = dict(line.split("\t") for line in capsys.readouterr().out.strip().splitlines())
+    assert rows["dualtoken-efflite0"] == "trained model"
+    assert rows["dualtoken-tiny"] == "architecture without trained weights"
+
+
+def _two_folders(photos, tmp_path):
+    second = tmp_path / "more"
+    second.mkdir()
+    Image.new("RGB", (80, 64), (200, 30, 30)).save(second / "red.png")
+    return [str(photos), str(second)]
+
+
+def test_every_input_is_encoded_in_both_modes_and_decode_reads_folders(photos, model_dir, tmp_path, capsys):
+    inputs = _two_folders(photos, tmp_path)
+    assert main(["encode", *inputs, "--model", str(model_dir), "--out", str(tmp_path / "t.safetensors")]) == 0
+    assert len(load_tokens(tmp_path / "t.safetensors").ids) == 4
+    assert main(["encode", *inputs, "--model", str(model_dir), "--out", str(tmp_path / "td"), "--shard-size", "3"]) == 0
+    manifest = json.loads((tmp_path / "td" / "manifest.json").read_text())
+    assert manifest["images"] == 4 and len(manifest["files"]) == 2
+    capsys.readouterr()
+    # no --model: the model recorded in the token files (the folder it was loaded from)
+    assert main(["decode", str(tmp_path / "td"), "--out", str(tmp_path / "pngs")]) == 0
+    assert len(list((tmp_path / "pngs").glob("*.png"))) == 4
+    assert main(["decode", str(tmp_path / "t.safetensors"), "--out", str(tmp_path / "pngs2")]) == 0
+    assert sorted(p.name for p in (tmp_path / "pngs2").glob("*.png"))[-1] == "000003_red.png"
+
+
+def test_tokens_of_random_weights_say_how_to_decode_them(photos, tmp_path, capsys):
+    out = tmp_path / "t.safetensors"
+    assert main(["encode", str(photos), "--model", "dualtoken-tiny", "--random-weights", "--out", str(out)]) == 0
+    assert main(["decode", str(out), "--out", str(tmp_path / "d")]) == 2
+    assert "--model dualtoken-tiny --random-weights" in capsys.readouterr().err
+    assert main(["decode", str(out), "--model", "dualtoken-tiny", "--random-weights", "--out", str(tmp_path / "d")]) == 0
+
+
+@pytest.mark.parametrize("output", ["t.safetensors", "td"])
+def test_bad_files_are_skipped_named_counted_without_python_warnings(photos, model_dir, tmp_path, output):
+    (tmp_path / "note.txt").write_text("not an image")
+    args = ["encode", str(photos), str(tmp_path / "note.txt"), str(tmp_path / "gone.png"),
+            "--model", str(model_dir), "--out", str(tmp_path / output)]
+    result = subprocess.run([sys.executable, "-m", "dualtoken", *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in re.split(r"[\r\n]", result.stderr) if line.strip() and "%|" not in line]  # no bars
+    assert f"skipped unreadable input {tmp_path / 'gone.png'}: no such file or folder" in lines
+    assert any(line.startswith(f"skipped unreadable input {tmp_path / 'note.txt'}: not a readable image")
+               for line in lines)
+    assert lines[-1] == "dualtoken encode: skipped 2 unreadable input(s)" and len(lines) == 3
+    assert "Warning" not in result.stderr and "warnings.warn" not in result.stderr
+
+    strict = subprocess.run([sys.executable, "-m", "dualtoken", *args, "--strict"], capture_output=True, text=True,
+                            timeout=120)
+    assert strict.returncode == 2
+    assert [line for line in strict.stderr.splitlines() if "error" in line] == [
+        line for line in strict.stderr.splitlines() if line.startswith("dualtoken encode: error: unreadable input")
+    ] != []
+
+
+def test_reconstruct_skips_a_bad_file_and_fails_only_when_nothing_was_readable(photos, model_dir, tmp_path, capsys):
+    (tmp_path / "note.txt").write_text("not an image")
+    args = ["--model", str(model_dir), "--out", str(tmp_path / "r")]
+    assert main(["reconstruct", str(photos), str(tmp_path / "note.txt"), *args]) == 0
+    assert len(json.loads((tmp_path / "r" / "metrics.json").read_text())["images"]) == 3
+    assert main(["reconstruct", str(tmp_path / "note.txt"), *args]) == 2
+    err = capsys.readouterr().err
+    assert "skipped 1 unreadable input(s)" in err and "no readable image among the inputs" in err

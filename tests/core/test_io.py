@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from dualtoken import ImageError
-from dualtoken.io import expand_inputs, load_image, resize_center_crop, save_image, to_uint8
+from dualtoken.io import list_images, load_image, resize_center_crop, save_image, to_uint8
 
 
 def gradient(width=40, height=30):
@@ -75,8 +75,8 @@ def test_corrupt_truncated_and_missing_files(tmp_path):
         load_image(tmp_path / "cut.jpg")
     with pytest.raises(ImageError, match="not found"):
         load_image(tmp_path / "none.png")
-    with pytest.raises(ImageError, match="no such file"):
-        expand_inputs([tmp_path / "none"])
+    with pytest.raises(ImageError, match="not a folder"):
+        list_images(tmp_path / "none")
 
 
 def test_to_uint8_rounds_and_clamps(tmp_path):

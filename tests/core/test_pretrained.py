@@ -10,7 +10,7 @@ from dualtoken import DualTokenizer
 from dualtoken.cli.main import main
 from dualtoken.io import load_image
 from dualtoken.metrics import psnr
-from dualtoken.pretrained import list_pretrained, pretrained_path
+from dualtoken.registry import list_models, model_entry
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +19,8 @@ def default_model():
 
 
 def test_the_default_ships_inside_the_package_under_25_mb(default_model):
-    assert "dualtoken-efflite0" in list_pretrained()
-    assert (pretrained_path("dualtoken-efflite0") / "model.safetensors").stat().st_size < 25 * 2**20
+    assert "dualtoken-efflite0" in list_models(trained=True)
+    assert (model_entry("dualtoken-efflite0").weights_dir / "model.safetensors").stat().st_size < 25 * 2**20
     assert default_model.image_size == (256, 256) and default_model.grid == (16, 16)
     assert default_model.config.backbone.kind == "efficientnet_lite0" and not default_model.training
 

@@ -15,7 +15,7 @@ import torch
 from dualtoken.config import to_dict
 from dualtoken.mllm import DualTokenMLLM, MLLMDataConfig, MLLMTrainConfig
 from dualtoken.tokenfile import save_tokens
-from dualtoken.training.config import OptimizerConfig
+from dualtoken.training.config import CheckpointConfig, LogConfig, OptimizerConfig
 
 SCRIPT = textwrap.dedent(
     """
@@ -34,7 +34,7 @@ SCRIPT = textwrap.dedent(
         for parallel in ("ddp", "fsdp"):
             config = from_dict(MLLMTrainConfig, json.loads(open(f"{folder}/train.json").read()))
             config.parallel = parallel
-            config.out_dir = f"{folder}/{parallel}"
+            config.output_dir = f"{folder}/{parallel}"
             trainer = MLLMTrainer(config, folder)
             trainer.run(progress=False)
             if parallel == "ddp":
@@ -86,13 +86,12 @@ def test_ddp_ranks_agree_and_fsdp_trains_the_same_model(tmp_path, tiny_tokenizer
             conversations=("conversations.json",),
             captions=("captions.jsonl",),
             condition_dropout=0.0,
+            batch_size=1,
         ),
-        optim=OptimizerConfig(lr=3e-3, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=1, grad_clip=1.0),
-        steps=3,
-        batch_size=1,
-        save_every=2,
-        log_every=1,
-        tensorboard=False,
+        optimizer=OptimizerConfig(lr=3e-3, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=1, grad_clip=1.0),
+        max_steps=3,
+        checkpoint=CheckpointConfig(every=2, keep_last=2),
+        log=LogConfig(every=1, console=False, tensorboard=False),
     )
     (tmp_path / "train.json").write_text(json.dumps(to_dict(config)))
     script = tmp_path / "run.py"

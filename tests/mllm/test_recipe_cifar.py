@@ -86,7 +86,7 @@ def test_cifar_recipe_runs_every_stage(tmp_path, shared_data, tiny_tokenizer):
     assert not {"It is a airplane.", "It is a automobile."} & answers
     for mode in ("both", "semantic", "pixel"):
         config = load_config(MLLMTrainConfig, work / f"train_{mode}.json")
-        assert config.model.fusion.inputs == mode and config.steps == 2
+        assert config.model.fusion.inputs == mode and config.max_steps == 2
         assert (work / "runs" / mode / "final" / "mllm_config.json").is_file()
 
     results = json.loads((work / "results.json").read_text())

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from dualtoken.cli.main import main
-from dualtoken.config import to_dict
+from dualtoken.config import apply_overrides, to_dict
 from dualtoken.mllm import DualTokenMLLM, MLLMDataConfig, MLLMTrainConfig
 from dualtoken.mllm.config import load_config
 from dualtoken.mllm.train import train_mllm
 from dualtoken.tokenfile import save_tokens
-from dualtoken.training.config import OptimizerConfig
+from dualtoken.training.config import CheckpointConfig, LogConfig, OptimizerConfig
 
 
 @pytest.fixture
@@ -53,13 +53,13 @@ def run_folder(tmp_path, tiny_tokenizer, tiny_codes, tiny_images, mllm_config):
             conversations=("conversations.json",),
             captions=("captions.jsonl",),
             condition_dropout=0.0,
+            batch_size=4,
         ),
-        optim=OptimizerConfig(lr=3e-3, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=4, grad_clip=1.0),
-        steps=40,
-        batch_size=4,
-        log_every=5,
-        save_every=20,
-        out_dir=str(tmp_path / "run"),
+        optimizer=OptimizerConfig(lr=3e-3, betas=(0.9, 0.999), weight_decay=0.0, warmup_steps=4, grad_clip=1.0),
+        max_steps=40,
+        log=LogConfig(every=5, console=False),
+        checkpoint=CheckpointConfig(every=20, keep_last=2),
+        output_dir=str(tmp_path / "run"),
     )
     (tmp_path / "train.json").write_text(json.dumps(to_dict(config)))
     return tmp_path
@@ -102,11 +102,13 @@ def test_train_cli_learns_and_chat_generate_use_the_result(run_folder, capsys):
 
 def test_resume_continues_exactly(run_folder):
     config = load_config(MLLMTrainConfig, run_folder / "train.json")
-    config = dataclasses.replace(config, steps=6, save_every=3, log_every=1, batch_size=2)
-    straight = train_mllm(
-        dataclasses.replace(config, out_dir=str(run_folder / "straight")), run_folder, progress=False
+    config = apply_overrides(
+        config, ["max_steps=6", "checkpoint.every=3", "log.every=1", "data.batch_size=2"]
     )
-    interrupted = dataclasses.replace(config, out_dir=str(run_folder / "resumed"))
+    straight = train_mllm(
+        dataclasses.replace(config, output_dir=str(run_folder / "straight")), run_folder, progress=False
+    )
+    interrupted = dataclasses.replace(config, output_dir=str(run_folder / "resumed"))
     assert not train_mllm(interrupted, run_folder, progress=False, stop_after=3).exists()
     resumed = train_mllm(interrupted, run_folder, progress=False)
     a, b = DualTokenMLLM.from_pretrained(straight), DualTokenMLLM.from_pretrained(resumed)
@@ -120,7 +122,7 @@ def test_resume_continues_exactly(run_folder):
 
 def test_align_preset_trains_only_the_input_fusion(run_folder):
     config = load_config(MLLMTrainConfig, run_folder / "train.json")
-    config = dataclasses.replace(config, steps=2, preset="align", out_dir=str(run_folder / "align"))
+    config = dataclasses.replace(config, max_steps=2, preset="align", output_dir=str(run_folder / "align"))
     torch.manual_seed(config.seed)
     before = DualTokenMLLM.from_config(config.model, base_dir=run_folder).state_dict()
     after = DualTokenMLLM.from_pretrained(train_mllm(config, run_folder, progress=False)).state_dict()

@@ -59,13 +59,28 @@ def test_bad_settings_exit_2_with_one_line(capsys, tmp_path):
     assert err.startswith("dualtoken serve: error: --config") and "not valid JSON" in err and "\n" not in err
 
 
+def test_a_port_in_use_is_one_line_and_exit_2_without_a_banner(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "dualtoken", "serve", "--port", str(port)],
+            capture_output=True, text=True, cwd=tmp_path, timeout=120,
+        )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        f"dualtoken serve: error: cannot listen on 127.0.0.1:{port}: Address already in use; choose another --port"
+    ]
+
+
 @pytest.mark.slow
 def test_the_command_serves_on_loopback():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    argv = [sys.executable, "-m", "dualtoken", "serve", "--model", "dualtoken-tiny", "--port", str(port)]
+    argv = [sys.executable, "-m", "dualtoken", "serve", "--model", "dualtoken-tiny", "--random-weights", "--port", str(port)]
     process = subprocess.Popen(
         [*argv, "--threads", "1", "--log-level", "warning"],
         cwd=REPO,
@@ -74,7 +89,7 @@ def test_the_command_serves_on_loopback():
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 240
         while True:
             assert process.poll() is None, process.stdout.read().decode()
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,10 @@ from dualtoken.training import load_train_config
 
 from .conftest import train_records, write_images
 
-RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.json"))
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES = sorted(RECIPES_DIR.glob("*.json"))
+# every tokenizer recipe, the efflite0 ones included (recipes/mllm_cifar holds the MLLM recipe's own config)
+ALL_RECIPES = RECIPES + sorted((RECIPES_DIR / "efflite0").glob("*.json"))
 
 
 def test_recipes_are_shipped():
@@ -19,10 +23,50 @@ def test_recipes_are_shipped():
     assert {"paper-stage1-so400m-384-rvq8", "smoke-cpu-tiny"} <= names
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
-def test_recipe_validates(recipe: Path):
+@pytest.mark.parametrize("recipe", ALL_RECIPES, ids=lambda p: str(p.relative_to(RECIPES_DIR)))
+def test_recipe_validates_from_any_working_directory(recipe: Path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     config = load_train_config(recipe)
     assert config.max_steps >= 1 and config.data.train
+    assert Path(config.output_dir).is_absolute() and Path(config.data.train).is_absolute()
+    assert RECIPES_DIR.parent / "runs" in Path(config.output_dir).parents  # runs/ of the repository, as before
+
+
+@pytest.mark.parametrize("recipe", ["efflite0/default.json", "efflite0/cpu.json", "finetune-your-data.json"])
+def test_shipped_file_lists_are_found_from_any_working_directory(recipe: str, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_train_config(RECIPES_DIR / recipe)
+    assert Path(config.data.train) == RECIPES_DIR / "efflite0" / "train.txt"
+
+
+def test_relative_paths_in_a_config_file_are_taken_from_its_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "model").mkdir()
+    (folder / "run.json").write_text(json.dumps({
+        "model": "model", "output_dir": "out", "data": {"train": "images", "eval": "/abs/eval"},
+    }))
+    monkeypatch.chdir(tmp_path)
+    config = load_train_config(folder / "run.json", ["data.eval=heldout"])
+    assert config.model == str(folder / "model") and config.output_dir == str(folder / "out")
+    assert config.data.train == str(folder / "images")
+    assert config.data.eval == "heldout"  # --set values are the command line's: from the working directory
+    names = load_train_config(folder / "run.json", ["model=dualtoken-tiny"])
+    assert names.model == "dualtoken-tiny"
+    (folder / "named.json").write_text(json.dumps({"model": "org/name", "data": {"train": "x"}}))
+    assert load_train_config(folder / "named.json").model == "org/name"  # no such folder: a Hub repo id
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_finetune_recipe_runs_as_shipped_on_the_embedded_model(tmp_path, monkeypatch, shared_data, capsys):
+    monkeypatch.chdir(tmp_path)
+    recipe = RECIPES_DIR / "finetune-your-data.json"
+    shortened = ["max_steps=1", "data.batch_size=1", "data.num_workers=0", "data.eval_images=1",
+                 "log.progress=false", "log.console=false", f"output_dir={tmp_path / 'run'}"]
+    assert main(["train", "--config", str(recipe), *[a for s in shortened for a in ("--set", s)]]) == 0
+    assert '"step": 1' in capsys.readouterr().out
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
 
 def test_paper_recipe_has_the_release_hyperparameters():

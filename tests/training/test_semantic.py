@@ -148,7 +148,8 @@ def test_init_parts_from_copies_only_the_listed_parts():
 
 
 def test_init_parts_from_names_a_weight_that_does_not_fit():
-    from dualtoken.config import apply_overrides, get_config
+    from dualtoken import get_config
+    from dualtoken.config import apply_overrides
 
     other = DualTokenizer.from_config(apply_overrides(get_config("dualtoken-tiny"), ["semantic_quantizer.code_dim=16"]))
     with pytest.raises(ConfigError, match="semantic.*drop its part"):

@@ -1,20 +1,23 @@
-"""Backbone families behind one contract (:class:`Backbone`), chosen by the config's ``kind``."""
+"""Backbone families behind one contract (:class:`Backbone`), chosen by the config's ``kind``.
+
+To add a family: write a module with its config dataclass (a :class:`BackboneConfig`) and its :class:`Backbone`
+decorated with ``@register_backbone("kind", ConfigClass)``, and import the module here.
+"""
 
 from __future__ import annotations
 
-from .base import Backbone
-from .efficientnet import EfficientNetBackbone
-from .siglip import SiglipBackbone
+from .base import BACKBONES, Backbone, BackboneConfig, backbone_class, register_backbone
+from .efficientnet import EfficientNetBackbone, EfficientNetBackboneConfig
+from .siglip import SiglipBackbone, SiglipBackboneConfig
 
-BACKBONES: dict[str, type[Backbone]] = {"siglip": SiglipBackbone, "efficientnet_lite0": EfficientNetBackbone}
-
-
-def backbone_class(kind: str) -> type[Backbone]:
-    from ..errors import ConfigError
-
-    if kind not in BACKBONES:
-        raise ConfigError(f"unknown backbone kind {kind!r}; known: {sorted(BACKBONES)}")
-    return BACKBONES[kind]
-
-
-__all__ = ["Backbone", "SiglipBackbone", "EfficientNetBackbone", "BACKBONES", "backbone_class"]
+__all__ = [
+    "Backbone",
+    "BackboneConfig",
+    "SiglipBackbone",
+    "SiglipBackboneConfig",
+    "EfficientNetBackbone",
+    "EfficientNetBackboneConfig",
+    "BACKBONES",
+    "backbone_class",
+    "register_backbone",
+]

@@ -16,13 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import BackboneConfig, register_backbone_config
 from ..errors import ConfigError
 from ..features import load_efficientnet_lite0
-from .base import Backbone
+from .base import Backbone, BackboneConfig, register_backbone
 
 
-@register_backbone_config("efficientnet_lite0")
 @dataclass
 class EfficientNetBackboneConfig(BackboneConfig):
     """EfficientNet-Lite0 at ``image_size`` with a token grid of ``image_size // grid_stride`` per side."""
@@ -40,6 +38,7 @@ class EfficientNetBackboneConfig(BackboneConfig):
         return dataclasses.replace(self, image_size=image_size)
 
 
+@register_backbone("efficientnet_lite0", EfficientNetBackboneConfig)
 class EfficientNetBackbone(Backbone):
     """Batch-norm statistics stay frozen (the network keeps its ImageNet statistics in training too)."""
 

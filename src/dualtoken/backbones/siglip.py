@@ -2,14 +2,36 @@
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..config import SiglipBackboneConfig
 from ..errors import CheckpointError, ConfigError
-from .base import Backbone
+from .base import Backbone, BackboneConfig, register_backbone
+
+
+@dataclass
+class SiglipBackboneConfig(BackboneConfig):
+    """A SigLIP / SigLIP 2 (fixed resolution) vision tower, built with transformers' own SigLIP modules."""
+
+    kind: str = "siglip"
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    mlp_width: int = 3072
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu_pytorch_tanh"
+    # a local SigLIP folder in save_pretrained format (relative paths are resolved against the model folder):
+    # the frozen teacher for training and the text tower for zero-shot evaluation
+    pretrained: str | None = None
+
+    def with_pretrained_folder(self, path: str | Path) -> SiglipBackboneConfig:
+        return dataclasses.replace(self, pretrained=str(Path(path).resolve()))
 
 
 def _hf_config(config: SiglipBackboneConfig):
@@ -60,6 +82,7 @@ def config_from_pretrained(path: str | Path) -> SiglipBackboneConfig:
     )
 
 
+@register_backbone("siglip", SiglipBackboneConfig)
 class SiglipBackbone(Backbone):
     """``embed`` = patch + position embeddings; layer i = encoder layer i; ``pool`` = post-LN + MAP head."""
 

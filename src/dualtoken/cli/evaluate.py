@@ -8,8 +8,11 @@ import json
 from pathlib import Path
 
 from ..config import apply_overrides, load_config_file
+from ..data.images import warn_skipped
+from ..errors import DataError
 from ..evaluation import METRIC_GROUPS, EvalConfig
 from ..evaluation.distributed import init_from_environment, rank_and_world
+from .options import MODEL_HELP, add_strict_option
 
 # command-line flags that map one-to-one onto EvalConfig fields
 FLAG_FIELDS = ("batch_size", "limit", "classes", "labels", "inception_weights", "lpips_weights", "lpips_net",
@@ -24,25 +27,26 @@ def register(subparsers) -> None:
         "Standard rFID / LPIPS run only with local weight files; otherwise EfficientNet-Lite0 substitutes "
         "are reported under their own names.",
     )
-    parser.add_argument("--model", required=True, help="model folder (save_pretrained) or embedded model name")
+    parser.add_argument("--model", required=True, help=MODEL_HELP)
     parser.add_argument("--data", required=True, help="image folder, file list, or WebDataset shards")
     parser.add_argument("--out", required=True, help="output folder for report.json, report.md, per_image.csv and figures")
     parser.add_argument("--metrics", nargs="+", choices=METRIC_GROUPS, help="metric groups (default: all)")
     parser.add_argument("--config", help="EvalConfig JSON file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override an EvalConfig field, e.g. --set kid_subsets=50 (repeatable)")
-    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--batch-size", type=int, help="images per forward pass (None: the EvalConfig default, 16)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N images")
     parser.add_argument("--classes", help="class names: classes.tsv (index, wnid, name) or one name per line")
     parser.add_argument("--labels", help="labels.tsv (file, class_index) for folders and file lists")
     parser.add_argument("--inception-weights", help="torch-fidelity Inception weights file: enables the real rFID")
     parser.add_argument("--lpips-weights", help="torchvision vgg16 / alexnet weights file: enables LPIPS")
-    parser.add_argument("--lpips-net", choices=("vgg", "alex"))
+    parser.add_argument("--lpips-net", choices=("vgg", "alex"), help="the LPIPS network of --lpips-weights")
     parser.add_argument("--classifier-cache", help="folder caching zero-shot text classifiers")
     parser.add_argument("--num-workers", type=int, help="image-decoding worker processes")
     parser.add_argument("--seed", type=int, help="seed of KID's random subsets")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_strict_option(parser)
     parser.set_defaults(func=run)
 
 
@@ -71,6 +75,10 @@ def run(args: argparse.Namespace) -> int:
 
             dist.destroy_process_group()
     if rank == 0:
+        for item in report["data"]["skipped_images"]:
+            warn_skipped(item["id"], item["reason"])
+        if report["data"]["num_images"] == 0:
+            raise DataError(f"no readable image in {args.data}")
         metrics = report["metrics"]
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("psnr", "ssim", "fd_efficientnet_lite0",
                                                                                 "rfid", "zeroshot_top1", "head_top1"))

@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import socket
 import sys
 from typing import TYPE_CHECKING
 
 import torch
 
 from ..config import apply_overrides, load_config_file
-from .tokens import default_model, load_model
+from ..errors import ConfigError
+from .options import add_model_options, load_model
 
 if TYPE_CHECKING:
     from ..serving import ServeConfig
@@ -46,6 +48,17 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def check_port_free(host: str, port: int) -> None:
+    """ConfigError when ``host:port`` cannot be bound (in use, or not an address of this machine)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -53,9 +66,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..serving.mllm import load_mllm
 
     config = serve_config(args)
+    check_port_free(config.host, config.port)
     if config.torch_threads is not None:
         torch.set_num_threads(config.torch_threads)
-    tokenizer = load_model(args.model or default_model())
+    tokenizer = load_model(args.model, args.random_weights)
     mllm = load_mllm(args.mllm, tokenizer) if args.mllm else None
     app = create_app(tokenizer, mllm=mllm, config=config)
     if not _is_loopback(config.host):
@@ -72,7 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="HTTP tokenization service + web page (loopback by default)")
-    p.add_argument("--model", default=None, help="model folder, embedded model or architecture name")
+    add_model_options(p)
     p.add_argument("--mllm", default=None, help="an MLLM folder: adds /v1/chat and /v1/generate")
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default 8000)")
@@ -90,5 +104,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a ServeConfig field"
     )
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn's log level"
+    )
     p.set_defaults(func=cmd_serve)

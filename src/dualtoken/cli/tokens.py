@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -12,102 +11,131 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..config import list_models
-from ..errors import CheckpointError, DataError
-from ..io import expand_inputs, load_image, save_image
+from ..errors import DataError
+from ..io import save_image
 from ..metrics import psnr, ssim
-from ..tokenfile import load_tokens, save_tokens
+from ..registry import is_model, list_models, model_entry
+from ..tokenfile import TokenFile, iter_token_files, load_tokens, save_tokens
 from ..tokenizer import DualTokenizer
 from ..visualize import side_by_side, token_figure, vstack
+from .options import (
+    add_model_options,
+    add_strict_option,
+    expand_inputs,
+    image_batches,
+    load_model,
+    require_some,
+)
 
-DEFAULT_MODEL = "dualtoken-efflite0"
-FALLBACK_MODEL = "dualtoken-tiny"
-
-
-def load_model(spec: str) -> DualTokenizer:
-    """A model folder or embedded model name -> trained weights; an architecture name -> random weights (noted)."""
-    from ..config import get_config
-    from ..pretrained import pretrained_path
-
-    if Path(spec).is_dir() or pretrained_path(spec) is not None:
-        return DualTokenizer.from_pretrained(spec)
-    if spec in list_models():
-        print(f"note: {spec} is an architecture without trained weights: using random weights", file=sys.stderr)
-        torch.manual_seed(0)
-        return DualTokenizer.from_config(get_config(spec)).eval()
-    raise CheckpointError(f"--model {spec!r} is neither a model folder nor one of {list_models()}")
+INPUT_LIST = "inputs.txt"  # encode --out FOLDER with several inputs: the list of their images, kept for resuming
 
 
-def default_model() -> str:
-    from ..pretrained import pretrained_path
-
-    return DEFAULT_MODEL if pretrained_path(DEFAULT_MODEL) is not None else FALLBACK_MODEL
-
-
-def _batches(items: list, size: int, desc: str):
-    bar = tqdm(total=len(items), desc=desc, unit="img", disable=len(items) < 2, file=sys.stderr)
-    for start in range(0, len(items), size):
-        chunk = items[start : start + size]
-        yield chunk
-        bar.update(len(chunk))
-    bar.close()
+def _progress(total: int, desc: str) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="img", disable=total < 2, file=sys.stderr)
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    tokenizer = load_model(args.model)
+    tokenizer = load_model(args.model, args.random_weights)
     out = Path(args.out)
     if out.suffix != ".safetensors":
-        from ..data.tokenize import encode_dataset
-
-        summary = encode_dataset(
-            tokenizer, args.inputs[0], str(out), shard_size=args.shard_size, batch_size=args.batch_size
-        )
-        print(json.dumps(summary))
-        return 0
+        return _encode_to_folder(tokenizer, args.inputs, out, args)
     files = expand_inputs(args.inputs)
-    pixel, semantic = [], []
+    pixel, semantic, ids = [], [], []
+    bar = _progress(len(files), "encode")
     with torch.inference_mode():
-        for chunk in _batches(files, args.batch_size, "encode"):
-            tokens = tokenizer.encode(torch.stack([load_image(f, tokenizer.image_size) for f in chunk]))
+        for paths, images in image_batches(files, tokenizer.image_size, args.batch_size):
+            tokens = tokenizer.encode(images)
             pixel.append(tokens.pixel)
             semantic.append(tokens.semantic)
-    ids = [str(f) for f in files]
+            ids += [str(p) for p in paths]
+            bar.update(len(paths))
+    bar.close()
+    require_some(len(ids), args.inputs)
     sizes = (tokenizer.codebook_size("pixel"), tokenizer.codebook_size("semantic"))
-    save_tokens(out, torch.cat(pixel), torch.cat(semantic), ids, tokenizer.config.name, sizes)
-    print(f"wrote {out}: {len(files)} images x ({_tokens_per_image(tokenizer)}) tokens")
+    save_tokens(
+        out, torch.cat(pixel), torch.cat(semantic), ids, tokenizer.config.name, sizes, tokenizer.name_or_path
+    )
+    print(f"wrote {out}: {len(ids)} images x ({_tokens_per_image(tokenizer)}) tokens")
     return 0
+
+
+def _encode_to_folder(tokenizer: DualTokenizer, inputs: list[str], out: Path, args: argparse.Namespace) -> int:
+    """Sharded, resumable output. One input is a data source as it is (folder, file list, WebDataset shards);
+    several are expanded to their images and listed in ``out/inputs.txt``, the source then encoded."""
+    from ..data.tokenize import encode_dataset
+
+    source = inputs[0]
+    if len(inputs) > 1:
+        files = expand_inputs(inputs)
+        require_some(len(files), inputs)
+        out.mkdir(parents=True, exist_ok=True)
+        source = str(out / INPUT_LIST)
+        Path(source).write_text("".join(f"{f.resolve()}\n" for f in files))
+    summary = encode_dataset(
+        tokenizer, source, str(out), shard_size=args.shard_size, batch_size=args.batch_size, progress=False
+    )
+    if summary["units_reused"] == 0:
+        require_some(summary["images"], inputs)
+    print(json.dumps({k: summary[k] for k in ("out_dir", "images", "skipped", "units", "units_reused")}))
+    return 0
+
+
+def _token_sets(path: Path) -> list[TokenFile]:
+    """A token file, or every token file of a folder written by ``encode --out FOLDER``."""
+    if path.is_dir():
+        sets = list(iter_token_files(path))
+        if not sets:
+            raise DataError(f"no token files (*.safetensors) in {path}")
+        return sets
+    return [load_tokens(path)]
+
+
+def _recorded_model(tokens: TokenFile, where: Path) -> str:
+    """What the token file's model was loaded from (a trained name, a folder, a Hub id), for the resolver. A file
+    without it was written by a model built in memory (random weights): the user names the model."""
+    if tokens.source is not None:
+        return tokens.source
+    hint = f"--model {tokens.model} --random-weights" if is_model(tokens.model) else "--model"
+    raise DataError(f"{where} does not record where its model {tokens.model!r} came from (random weights?): pass {hint}")
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
-    tokenizer = load_model(args.model)
-    tokens = load_tokens(args.tokens)
-    if tokens.model != tokenizer.config.name:
-        print(f"note: tokens come from {tokens.model!r}, decoding with {tokenizer.config.name!r}", file=sys.stderr)
+    path = Path(args.tokens)
+    sets = _token_sets(path)
+    tokenizer = load_model(args.model or _recorded_model(sets[0], path), args.random_weights)
     _check_depth(args.depth, tokenizer.pixel_depth)
-    codes = tokens.pixel if args.depth is None else tokens.pixel[..., : args.depth]
     out = Path(args.out)
-    indices = list(range(codes.shape[0]))
+    total = sum(len(t.ids) for t in sets)
+    bar, index = _progress(total, "decode"), 0
     with torch.inference_mode():
-        for chunk in _batches(indices, args.batch_size, "decode"):
-            images = tokenizer.decode(codes[chunk])
-            for index, image in zip(chunk, images):
-                save_image(image, out / f"{index:06d}_{Path(tokens.ids[index]).stem}.png")
-    print(f"wrote {len(indices)} PNGs to {out}")
+        for tokens in sets:
+            codes = tokens.pixel if args.depth is None else tokens.pixel[..., : args.depth]
+            for start in range(0, codes.shape[0], args.batch_size):
+                for offset, image in enumerate(tokenizer.decode(codes[start : start + args.batch_size])):
+                    name = Path(tokens.ids[start + offset]).stem
+                    save_image(image, out / f"{index:06d}_{name}.png")
+                    index += 1
+                    bar.update(1)
+    bar.close()
+    print(f"wrote {index} PNGs to {out}")
     return 0
 
 
-def reconstruct_files(tokenizer: DualTokenizer, files: list[Path], out: Path, depth: int | None, batch_size: int) -> list[dict]:
-    """Tokenize and reconstruct files; write side-by-side PNGs and labelled token maps; return per-image metrics."""
+def reconstruct_files(
+    tokenizer: DualTokenizer, files: list[Path], out: Path, depth: int | None, batch_size: int
+) -> list[dict]:
+    """Tokenize and reconstruct the readable files; write side-by-side PNGs and labelled token maps; per-image
+    metrics."""
     _check_depth(depth, tokenizer.pixel_depth)
     rows = []
+    bar = _progress(len(files), "reconstruct")
     with torch.inference_mode():
-        for chunk in _batches(files, batch_size, "reconstruct"):
-            images = torch.stack([load_image(f, tokenizer.image_size) for f in chunk])
+        for paths, images in image_batches(files, tokenizer.image_size, batch_size):
             tokens = tokenizer.encode(images)
             pixel = tokens.pixel if depth is None else tokens.pixel[..., :depth]
             recon = tokenizer.decode(pixel)
             scores_psnr, scores_ssim = psnr(recon, images), ssim(recon, images)
-            for i, path in enumerate(chunk):
+            for i, path in enumerate(paths):
                 save_image(side_by_side(images[i], recon[i]), out / f"{path.stem}_reconstruction.png")
                 maps = token_figure(tokenizer, tokens.pixel[i], tokens.semantic[i])
                 save_image(maps, out / f"{path.stem}_tokens.png")
@@ -119,6 +147,8 @@ def reconstruct_files(tokenizer: DualTokenizer, files: list[Path], out: Path, de
                         "pixel_depths": int(pixel.shape[-1]),
                     }
                 )
+            bar.update(len(paths))
+    bar.close()
     return rows
 
 
@@ -148,15 +178,20 @@ def write_metrics(tokenizer: DualTokenizer, rows: list[dict], out: Path) -> dict
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
-    tokenizer = load_model(args.model)
+    tokenizer = load_model(args.model, args.random_weights)
     out = Path(args.out)
     rows = reconstruct_files(tokenizer, expand_inputs(args.inputs), out, args.depth, args.batch_size)
+    require_some(len(rows), args.inputs)
     write_metrics(tokenizer, rows, out)
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    tokenizer = load_model(args.model)
+    if args.list:
+        for name in list_models():
+            print(f"{name}\t{model_entry(name).kind}")
+        return 0
+    tokenizer = load_model(args.model, args.random_weights)
     parts = {
         "backbone": tokenizer.backbone,
         "pixel branch": tokenizer.pixel,
@@ -167,10 +202,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(tokenizer.config.to_json())
     print(f"input: {tokenizer.image_size[0]}x{tokenizer.image_size[1]} RGB in [-1, 1]")
     print(f"tokens per image: {_tokens_per_image(tokenizer)}")
-    quantizers = {id(q): q for q in (tokenizer.quantizer("pixel"), tokenizer.quantizer("semantic"))}.values()
-    bits = sum(q.depth * math.log2(q.codebook_size) for q in quantizers)
-    h, w = tokenizer.grid
-    print(f"rate: {bits * h * w / (tokenizer.image_size[0] * tokenizer.image_size[1]):.4f} bits per pixel (all vocabularies)")
+    rate = tokenizer.bits_per_pixel()
+    print(f"rate: {rate['pixel']:.4f} (pixel) + {rate['semantic']:.4f} (semantic) bits per pixel; "
+          f"{rate['total']:.4f} in all")
     for name, module in parts.items():
         if module is not None:
             print(f"parameters, {name}: {sum(p.numel() for p in module.parameters()):,}")
@@ -197,16 +231,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from PIL import Image
 
     out = Path(args.out)
-    tokenizer = load_model(args.model or default_model())
-    files = [Path(p) for p in args.images] if args.images else []
-    if not files:
+    tokenizer = load_model(args.model, args.random_weights)
+    inputs = list(args.images)
+    if not inputs:
         source = out / "inputs"
         source.mkdir(parents=True, exist_ok=True)
         for name, array in demo_images():
             Image.fromarray(array).save(source / f"{name}.png")
-            files.append(source / f"{name}.png")
-    files = expand_inputs(files)
-    rows = reconstruct_files(tokenizer, files, out, None, 4)
+            inputs.append(str(source / f"{name}.png"))
+    rows = reconstruct_files(tokenizer, expand_inputs(inputs), out, None, 4)
+    require_some(len(rows), inputs)
     pictures = [np.asarray(Image.open(out / f"{Path(r['image']).stem}_reconstruction.png")) for r in rows]
     save_image(vstack(pictures), out / "demo.png")
     print(f"model {tokenizer.config.name}; tokens per image: {_tokens_per_image(tokenizer)}")
@@ -216,36 +250,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers) -> None:
-    def model_arg(p, default=None):
-        p.add_argument("--model", default=default, help="model folder, embedded model or architecture name")
-
-    p = subparsers.add_parser("encode", help="images or a folder -> a token file (or sharded token folder)")
-    p.add_argument("inputs", nargs="+", help="image files and/or folders (or a data source for a sharded folder)")
-    model_arg(p, FALLBACK_MODEL)
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("encode", help="images or folders -> a token file, or a sharded token folder")
+    p.add_argument("inputs", nargs="+", help="image files and/or folders (one input may also be a file list or "
+                   "WebDataset shards when --out is a folder)")
     p.add_argument("--out", required=True, help="FILE.safetensors, or a folder for sharded, resumable output")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--shard-size", type=int, default=10000, help="images per shard (sharded output only)")
+    add_model_options(p)
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    p.add_argument("--shard-size", type=int, default=10000, help="images per token file (folder output only)")
+    add_strict_option(p)
     p.set_defaults(func=cmd_encode)
 
-    p = subparsers.add_parser("decode", help="a token file -> PNGs from the pixel codes")
-    p.add_argument("tokens", help="token file written by `dualtoken encode`")
-    model_arg(p, FALLBACK_MODEL)
+    p = subparsers.add_parser("decode", help="a token file or folder -> PNGs from the pixel codes")
+    p.add_argument("tokens", help="a token file or a sharded token folder written by `dualtoken encode`")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--depth", type=int, default=None, help="decode only the first k residual depths")
-    p.add_argument("--batch-size", type=int, default=16)
+    add_model_options(p, default=None, note="; None: the model recorded in the token file")
+    p.add_argument("--depth", type=int, default=None, help="decode only the first k residual depths (None: all)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     p.set_defaults(func=cmd_decode)
 
     p = subparsers.add_parser("reconstruct", help="images -> side-by-side PNGs, token maps and PSNR/SSIM")
-    p.add_argument("inputs", nargs="+")
-    model_arg(p, FALLBACK_MODEL)
-    p.add_argument("--out", required=True)
-    p.add_argument("--depth", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("inputs", nargs="+", help="image files and/or folders")
+    p.add_argument("--out", required=True, help="output folder")
+    add_model_options(p)
+    p.add_argument("--depth", type=int, default=None, help="decode only the first k residual depths (None: all)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    add_strict_option(p)
     p.set_defaults(func=cmd_reconstruct)
 
-    p = subparsers.add_parser("info", help="config, parameter counts, tokens per image")
-    model_arg(p, FALLBACK_MODEL)
+    p = subparsers.add_parser("info", help="config, rate, parameter counts, tokens per image; --list: the names")
+    add_model_options(p)
+    p.add_argument("--list", action="store_true", help="list the registered names and which have trained weights")
     p.set_defaults(func=cmd_info)
 
     p = subparsers.add_parser("convert-reference", help="import a checkpoint of the authors' release")
@@ -257,8 +292,9 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("demo", help="tokenize and reconstruct real photos with the default model")
     p.add_argument("images", nargs="*", help="your own images or folders (default: photos shipped in scikit-image)")
-    model_arg(p)
-    p.add_argument("--out", default="demo_out")
+    add_model_options(p)
+    p.add_argument("--out", default="demo_out", help="output folder")
+    add_strict_option(p)
     p.set_defaults(func=cmd_demo)
 
 

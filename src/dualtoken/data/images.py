@@ -25,7 +25,9 @@ class SkippedImageWarning(UserWarning):
 
 
 def warn_skipped(image_id: str, reason: str) -> None:
-    warnings.warn(f"skipping unreadable image {image_id}: {reason}", SkippedImageWarning, stacklevel=2)
+    """One SkippedImageWarning: "unreadable input ID: REASON" (a reason repeating the id is not repeated)."""
+    reason = reason.removeprefix(f"{image_id}: ")
+    warnings.warn(f"unreadable input {image_id}: {reason}", SkippedImageWarning, stacklevel=2)
 
 
 def decode_record(

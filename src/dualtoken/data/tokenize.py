@@ -107,13 +107,16 @@ def _write_json(path: Path, data: dict) -> None:
 class _UnitWriter:
     """Collects one unit's codes and writes its parts of at most ``shard_size`` images, then the done marker."""
 
-    def __init__(self, out_dir: Path, unit: int, shard_size: int, model: str, sizes: tuple[int, int]) -> None:
-        self.out_dir, self.unit, self.shard_size, self.model, self.sizes = (
+    def __init__(
+        self, out_dir: Path, unit: int, shard_size: int, model: str, sizes: tuple[int, int], source: str | None
+    ) -> None:
+        self.out_dir, self.unit, self.shard_size, self.model, self.sizes, self.source = (
             out_dir,
             unit,
             shard_size,
             model,
             sizes,
+            source,
         )
         self.pixel: list[torch.Tensor] = []
         self.semantic: list[torch.Tensor] = []
@@ -133,7 +136,13 @@ class _UnitWriter:
         pixel, semantic = torch.cat(self.pixel), torch.cat(self.semantic)  # (n, h, w, Q)
         name = f"tokens-{self.unit:06d}-{len(self.files):04d}.safetensors"
         save_tokens(
-            self.out_dir / name, pixel[:count], semantic[:count], self.ids[:count], self.model, self.sizes
+            self.out_dir / name,
+            pixel[:count],
+            semantic[:count],
+            self.ids[:count],
+            self.model,
+            self.sizes,
+            self.source,
         )
         self.files.append(name)
         self.images += count
@@ -193,7 +202,9 @@ def encode_dataset(
     bar = tqdm(total=len(todo), desc=f"encode (rank {rank})", unit="unit", disable=not progress or not todo)
     for batch in loader:
         unit = batch["unit"]
-        writer = writers.setdefault(unit, _UnitWriter(out, unit, shard_size, model, sizes))
+        writer = writers.setdefault(
+            unit, _UnitWriter(out, unit, shard_size, model, sizes, tokenizer.name_or_path)
+        )
         for image_id, reason in batch["skipped"]:
             writer.skipped.append(image_id)
             warn_skipped(image_id, reason)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..errors import ConfigError
 
@@ -17,8 +18,13 @@ class EvalConfig:
     ``metrics`` picks groups from :data:`METRIC_GROUPS`. ``rate_distortion`` repeats the reconstruction,
     perceptual, distribution and semantic groups with the first k of Q depths, k = 1..Q. The standard networks
     (Inception for rFID, VGG/AlexNet for LPIPS) run only when their weight files are given; otherwise only the
-    EfficientNet-Lite0 substitutes run, under their own names.
+    EfficientNet-Lite0 substitutes run, under their own names. In a config file, relative paths are taken from the
+    file's folder.
     """
+
+    path_fields: ClassVar[tuple[str, ...]] = (
+        "inception_weights", "lpips_weights", "lpips_lin_weights", "classes", "labels", "classifier_cache"
+    )
 
     metrics: tuple[str, ...] = METRIC_GROUPS
     batch_size: int = 16

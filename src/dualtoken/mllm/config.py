@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
-from ..config import load_config_file, to_dict
+from ..config import load_config_file, resolve_name_or_path, to_dict
 from ..errors import ConfigError
-from ..training.config import OptimizerConfig
+from ..training.config import CheckpointConfig, LogConfig, OptimizerConfig
 
 T = TypeVar("T")
 
@@ -193,8 +193,11 @@ class MLLMDataConfig:
     captions: tuple[str, ...] = ()  # COCO-style JSON, JSONL, image folders with .txt files, WebDataset shards
     condition_dropout: float = 0.1  # a generation prompt is replaced by the blank prompt this often (CFG)
     max_length: int = 2048  # longer samples are cut before the first image that does not fit
+    batch_size: int = 8  # per process and micro-step
 
     def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"MLLMDataConfig.batch_size must be >= 1, got {self.batch_size}")
         if not 0.0 <= self.condition_dropout < 1.0:
             raise ConfigError(
                 f"MLLMDataConfig.condition_dropout must be in [0, 1), got {self.condition_dropout}"
@@ -215,42 +218,81 @@ PRESETS = {
 }
 
 
+# the MLLM trainer's keys before it took the tokenizer trainer's names: old key -> new dotted key
+LEGACY_KEYS = {
+    "out_dir": "output_dir",
+    "steps": "max_steps",
+    "optim": "optimizer",
+    "batch_size": "data.batch_size",
+    "save_every": "checkpoint.every",
+    "keep_last": "checkpoint.keep_last",
+    "log_every": "log.every",
+    "console": "log.console",
+    "tensorboard": "log.tensorboard",
+    "bf16": "precision",
+}
+
+
 @dataclass
 class MLLMTrainConfig:
-    """A training run: a new model (``model``) or a saved one (``init_from``), data, preset, optimiser, steps."""
+    """A training run: a new model (``model``) or a saved one (``init_from``), data, preset, optimiser, steps.
+
+    The names are the tokenizer trainer's (:class:`dualtoken.training.TrainConfig`): ``output_dir``, ``max_steps``,
+    ``grad_accum``, ``precision``, ``optimizer``, ``checkpoint``, ``log``, ``parallel``, ``device``, ``seed``.
+    In a config file, relative paths are taken from the file's folder.
+    """
+
+    path_fields: ClassVar[tuple[str, ...]] = (
+        "output_dir", "init_from", "data.token_cache", "data.conversations", "data.captions", "model.llm.path",
+        "model.llm.text_tokenizer",
+    )
+    name_or_path_fields: ClassVar[tuple[str, ...]] = ("model.tokenizer",)
 
     model: MLLMConfig | None = None
     init_from: str | None = None  # an MLLM folder written by save_pretrained
     preset: Literal["align", "understanding", "generation", "full"] = "full"
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: MLLMDataConfig = field(default_factory=MLLMDataConfig)
-    optim: OptimizerConfig = field(default_factory=default_optimizer)  # shared with the tokenizer trainer
-    steps: int = 1000
-    batch_size: int = 8  # per process
-    grad_accum: int = 1
+    optimizer: OptimizerConfig = field(default_factory=default_optimizer)  # shared with the tokenizer trainer
+    output_dir: str = "runs/mllm"
+    max_steps: int = 1000
+    grad_accum: int = 1  # micro-steps per optimiser step
     seed: int = 0
-    out_dir: str = "runs/mllm"
-    log_every: int = 10
-    console: bool = False  # metric records on the console too (always in metrics.jsonl)
-    tensorboard: bool = True
-    save_every: int = 500
-    keep_last: int = 2
     device: str = "auto"  # auto: cuda:<LOCAL_RANK> when CUDA is available, else cpu
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     parallel: Literal["ddp", "fsdp"] = "ddp"  # with several processes (torchrun): DDP, or FSDP2 fully_shard
-    bf16: bool = False  # bf16 autocast (CUDA only)
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=500, keep_last=2))
+    log: LogConfig = field(default_factory=lambda: LogConfig(console=False))  # MLLM runs use every, console,
+    # jsonl, tensorboard and progress
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.init_from is None):
             raise ConfigError(
                 "MLLMTrainConfig: give exactly one of `model` (a new MLLM) or `init_from` (a folder)"
             )
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "save_every", "keep_last"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"MLLMTrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps < 1 or self.grad_accum < 1:
+            raise ConfigError("MLLMTrainConfig: max_steps and grad_accum must be >= 1")
+
+    @classmethod
+    def upgrade(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """A config dict with the keys of :data:`LEGACY_KEYS` renamed (``bf16``: true -> "bf16", false -> "fp32")."""
+        data = dict(data)
+        for old, new in LEGACY_KEYS.items():
+            if old not in data:
+                continue
+            value = data.pop(old)
+            if old == "bf16":
+                value = "bf16" if value else "fp32"
+            *parents, last = new.split(".")
+            node = data
+            for part in parents:
+                node = node.setdefault(part, {})
+            node.setdefault(last, value)
+        return data
 
 
 def load_config(cls: type[T], path: str | Path) -> T:
-    """Read a config JSON file into ``cls``; relative paths inside stay relative (see :func:`resolve_path`)."""
+    """Read a config JSON file into ``cls`` (older key names upgraded; relative paths taken from the file's folder)."""
     return load_config_file(cls, path)
 
 
@@ -259,8 +301,6 @@ def save_config(config: Any, path: str | Path) -> None:
 
 
 def locate(value: str, base: str | Path | None) -> str:
-    """``value`` relative to ``base`` when that exists (a relative folder), else ``value`` as given (absolute, a
-    path relative to the working directory, or a name such as an embedded tokenizer's)."""
-    if base is not None and not Path(value).is_absolute() and (Path(base) / value).exists():
-        return str(Path(base) / value)
-    return value
+    """A name or path of a config read from folder ``base`` (a saved MLLM's folder, a config file's folder), by the
+    rule of every config file (:func:`dualtoken.config.resolve_name_or_path`); ``value`` itself without a base."""
+    return value if base is None else resolve_name_or_path(value, base)

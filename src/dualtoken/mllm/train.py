@@ -9,7 +9,6 @@ The data position follows from the step (a seeded permutation per epoch), so a r
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from pathlib import Path
@@ -20,20 +19,21 @@ from tqdm import tqdm
 from ..config import to_dict
 from ..errors import ConfigError
 from ..training import checkpoints
-from ..training.config import LogConfig
 from ..training.distributed import (
     Runtime,
     full_model_state,
     full_optimizer_state,
     gather_objects,
+    gradient_sync,
     load_model_state,
     load_optimizer_state,
+    resolve_precision,
     setup_runtime,
     unwrap,
     wrap_model,
 )
 from ..training.metrics import MetricsLogger
-from ..training.optim import build_optimizer, build_scheduler
+from ..training.optim import build_optimizer, build_scheduler, optimizer_step
 from .config import PRESETS, MLLMTrainConfig, locate
 from .data import (
     CaptionRecord,
@@ -142,7 +142,9 @@ class MLLMTrainer:
         self.config = config
         self.base_dir = base_dir
         self.runtime = setup_runtime(config.device)
-        self.out_dir = Path(config.out_dir)
+        self.out_dir = Path(config.output_dir)
+        self.autocast_dtype = resolve_precision(config.precision, self.runtime.device)
+        self.scaler = torch.amp.GradScaler(self.runtime.device.type, enabled=self.autocast_dtype == torch.float16)
         self.model = build_model(config, base_dir)
         self.trainable = set_trainable(self.model, config.preset, config.lora.enabled)
         self.model.to(self.runtime.device).train()
@@ -152,10 +154,11 @@ class MLLMTrainer:
             self.engine = shard(self.model, self.runtime)
         else:
             self.engine = wrap_model(self.model, self.runtime, "ddp", find_unused=True)
-        self.optimizer = build_optimizer(self.engine, config.optim)
-        self.scheduler = build_scheduler(self.optimizer, config.steps, config.optim)
+        self.optimizer = build_optimizer(self.engine, config.optimizer)
+        self.scheduler = build_scheduler(self.optimizer, config.max_steps, config.optimizer)
         self.step = 0
-        self._resume()
+        if config.checkpoint.resume:
+            self._resume()
         torch.manual_seed(
             config.seed + self.runtime.rank + 1000 * self.step
         )  # dropout: per rank, reproducible
@@ -174,6 +177,8 @@ class MLLMTrainer:
             self.engine, self.optimizer, state["optimizer"], self.config.parallel, self.runtime
         )
         self.scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
         rng = state["rng"]
         checkpoints.set_rng_state(rng[self.runtime.rank] if self.runtime.rank < len(rng) else rng[0])
@@ -185,10 +190,12 @@ class MLLMTrainer:
             "model": full_model_state(self.engine, parallel, runtime),
             "optimizer": full_optimizer_state(self.engine, self.optimizer, parallel, runtime),
             "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "rng": gather_objects(checkpoints.rng_state(), runtime),
         }
         if runtime.is_main:
-            checkpoints.save_checkpoint(self.out_dir / CHECKPOINTS, self.step, state, self.config.keep_last)
+            keep = self.config.checkpoint.keep_last
+            checkpoints.save_checkpoint(self.out_dir / CHECKPOINTS, self.step, state, keep)
         runtime.barrier()
 
     def export(self, path: Path) -> None:
@@ -208,67 +215,66 @@ class MLLMTrainer:
 
     def _micro_batch(self, micro: int):
         cfg, runtime = self.config, self.runtime
-        first = ((self.step * cfg.grad_accum + micro) * runtime.world_size + runtime.rank) * cfg.batch_size
-        positions = sample_indices(len(self.dataset), first, cfg.batch_size, cfg.seed)
+        batch_size = cfg.data.batch_size
+        first = ((self.step * cfg.grad_accum + micro) * runtime.world_size + runtime.rank) * batch_size
+        positions = sample_indices(len(self.dataset), first, batch_size, cfg.seed)
         items = [self.dataset.item(index, epoch) for epoch, index in positions]
         return collate(items, self.pad_id).to(runtime.device)
 
     def train_step(self) -> dict[str, float]:
+        """One optimiser step of ``grad_accum`` micro-steps; gradients are all-reduced on the last one only."""
         cfg, device = self.config, self.runtime.device
         totals: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
-            last = micro + 1 == cfg.grad_accum
-            quiet = hasattr(self.engine, "no_sync") and not last
-            with self.engine.no_sync() if quiet else contextlib.nullcontext():
-                with torch.autocast(
-                    device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"
-                ):
+            with gradient_sync(self.engine, micro + 1 == cfg.grad_accum):
+                with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
                     losses = self.engine(self._micro_batch(micro))
-                (losses.loss / cfg.grad_accum).backward()
+                self.scaler.scale(losses.loss / cfg.grad_accum).backward()
             for key, value in losses.scalars().items():
                 totals[key] = totals.get(key, 0.0) + value / cfg.grad_accum
-        if cfg.optim.grad_clip > 0:
-            params = [p for p in self.engine.parameters() if p.requires_grad]
-            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        totals["lr"], grad_norm = optimizer_step(self.optimizer, self.scheduler, self.scaler, cfg.optimizer.grad_clip)
+        if cfg.optimizer.grad_clip > 0:
+            totals["grad_norm"] = grad_norm
         self.step += 1
         return totals
 
     def run(self, progress: bool = True, stop_after: int | None = None) -> Path:
         cfg, runtime = self.config, self.runtime
-        end = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
-        log = LogConfig(every=cfg.log_every, console=cfg.console, tensorboard=cfg.tensorboard)
-        logger = MetricsLogger(self.out_dir, log, enabled=runtime.is_main, resume_step=self.step)
+        end = cfg.max_steps if stop_after is None else min(cfg.max_steps, self.step + stop_after)
+        logger = MetricsLogger(self.out_dir, cfg.log, enabled=runtime.is_main, resume_step=self.step)
         if runtime.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
             trainable = set(self.trainable)
             count = sum(p.numel() for n, p in self.model.named_parameters() if n in trainable)
             tqdm.write(
                 f"mllm: {len(self.dataset)} samples, {count:,} trainable parameters ({cfg.preset}), "
-                f"steps {self.step}..{end} of {cfg.steps}, {runtime.world_size} process(es) on {runtime.device}"
+                f"steps {self.step}..{end} of {cfg.max_steps}, {runtime.world_size} process(es) on {runtime.device}"
             )
         bar = tqdm(
-            total=cfg.steps, initial=self.step, disable=not progress or not runtime.is_main, desc="train-mllm"
+            total=cfg.max_steps,
+            initial=self.step,
+            disable=not (progress and cfg.log.progress and runtime.is_main),
+            desc="train-mllm",
         )
         tick, samples = time.perf_counter(), 0
         while self.step < end:
             values = self.train_step()
-            samples += cfg.batch_size * cfg.grad_accum * runtime.world_size
+            samples += cfg.data.batch_size * cfg.grad_accum * runtime.world_size
             bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == end:
-                elapsed = time.perf_counter() - tick
-                values.update(lr=self.scheduler.get_last_lr()[0], samples_per_s=samples / elapsed)
+            if self.step % cfg.log.every == 0 or self.step == end:
+                values["samples_per_s"] = samples / (time.perf_counter() - tick)
                 logger.log(self.step, values)
                 bar.set_postfix(loss=f"{values['loss']:.3f}", text=f"{values['text']:.3f}")
                 tick, samples = time.perf_counter(), 0
-            if self.step % cfg.save_every == 0 or self.step == end:
+            if self.step % cfg.checkpoint.every == 0 or self.step == end:
                 self.save_checkpoint()
+            if cfg.checkpoint.export_every and self.step % cfg.checkpoint.export_every == 0:
+                self.export(self.out_dir / f"export-{self.step:08d}")
         bar.close()
         logger.close()
         final = self.out_dir / "final"
-        if self.step >= cfg.steps:
+        if self.step >= cfg.max_steps:
             self.export(final)
         return final
 
@@ -279,10 +285,10 @@ def train_mllm(
     progress: bool = True,
     stop_after: int | None = None,
 ) -> Path:
-    """Run (or resume) training; returns ``out_dir/final``, the save_pretrained folder written after the last step.
+    """Run (or resume) training; returns ``output_dir/final``, the save_pretrained folder written after the last step.
 
     ``stop_after`` ends this invocation (with a checkpoint) after that many steps, for time-boxed sessions; the
-    schedule still spans ``config.steps``, and the next call resumes.
+    schedule still spans ``config.max_steps``, and the next call resumes.
     """
     trainer = MLLMTrainer(config, base_dir)
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from ..config import apply_overrides, load_config_file, to_dict
 from ..errors import ConfigError
@@ -158,10 +158,16 @@ class LogConfig:
 
 @dataclass
 class TrainConfig:
-    """A whole training run."""
+    """A whole training run. In a recipe file, relative paths are taken from the file's folder."""
 
-    # a named architecture (dualtoken-tiny, ...), a tokenizer config JSON file, or a save_pretrained folder to
-    # continue from (fine-tuning)
+    path_fields: ClassVar[tuple[str, ...]] = (
+        "backbone_pretrained", "output_dir", "data.train", "data.eval", "loss.vgg_weights", "loss.lpips_heads",
+        "cache.folder",
+    )
+    name_or_path_fields: ClassVar[tuple[str, ...]] = ("model", "init_from")
+
+    # an architecture name (dualtoken-tiny, ...) or a tokenizer config JSON file: a new model; trained weights to
+    # fine-tune: a trained model's name (dualtoken-efflite0), a save_pretrained folder, or a Hub repo id
     model: str = "dualtoken-tiny"
     model_overrides: list[str] = field(default_factory=list)  # "key.sub=value" on a new model's config
     backbone_pretrained: str | None = None  # a SigLIP folder: initial tower weights and the teacher
@@ -221,7 +227,8 @@ class TrainConfig:
 
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """A training config from a JSON file (or the defaults) with ``key.sub=value`` overrides, validated."""
+    """A training config from a JSON file (or the defaults) with ``key.sub=value`` overrides, validated. Relative
+    paths in the file are taken from its folder, those of the overrides from the working directory."""
     config = TrainConfig()
     if path is not None:
         config = load_config_file(TrainConfig, path, "training config")

@@ -7,6 +7,7 @@ every rank, for DDP and FSDP alike.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -90,6 +91,35 @@ def wrap_model(model: nn.Module, runtime: Runtime, parallel: str, find_unused: b
             fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)  # the root keeps decoder.conv_out unsharded between forward and backward
     return model
+
+
+def gradient_sync(model: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
+    """Around one micro-step's backward: with ``enabled`` False, skip the gradient all-reduce (DDP ``no_sync``;
+    FSDP2 ``set_requires_gradient_sync(False)``, restored on exit). Gradient accumulation syncs only on its last
+    micro-step. A module that is neither (one process) needs nothing."""
+    if enabled:
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync"):
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        return _fsdp_sync_off(model)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_sync_off(model: nn.Module):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a ``precision`` setting (None: float32 throughout); ``auto`` is bf16 on CUDA."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -49,3 +49,18 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer, total_steps: int, config: OptimizerConfig
 ) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, config))
+
+
+def optimizer_step(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, scaler: torch.amp.GradScaler, clip: float
+) -> tuple[float, float]:
+    """Unscale, clip (when ``clip`` > 0), step, advance the schedule -> (learning rate used, gradient norm)."""
+    scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+    lr = optimizer.param_groups[0]["lr"]
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return lr, float(norm)

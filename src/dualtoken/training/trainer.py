@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..config import TokenizerConfig, apply_overrides, get_config, to_dict
+from ..config import TokenizerConfig, apply_overrides, to_dict
 from ..data import SkippedImageWarning, TrainLoader, open_image_source, resolve_source
 from ..discriminator import PatchDiscriminator
 from ..errors import CheckpointError, ConfigError
@@ -31,6 +31,7 @@ from ..io import save_image
 from ..losses import DualTokenObjective, teacher_targets
 from ..metrics import psnr
 from ..perceptual import build_perceptual
+from ..registry import is_model, model_entry
 from ..tokenizer import DualTokenizer
 from . import checkpoints
 from .config import TrainConfig
@@ -40,8 +41,10 @@ from .distributed import (
     full_model_state,
     full_optimizer_state,
     gather_objects,
+    gradient_sync,
     load_model_state,
     load_optimizer_state,
+    resolve_precision,
     setup_runtime,
     unwrap,
     wrap_model,
@@ -49,25 +52,21 @@ from .distributed import (
 from .freeze import apply_freeze, freeze_outside_pixel_branch, set_train_mode
 from .metrics import MetricsLogger
 from .monitor import CodebookUsage, peak_memory_mb, reconstruction_grid
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, optimizer_step
 
 CHECKPOINT_FORMAT = 1
 
 
 def build_tokenizer(config: TrainConfig) -> DualTokenizer:
-    """The model a run starts from: a named or JSON architecture (random init, or the tower of
-    ``backbone_pretrained``), or a ``save_pretrained`` folder / embedded model name (fine-tuning)."""
+    """The model a run starts from: an architecture name or a tokenizer config JSON (random init, or the tower of
+    ``backbone_pretrained``), or trained weights (fine-tuning): a trained name, a folder or a Hub repo id."""
     source = config.model
-    path = Path(source)
-    if path.suffix == ".json" and path.is_file():
-        model_config = TokenizerConfig.load(path)
-    elif path.is_dir():
-        model_config = None
+    if source.endswith(".json"):
+        model_config = TokenizerConfig.load(source)
+    elif is_model(source) and not model_entry(source).trained:
+        model_config = model_entry(source).config()
     else:
-        try:
-            model_config = get_config(source)
-        except ConfigError:
-            model_config = None
+        model_config = None
     if model_config is None:
         if config.model_overrides:
             raise ConfigError("model_overrides apply to new models only, not to a trained model")
@@ -105,13 +104,6 @@ def init_parts_from(tokenizer: DualTokenizer, trained: DualTokenizer, parts: lis
         copied[name] = value.to(target[name].dtype)
     tokenizer.load_state_dict(copied, strict=False)
     return sorted(copied)
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None: float32 throughout)."""
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 class Trainer:
@@ -274,15 +266,6 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.runtime.device.type, dtype=self.autocast_dtype)
 
-    def _gradient_sync(self, module: torch.nn.Module, enabled: bool):
-        """Skip the gradient all-reduce on accumulation micro-steps (DDP no_sync / FSDP2 requires_gradient_sync)."""
-        if enabled or not self.runtime.distributed:
-            return contextlib.nullcontext()
-        if hasattr(module, "no_sync"):
-            return module.no_sync()
-        module.set_requires_gradient_sync(False)
-        return _RestoreSync(module)
-
     # ------------------------------------------------------------------------------------------------------------
     # checkpoints
     # ------------------------------------------------------------------------------------------------------------
@@ -387,7 +370,7 @@ class Trainer:
             batch = next(self.loader)
             images = batch["images"].to(device, non_blocking=True)
             last = micro == cfg.grad_accum - 1
-            with self._gradient_sync(self.model, last):
+            with gradient_sync(self.model, last):
                 with self._autocast():
                     out = self.model(images, pixel_only=self.pixel_only)
                     targets = (
@@ -415,7 +398,7 @@ class Trainer:
                 usage.update("semantic", out.semantic_codes)
             for name, value in terms.items():
                 sums[name] += float(value) / cfg.grad_accum
-        sums["lr"], sums["grad_norm"] = self._optimizer_step(
+        sums["lr"], sums["grad_norm"] = optimizer_step(
             self.optimizer, self.scheduler, self.scaler, cfg.optimizer.grad_clip
         )
         if gan_on:
@@ -423,25 +406,12 @@ class Trainer:
                 sums[name] += value
         return dict(sums)
 
-    @staticmethod
-    def _optimizer_step(optimizer, scheduler, scaler, clip: float) -> tuple[float, float]:
-        """Unscale, clip (when asked), step, advance the schedule -> (learning rate used, gradient norm)."""
-        scaler.unscale_(optimizer)
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        lr = optimizer.param_groups[0]["lr"]
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        return lr, float(norm)
-
     def _discriminator_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
         """One discriminator update on the step's (images, detached reconstructions) micro-batches."""
         sums: dict[str, float] = defaultdict(float)
         count = len(micro_batches)
         for index, (images, reconstruction) in enumerate(micro_batches):
-            with self._gradient_sync(self.disc_model, index == count - 1):
+            with gradient_sync(self.disc_model, index == count - 1):
                 with self._autocast():
                     logits = self.disc_model(torch.cat([images, reconstruction]))
                     real, fake = logits.split(images.shape[0])
@@ -450,7 +420,7 @@ class Trainer:
             for name, value in terms.items():
                 sums[name] += float(value) / count
         clip = self.config.disc_optimizer.grad_clip
-        sums["disc_lr"], sums["disc_grad_norm"] = self._optimizer_step(
+        sums["disc_lr"], sums["disc_grad_norm"] = optimizer_step(
             self.disc_optimizer, self.disc_scheduler, self.disc_scaler, clip
         )
         return sums
@@ -598,19 +568,6 @@ class Trainer:
 
     def close(self) -> None:
         self.runtime.close()
-
-
-class _RestoreSync:
-    """Context that turns FSDP2 gradient synchronisation back on when it exits."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.module = module
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc) -> None:
-        self.module.set_requires_gradient_sync(True)
 
 
 def train(config: TrainConfig, stop_at: int | None = None) -> dict[str, Any]:

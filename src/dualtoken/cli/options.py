@@ -1,0 +1,88 @@
+"""What the commands share: the model options and how a model is loaded, and the bad-file policy.
+
+Bad files: every command that reads images skips an unreadable one with one line on stderr naming it and why
+(a :class:`~dualtoken.data.SkippedImageWarning`, printed by ``dualtoken.cli.main``), reports the count at the end,
+and fails (exit 2) only when nothing was readable; ``--strict`` turns the first skip into that error.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from ..data.images import warn_skipped
+from ..errors import DataError, ImageError
+from ..io import list_images, load_image
+from ..registry import DEFAULT_MODEL, get_config
+from ..tokenizer import DualTokenizer
+
+MODEL_HELP = "a trained model's name, a save_pretrained folder, or a Hugging Face Hub repo id (org/name)"
+
+
+def add_model_options(parser: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL, note: str = "") -> None:
+    """``--model`` and ``--random-weights``."""
+    parser.add_argument("--model", default=default, help=MODEL_HELP + note)
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="build --model as an architecture (any name of `dualtoken info --list`) with random weights, "
+        "seeded: for trying the pipeline, never for real images",
+    )
+
+
+def add_strict_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--strict", action="store_true", help="stop at the first unreadable input instead of skipping it"
+    )
+
+
+def load_model(spec: str, random_weights: bool = False) -> DualTokenizer:
+    """Trained weights through the registry's resolver; random (seeded) weights only when asked for."""
+    if not random_weights:
+        return DualTokenizer.from_pretrained(spec)
+    torch.manual_seed(0)
+    return DualTokenizer.from_config(get_config(spec)).eval()
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files and folders from the command line -> image files; a missing path or an empty folder is skipped."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            try:
+                files.extend(list_images(path))
+            except ImageError as exc:  # no image files in it
+                warn_skipped(item, str(exc))
+        elif path.is_file():
+            files.append(path)
+        else:
+            warn_skipped(item, "no such file or folder")
+    return files
+
+
+def image_batches(
+    files: list[Path], size: tuple[int, int], batch_size: int
+) -> Iterator[tuple[list[Path], torch.Tensor]]:
+    """(paths, images (B, 3, H, W)) of the readable files, ``batch_size`` at a time; unreadable ones are skipped."""
+    paths, images = [], []
+    for path in files:
+        try:
+            images.append(load_image(path, size))
+            paths.append(path)
+        except ImageError as exc:
+            warn_skipped(str(path), str(exc))
+        if len(images) == batch_size:
+            yield paths, torch.stack(images)
+            paths, images = [], []
+    if images:
+        yield paths, torch.stack(images)
+
+
+def require_some(count: int, inputs: list[str]) -> None:
+    """The policy's one failure: nothing of the inputs was readable."""
+    if count == 0:
+        raise DataError(f"no readable image among the inputs {inputs}")
