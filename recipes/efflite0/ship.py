@@ -2,7 +2,7 @@
 recipe trains on 128 px crops with the same weights), renamed, in float16 (half the file).
 
 usage: python recipes/efflite0/ship.py EXPORT_DIR [--out src/dualtoken/pretrained/dualtoken-efflite0]
-       [--image-size 256] [--name dualtoken-efflite0]
+       [--image-size 256] [--name dualtoken-efflite0] [--metrics recipes/efflite0/shipped_metrics.json]
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from pathlib import Path
 
 import torch
 
@@ -24,10 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=DEFAULT_OUT)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--name", default="dualtoken-efflite0")
+    parser.add_argument(
+        "--metrics", default=None, help="a JSON file of the figures the model ships with (written into its model card)"
+    )
     args = parser.parse_args(argv)
     tokenizer = DualTokenizer.from_pretrained(args.export).at_resolution(args.image_size)
     tokenizer.config = dataclasses.replace(tokenizer.config, name=args.name)
-    path = tokenizer.save_pretrained(args.out, dtype=torch.float16) / "model.safetensors"
+    metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
+    path = tokenizer.save_pretrained(args.out, dtype=torch.float16, metrics=metrics) / "model.safetensors"
     print(json.dumps({"out": args.out, "megabytes": round(path.stat().st_size / 2**20, 1)}))
     return 0
 
