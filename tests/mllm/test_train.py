@@ -147,7 +147,7 @@ def test_cli_errors_are_one_line(run_folder, capsys):
 
 def test_a_question_without_an_image_gets_a_clear_message(run_folder, capsys):
     config = load_config(MLLMTrainConfig, run_folder / "train.json")
-    final = train_mllm(dataclasses.replace(config, steps=1, out_dir=str(run_folder / "one")), run_folder, progress=False)
+    final = train_mllm(dataclasses.replace(config, max_steps=1, output_dir=str(run_folder / "one")), run_folder, progress=False)
     capsys.readouterr()
     assert main(["chat", "--model", str(final), "What is in this image?"]) == 2
     err = capsys.readouterr().err.strip()
