@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dualtoken import DualTokenizer
-from dualtoken.config import TokenizerConfig, apply_overrides, get_config
+from dualtoken import DualTokenizer, get_config
+from dualtoken.config import TokenizerConfig, apply_overrides
 from dualtoken.data import open_image_source
 from dualtoken.evaluation.samples import labels_from_tsv
 from dualtoken.metrics import psnr, ssim

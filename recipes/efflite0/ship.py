@@ -2,7 +2,7 @@
 recipe trains on 128 px crops with the same weights), renamed, in float16 (half the file).
 
 usage: python recipes/efflite0/ship.py EXPORT_DIR [--out src/dualtoken/pretrained/dualtoken-efflite0]
-       [--image-size 256] [--name dualtoken-efflite0] [--metrics recipes/efflite0/shipped_metrics.json]
+       [--image-size 256] [--name dualtoken-efflite0] [--metrics recipes/efflite0/model_card/dualtoken-efflite0.json]
 """
 
 from __future__ import annotations
