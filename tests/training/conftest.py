@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -63,3 +65,12 @@ def tiny_config(output_dir: Path, data_dir: Path, *overrides: str) -> TrainConfi
 def train_records(output_dir: Path, kind: str = "train") -> list[dict]:
     lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def load_recipe_script(name: str) -> ModuleType:
+    """A script of recipes/efflite0 (not a package) imported as a module, e.g. ``load_recipe_script("ablation")``."""
+    path = Path(__file__).resolve().parents[2] / "recipes" / "efflite0" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,17 +12,12 @@ from dualtoken import DualTokenizer, get_config
 from dualtoken.config import apply_overrides
 from dualtoken.training import load_train_config
 
-from .conftest import write_images
-
-SCRIPT = Path(__file__).resolve().parents[2] / "recipes" / "efflite0" / "ablation.py"
+from .conftest import load_recipe_script, write_images
 
 
 @pytest.fixture(scope="module")
 def ablation():
-    spec = importlib.util.spec_from_file_location("ablation", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_recipe_script("ablation")
 
 
 def _recipe(tmp_path: Path, images: Path) -> Path:

@@ -3,7 +3,6 @@ cropped on the device, and resume the result with the file-based trainer."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,18 +12,14 @@ import torch
 from dualtoken import DualTokenizer
 from dualtoken.training import Trainer, load_train_config
 
-from .conftest import tiny_config, write_images
+from .conftest import load_recipe_script, tiny_config, write_images
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "recipes" / "efflite0" / "device_pixel.py"
 
 
 @pytest.fixture(scope="module")
 def device_pixel():
-    spec = importlib.util.spec_from_file_location("device_pixel", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_recipe_script("device_pixel")
 
 
 def test_the_recipe_is_the_pixel_branch_with_a_kmeans_start():

@@ -3,6 +3,7 @@ resume, the held-out evaluation, and starting parts of a model from a trained on
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -102,10 +103,7 @@ def test_heldout_evaluation_per_depth_with_labels(tmp_path: Path, train_images: 
     labels.write_text("file\tclass_index\n" + "".join(f"heldout/img{i:03d}.png\t{i}\n" for i in range(4)))
     out = tmp_path / "run"
     train(_config(out, train_images, f"data.eval={labels}"))
-    results = (out / "semantic_eval.json").read_text()
-    import json
-
-    metrics = json.loads(results)
+    metrics = json.loads((out / "semantic_eval.json").read_text())
     depth = DualTokenizer.from_pretrained(out / "final").semantic_depth
     for k in range(1, depth + 1):
         assert -1 <= metrics[f"token_cosine@{k}"] <= 1
