@@ -4,10 +4,9 @@ Stages (each resumable; ``all`` runs them in order), every number in ``config.js
 
     prepare   CIFAR-10 shards -> PNGs -> token cache (dualtoken.data.tokenize.encode_dataset, what `dualtoken
               encode` runs) -> LLaVA conversations ("What is in this image?" -> "It is a horse." / "It is an
-              airplane."), captions ("Draw a horse."), a byte-level BPE trained here, one MLLM train config per
-              input mode
+              airplane."), captions ("Draw a horse."), a byte-level BPE trained here
     train     one small LLM from scratch per input mode (semantic+pixel, semantic only, pixel only), same data
-              (understanding and generation mixed), same steps
+              (understanding and generation mixed), same steps; its config is written to train_<mode>.json
     evaluate  answer accuracy on the test images per input mode, next to a linear probe on the same tokens;
               "Draw a {class}." with and without classifier-free guidance, judged by a token classifier trained
               on the real training images' tokens and by a Fréchet distance on EfficientNet-Lite0 features
@@ -186,34 +185,7 @@ def prepare(cfg: RecipeConfig) -> None:
     prompt = MLLMConfig().prompt
     template = prompt.user_prefix + QUESTION + prompt.user_suffix + prompt.assistant_prefix
     texts = [template + f"It is {with_article(n)}." + prompt.assistant_suffix + f"Draw {with_article(n)}." for n in names]
-    text_tokenizer = train_bpe_tokenizer(texts * 20, cfg.text_vocab, work / "text_tokenizer", prompt)
-    for mode in cfg.modes:
-        model = MLLMConfig(
-            tokenizer=tokenizer_ref,
-            llm=LLMConfig(
-                architecture={**cfg.llm, "vocab_size": len(text_tokenizer)}, text_tokenizer="text_tokenizer"
-            ),
-            fusion=dataclasses.replace(MLLMConfig().fusion, inputs=mode),
-            heads=cfg.heads,
-            sampling=cfg.sampling,
-        )
-        train = MLLMTrainConfig(
-            model=model,
-            data=MLLMDataConfig(
-                token_cache=("tokens/train",),
-                conversations=("conversations.json",),
-                captions=("captions.jsonl",),
-                condition_dropout=cfg.condition_dropout,
-                batch_size=cfg.batch_size,
-            ),
-            optimizer=cfg.optim,
-            max_steps=cfg.steps,
-            seed=cfg.seed,
-            output_dir=str((work / "runs" / mode).resolve()),
-            log=LogConfig(every=max(1, cfg.steps // 100), console=False),
-            checkpoint=CheckpointConfig(every=max(1, cfg.steps // 10), keep_last=2),
-        )
-        (work / f"train_{mode}.json").write_text(json.dumps(to_dict(train), indent=2) + "\n")
+    train_bpe_tokenizer(texts * 20, cfg.text_vocab, work / "text_tokenizer", prompt)
     print(f"prepared {work}: {len(labels['train'])} train / {len(labels['test'])} test images")
 
 
@@ -222,12 +194,44 @@ def prepare(cfg: RecipeConfig) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def train(cfg: RecipeConfig) -> None:
-    from dualtoken.mllm.config import load_config
+def train_config(cfg: RecipeConfig, mode: str) -> MLLMTrainConfig:
+    """The MLLM training config of one input mode, from the recipe and what ``prepare`` wrote under ``work``."""
+    from transformers import PreTrainedTokenizerFast
 
     work = Path(cfg.work)
+    text_tokenizer = PreTrainedTokenizerFast.from_pretrained(str(work / "text_tokenizer"))
+    model = MLLMConfig(
+        tokenizer=visual_tokenizer(cfg)[1],
+        llm=LLMConfig(architecture={**cfg.llm, "vocab_size": len(text_tokenizer)}, text_tokenizer="text_tokenizer"),
+        fusion=dataclasses.replace(MLLMConfig().fusion, inputs=mode),
+        heads=cfg.heads,
+        sampling=cfg.sampling,
+    )
+    return MLLMTrainConfig(
+        model=model,
+        data=MLLMDataConfig(
+            token_cache=("tokens/train",),
+            conversations=("conversations.json",),
+            captions=("captions.jsonl",),
+            condition_dropout=cfg.condition_dropout,
+            batch_size=cfg.batch_size,
+        ),
+        optimizer=cfg.optim,
+        max_steps=cfg.steps,
+        seed=cfg.seed,
+        output_dir=str((work / "runs" / mode).resolve()),
+        log=LogConfig(every=max(1, cfg.steps // 100), console=False),
+        checkpoint=CheckpointConfig(every=max(1, cfg.steps // 10), keep_last=2),
+    )
+
+
+def train(cfg: RecipeConfig) -> None:
+    """Train one MLLM per input mode; each config is also written to ``<work>/train_<mode>.json`` (for
+    ``dualtoken train-mllm --config``), so overrides given to this stage take effect."""
+    work = Path(cfg.work)
     for mode in cfg.modes:
-        config = load_config(MLLMTrainConfig, work / f"train_{mode}.json")
+        config = train_config(cfg, mode)
+        (work / f"train_{mode}.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
         start = time.perf_counter()
         train_mllm(config, base_dir=work)
         print(f"trained {mode} in {time.perf_counter() - start:.0f} s")

@@ -104,3 +104,14 @@ def test_cifar_recipe_runs_every_stage(tmp_path, shared_data, tiny_tokenizer):
         width, height = Image.open(grid).size
         assert height == 10 * 64 + 9 * 2 and width == 64  # one row per class, one sample each
     assert "| semantic + pixel |" in (work / "results.md").read_text()
+
+    # an override given to the train stage reaches the training config (it is built from the recipe, not the
+    # prepare stage's files): two more steps resume the same runs
+    train_again = [*command[:2], "train", *command[3:], "--set", "steps=4", "--set", "modes=[\"both\"]"]
+    done = subprocess.run(
+        train_again, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert load_config(MLLMTrainConfig, work / "train_both.json").max_steps == 4
+    steps = [json.loads(line)["step"] for line in (work / "runs" / "both" / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 4

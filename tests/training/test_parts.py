@@ -11,7 +11,7 @@ from dualtoken.config import from_dict, to_dict
 from dualtoken.discriminator import DiscriminatorConfig, PatchDiscriminator
 from dualtoken.errors import ConfigError
 from dualtoken.training import FreezeConfig, OptimizerConfig, TrainConfig, load_train_config
-from dualtoken.training.freeze import apply_freeze, set_train_mode
+from dualtoken.training.freeze import apply_freeze, set_train_mode, tail_lr_scales, tail_modules
 from dualtoken.training.optim import build_optimizer, lr_factor, parameter_groups
 
 
@@ -89,3 +89,19 @@ def test_config_round_trip_and_override_validation():
             load_train_config(None, [bad])
     with pytest.raises(ConfigError, match="teacher"):
         load_train_config(None, ["teacher=none"])
+
+
+def test_tail_steps_at_its_own_learning_rate(tiny_tokenizer):
+    tok = tiny_tokenizer
+    apply_freeze(tok, FreezeConfig("stage0"))
+    scales = tail_lr_scales(tok, FreezeConfig("stage0", tail_lr_scale=0.05))
+    optimizer = build_optimizer(tok, OptimizerConfig(lr=1e-3), scales)
+    tail = {id(p) for module in tail_modules(tok) for p in module.parameters()}
+    assert tail and optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)  # the logged lr is the unscaled one
+    for group in optimizer.param_groups:
+        in_tail = {id(p) in tail for p in group["params"]}
+        assert len(in_tail) == 1  # a group is all tail or no tail
+        assert group["lr"] == pytest.approx(5e-5 if in_tail == {True} else 1e-3)
+    assert tail_lr_scales(tok, FreezeConfig("stage0")) == []  # scale 1: the groups are the plain two
+    with pytest.raises(ConfigError):
+        FreezeConfig(tail_lr_scale=0.0)

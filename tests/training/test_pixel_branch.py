@@ -115,3 +115,20 @@ def test_eval_records_count_the_images_seen(tmp_path: Path, train_images: Path):
     evals = train_records(tmp_path / "run", "eval")
     assert [(r["step"], r["images_seen"]) for r in evals] == [(0, 0), (2, 4), (4, 8)]
     assert all(r["psnr"] > 0 for r in evals)
+
+
+def test_the_held_out_images_are_scored_at_the_evaluation_size(tmp_path: Path, train_images: Path):
+    small = '["backbone.image_size=64","decoder.resolution=64","decoder.attn_resolutions=[4]"]'
+    config = tiny_config(
+        tmp_path / "run", train_images, *PIXEL, "model=dualtoken-efflite0-256", f"model_overrides={small}",
+        f"data.eval={train_images}", "data.eval_images=2", "data.eval_image_size=128",
+    )
+    trainer = Trainer(config)
+    assert trainer.tokenizer.image_size == (64, 64) and trainer.heldout.shape[-2:] == (128, 128)
+    scored = trainer.evaluate()
+    assert scored["psnr"] > 0 and trainer.tokenizer.image_size == (64, 64)
+    # the same weights at the training size give another figure: the evaluation did run at 128 px
+    trainer.config.data.eval_image_size = None
+    trainer.heldout = torch.nn.functional.interpolate(trainer.heldout, size=64, mode="bilinear", antialias=True)
+    assert trainer.evaluate()["psnr"] != pytest.approx(scored["psnr"])
+    trainer.close()

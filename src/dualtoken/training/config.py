@@ -27,10 +27,15 @@ class DataConfig:
     shuffle_buffer: int = 1000  # WebDataset: shuffle window inside a shard
     crop_scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop area range
     eval_images: int = 16  # held-out images scored at each evaluation
+    # the held-out evaluation's resolution when it differs from training's (a convolutional tower trained on small
+    # crops, scored at the size it ships at); None = the model's own
+    eval_image_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.num_workers < 0 or self.eval_images < 1:
             raise ConfigError("data.batch_size and data.eval_images must be >= 1, data.num_workers >= 0")
+        if self.eval_image_size is not None and self.eval_image_size < 1:
+            raise ConfigError(f"data.eval_image_size must be >= 1 or null, got {self.eval_image_size}")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ConfigError(f"data.crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
 
@@ -75,10 +80,14 @@ class FreezeConfig:
     # also freeze the tower layers after semantic_layer and the head at their starting weights (with the teacher's
     # weights there, the pooled output of the quantized path is compared with the very network that made the target)
     tail: bool = False
+    # learning-rate multiplier of the tail when it trains: pretrained layers want a gentler step than new projections
+    tail_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.finetune_last_layers < 0:
             raise ConfigError("freeze.finetune_last_layers must be >= 0")
+        if self.tail_lr_scale <= 0:
+            raise ConfigError(f"freeze.tail_lr_scale must be > 0, got {self.tail_lr_scale}")
 
 
 @dataclass

@@ -11,11 +11,24 @@ from ..errors import ConfigError
 from .config import FreezeConfig
 
 
+def tail_modules(tokenizer) -> list[nn.Module]:
+    """The tower's layers after the semantic tap and its head: what turns semantic tokens into a pooled output."""
+    parts = tokenizer.backbone.parts()
+    layers = range(tokenizer.config.semantic_layer + 1, tokenizer.backbone.num_layers + 1)
+    return [parts[i] for i in layers] + [parts["head"]]
+
+
+def tail_lr_scales(tokenizer, config: FreezeConfig) -> list[tuple[nn.Module, float]]:
+    """The optimiser's learning-rate scales: the tail's ``config.tail_lr_scale`` (none when it is 1)."""
+    if config.tail_lr_scale == 1.0:
+        return []
+    return [(module, config.tail_lr_scale) for module in tail_modules(tokenizer)]
+
+
 def frozen_modules(tokenizer, config: FreezeConfig) -> list[nn.Module]:
     """The modules a preset freezes, and the tower's tail after the semantic tap when ``config.tail`` is set."""
     parts = tokenizer.backbone.parts()
-    tail = [parts[i] for i in range(tokenizer.config.semantic_layer + 1, tokenizer.backbone.num_layers + 1)]
-    return _preset_modules(tokenizer, config, parts) + (tail + [parts["head"]] if config.tail else [])
+    return _preset_modules(tokenizer, config, parts) + (tail_modules(tokenizer) if config.tail else [])
 
 
 def _preset_modules(tokenizer, config: FreezeConfig, parts: dict) -> list[nn.Module]:

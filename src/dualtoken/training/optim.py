@@ -16,20 +16,31 @@ from torch import nn
 from .config import OptimizerConfig
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters split into a decayed group (ndim >= 2) and an undecayed one."""
-    decay, no_decay = [], []
+def parameter_groups(
+    model: nn.Module, weight_decay: float, lr_scales: list[tuple[nn.Module, float]] | None = None
+) -> list[dict]:
+    """Trainable parameters grouped by weight decay (ndim >= 2 decayed, the rest not) and by learning-rate scale
+    (``lr_scales``: modules whose parameters step at ``scale`` x the learning rate); unscaled groups come first."""
+    scale_of = {id(p): scale for module, scale in lr_scales or [] for p in module.parameters()}
+    grouped: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for parameter in model.parameters():
         if parameter.requires_grad:
-            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+            key = (scale_of.get(id(parameter), 1.0), parameter.ndim >= 2)
+            grouped.setdefault(key, []).append(parameter)
+    order = sorted(grouped, key=lambda key: (key[0] != 1.0, key[0], not key[1]))
+    return [
+        {"params": grouped[key], "weight_decay": weight_decay if key[1] else 0.0, "lr_scale": key[0]} for key in order
+    ]
 
 
-def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.AdamW:
-    groups = parameter_groups(model, config.weight_decay)
+def build_optimizer(
+    model: nn.Module, config: OptimizerConfig, lr_scales: list[tuple[nn.Module, float]] | None = None
+) -> torch.optim.AdamW:
+    groups = parameter_groups(model, config.weight_decay, lr_scales)
     if not groups:
         raise ValueError("no trainable parameters: every parameter is frozen")
+    for group in groups:
+        group["lr"] = config.lr * group["lr_scale"]
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
 
 

@@ -41,7 +41,7 @@ from ..losses import DualTokenObjective, TeacherTargets
 from ..tokenizer import DualTokenizer
 from . import checkpoints
 from .config import TrainConfig
-from .freeze import apply_freeze
+from .freeze import apply_freeze, tail_lr_scales
 from .metrics import MetricsLogger
 from .optim import build_optimizer, build_scheduler
 
@@ -304,7 +304,7 @@ def train_semantic_branch(config: TrainConfig, stop_at: int | None = None) -> di
         eval_labels = cache_labels(eval_cache, config.data.eval)
 
     objective = DualTokenObjective(config.loss)
-    optimizer = build_optimizer(tokenizer, config.optimizer)
+    optimizer = build_optimizer(tokenizer, config.optimizer, tail_lr_scales(tokenizer, config.freeze))
     scheduler = build_scheduler(optimizer, config.max_steps, config.optimizer)
     step = 0
     found = checkpoints.load_latest_checkpoint(out_dir / "checkpoints") if config.checkpoint.resume else None

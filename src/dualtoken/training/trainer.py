@@ -49,7 +49,7 @@ from .distributed import (
     unwrap,
     wrap_model,
 )
-from .freeze import apply_freeze, freeze_outside_pixel_branch, set_train_mode
+from .freeze import apply_freeze, freeze_outside_pixel_branch, set_train_mode, tail_lr_scales
 from .metrics import MetricsLogger
 from .monitor import CodebookUsage, peak_memory_mb, reconstruction_grid
 from .optim import build_optimizer, build_scheduler, optimizer_step
@@ -139,6 +139,8 @@ class Trainer:
         self.teacher = self._make_teacher(tok, teacher)
         self.frozen = apply_freeze(tok, config.freeze)
         self.pixel_only = config.branch == "pixel"
+        if config.data.eval_image_size and self.runtime.distributed and config.parallel == "fsdp":
+            raise ConfigError("data.eval_image_size needs the whole model in one process: use parallel=ddp")
         if self.pixel_only:
             self.frozen = freeze_outside_pixel_branch(tok)
         tok.backbone.set_gradient_checkpointing(config.gradient_checkpointing)
@@ -147,7 +149,7 @@ class Trainer:
         if config.loss.gan.enabled and not tok.decoder.conv_out.weight.requires_grad:
             raise ConfigError("loss.gan needs a trainable decoder, but the freeze preset freezes it")
         self.model = wrap_model(tok, self.runtime, config.parallel, self._find_unused())
-        self.optimizer = build_optimizer(tok, config.optimizer)
+        self.optimizer = build_optimizer(tok, config.optimizer, tail_lr_scales(tok, config.freeze))
         self.scheduler = build_scheduler(self.optimizer, config.max_steps, config.optimizer)
 
         perceptual = None
@@ -255,7 +257,8 @@ class Trainer:
         images = []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SkippedImageWarning)  # held-out images: a skipped one is not news
-            for image, _ in open_image_source(cfg.data.eval, self.tokenizer.image_size):
+            size = self.tokenizer.image_size if cfg.data.eval_image_size is None else (cfg.data.eval_image_size,) * 2
+            for image, _ in open_image_source(cfg.data.eval, size):
                 images.append(image)
                 if len(images) == count:
                     break
@@ -445,13 +448,18 @@ class Trainer:
         tok.eval()
         images = self.heldout[: self.config.data.eval_images].to(self.runtime.device)
         with self._autocast():
-            out = tok(images, pixel_only=self.pixel_only)  # every rank runs it (FSDP gathers weights collectively)
+            out = self._at_eval_size(tok)(images, pixel_only=self.pixel_only)  # every rank runs it (FSDP gathers)
         set_train_mode(tok, self.config.freeze)
         reconstruction = out.reconstruction.float()
         return {
             "psnr": float(psnr(reconstruction, images).mean()),
             "pixel_mse": float(torch.mean((reconstruction - images) ** 2)),
         }
+
+    def _at_eval_size(self, tok: DualTokenizer) -> DualTokenizer:
+        """``tok``, or its weights at ``data.eval_image_size`` when that differs from the training resolution."""
+        size = self.config.data.eval_image_size
+        return tok if size is None or tok.image_size == (size, size) else tok.at_resolution(size)
 
     def _write_grid(self) -> None:
         if self.heldout is None:
@@ -460,7 +468,7 @@ class Trainer:
         tok.eval()
         images = self.heldout[: self.config.log.grid_images].to(self.runtime.device)
         with torch.no_grad(), self._autocast():
-            out = tok(images, pixel_only=self.pixel_only)
+            out = self._at_eval_size(tok)(images, pixel_only=self.pixel_only)
         set_train_mode(tok, self.config.freeze)
         if self.runtime.is_main:
             grid = reconstruction_grid(images.cpu(), out.reconstruction.float().cpu())
