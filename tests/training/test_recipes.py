@@ -10,7 +10,7 @@ import pytest
 from dualtoken.cli.main import main
 from dualtoken.training import load_train_config
 
-from .conftest import train_records, write_images
+from .conftest import load_recipe_script, train_records, write_images
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 RECIPES = sorted(RECIPES_DIR.glob("*.json"))
@@ -114,3 +114,24 @@ def test_cli_trains_the_smoke_recipe_shortened(tmp_path: Path, capsys):
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
     assert len(train_records(tmp_path / "run")) >= 1
     assert main(["train", "--config", str(recipe), "--set", "optimizer.lr=fast"]) == 2
+
+
+def test_learning_curve_reads_eval_records_and_draws_them(tmp_path: Path, capsys):
+    curve = load_recipe_script("learning_curve")
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [
+        {"step": 0, "kind": "eval", "psnr": 12.0, "images_seen": 0},
+        {"step": 10, "kind": "train", "total": 1.0},
+        {"step": 50, "kind": "eval", "psnr": 16.0, "images_seen": 800},
+        {"step": 50, "kind": "eval", "psnr": 16.5, "images_seen": 800},  # written again by a resumed run
+        {"step": 100, "kind": "eval", "pixel_mse": 0.1},  # no psnr: not a point
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert curve.eval_points(run, "psnr") == [(0, 0, 12.0), (50, 800, 16.5)]
+    out = tmp_path / "curve.png"
+    assert curve.main([f"cpu={run}", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| cpu | 50 | 800 | 16.50 |" in printed and out.stat().st_size > 1000
+    with pytest.raises(SystemExit, match="no metrics.jsonl"):
+        curve.eval_points(tmp_path, "psnr")

@@ -84,3 +84,23 @@ def reconstruction_grid_figure(best: list[Example], worst: list[Example], path: 
             axis.axis("off")
     figure.tight_layout()
     return _save(figure, path)
+
+
+def learning_curve_figure(
+    curves: dict[str, list[tuple[float, float]]], x_label: str, y_label: str, path: Path, title: str = ""
+) -> Path:
+    """One line per run of ``(x, y)`` points (e.g. Kodak PSNR against training images seen)."""
+    if not any(curves.values()):
+        raise ValueError("no points to plot: every curve is empty")
+    figure, axis = plt.subplots(figsize=(5.5, 3.4))
+    for label, points in curves.items():
+        if points:
+            xs, ys = zip(*sorted(points), strict=True)
+            axis.plot(xs, ys, marker="o", markersize=3, label=label)
+    axis.set_xlabel(x_label)
+    axis.set_ylabel(y_label)
+    axis.set_title(title, fontsize=9)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return _save(figure, path)
