@@ -4,6 +4,7 @@ resume, the held-out evaluation, and starting parts of a model from a trained on
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,13 @@ def test_features_are_cached_once_in_shards_and_refused_for_other_settings(tmp_p
     assert [p.stat().st_mtime_ns for p in shards] == stamps  # read back, not recomputed
     with pytest.raises(DataError, match="another model, data or crop setting"):
         train(_config(tmp_path / "c", train_images, f"cache.folder={cache}", "data.crop_scale=[0.5,0.6]"))
+    moved = tmp_path / "moved"  # the same images elsewhere (a moved checkout) keep their cache
+    shutil.copytree(train_images, moved)
+    train(_config(tmp_path / "d", moved, f"cache.folder={cache}"))
+    assert [p.stat().st_mtime_ns for p in shards] == stamps
+    next(moved.iterdir()).unlink()  # one image fewer is other data
+    with pytest.raises(DataError, match="another model, data or crop setting"):
+        train(_config(tmp_path / "e", moved, f"cache.folder={cache}"))
 
 
 def test_an_interrupted_cache_build_resumes(tmp_path: Path, train_images: Path):

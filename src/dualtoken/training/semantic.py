@@ -99,8 +99,9 @@ def same_tower_below_tap(tokenizer: DualTokenizer, teacher) -> bool:
     return True
 
 
-def _fingerprint(config: TrainConfig, tokenizer: DualTokenizer, spec: str, train: bool) -> dict[str, Any]:
-    """What a cache's contents depend on; a cache folder made for anything else is refused."""
+def _fingerprint(config: TrainConfig, tokenizer: DualTokenizer, ids: list[str], train: bool) -> dict[str, Any]:
+    """What a cache's contents depend on; a cache folder made for anything else is refused. The images count by
+    their ids in reading order, not by the source's path, so a moved checkout keeps its cache."""
     backbone_state = tokenizer.backbone.state_dict()
     digest = hashlib.sha256()
     for name in sorted(backbone_state):
@@ -108,7 +109,8 @@ def _fingerprint(config: TrainConfig, tokenizer: DualTokenizer, spec: str, train
         digest.update(backbone_state[name].float().cpu().numpy().tobytes())
     return {
         "format": CACHE_FORMAT,
-        "source": spec,
+        "images": len(ids),
+        "image_ids": hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16],
         "train": train,
         "crops_per_image": config.cache.crops_per_image if train else 1,
         "crop_scale": list(config.data.crop_scale) if train else None,
@@ -143,7 +145,8 @@ def build_feature_cache(
     """Compute (or read back) the features of every image of ``spec``: ``crops_per_image`` random crops each for
     training, one centre crop otherwise. Shards are written atomically as they finish, so a second call resumes."""
     folder.mkdir(parents=True, exist_ok=True)
-    fingerprint = _fingerprint(config, tokenizer, spec, train)
+    records = [record for record, _ in resolve_source(spec).walk(seed=config.seed)]
+    fingerprint = _fingerprint(config, tokenizer, [record.id for record in records], train)
     meta = folder / "cache.json"
     if meta.is_file() and json.loads(meta.read_text()) != fingerprint:
         raise DataError(
@@ -155,7 +158,6 @@ def build_feature_cache(
     shared = same_tower_below_tap(tokenizer, teacher)
     teacher.to(memory_format=torch.channels_last)  # faster convolutions on a CPU; same values
     tokenizer.backbone.to(memory_format=torch.channels_last)
-    records = [record for record, _ in resolve_source(spec).walk(seed=config.seed)]
     shard_size = config.cache.shard_images
     shards = []
     skipped: list[str] = []
