@@ -6,8 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
+from dualtoken import DualTokenizer, get_config
 from dualtoken.cli.main import main
+from dualtoken.config import apply_overrides
 from dualtoken.training import load_train_config
 
 from .conftest import load_recipe_script, train_records, write_images
@@ -135,3 +138,22 @@ def test_learning_curve_reads_eval_records_and_draws_them(tmp_path: Path, capsys
     assert "| cpu | 50 | 800 | 16.50 |" in printed and out.stat().st_size > 1000
     with pytest.raises(SystemExit, match="no metrics.jsonl"):
         curve.eval_points(tmp_path, "psnr")
+
+
+def test_ship_joins_parts_of_two_runs(tmp_path: Path):
+    ship = load_recipe_script("ship")
+    torch.manual_seed(0)
+    pixel_run = DualTokenizer.from_config("dualtoken-efflite0-256").save_pretrained(tmp_path / "pixel")
+    torch.manual_seed(1)
+    semantic_run = DualTokenizer.from_config("dualtoken-efflite0-256").save_pretrained(tmp_path / "semantic")
+    out = tmp_path / "shipped"
+    ship.main([str(pixel_run), "--out", str(out), "--parts-from", str(semantic_run), "--parts", "semantic"])
+    joined = DualTokenizer.from_pretrained(out)
+    pixel, semantic = DualTokenizer.from_pretrained(pixel_run), DualTokenizer.from_pretrained(semantic_run)
+    assert joined.config.name == "dualtoken-efflite0" and joined.image_size == (256, 256)
+    assert torch.equal(joined.codebook("semantic"), semantic.codebook("semantic").half().float())
+    assert torch.equal(joined.codebook("pixel"), pixel.codebook("pixel").half().float())
+    wider = apply_overrides(get_config("dualtoken-efflite0-256"), ["semantic_quantizer.code_dim=56"])
+    DualTokenizer.from_config(wider).save_pretrained(tmp_path / "wider")
+    with pytest.raises(SystemExit, match="does not fit this model"):
+        ship.main([str(pixel_run), "--out", str(tmp_path / "x"), "--parts-from", str(tmp_path / "wider")])
