@@ -160,3 +160,12 @@ def test_init_parts_from_names_a_weight_that_does_not_fit():
     other = DualTokenizer.from_config(apply_overrides(get_config("dualtoken-tiny"), ["semantic_quantizer.code_dim=16"]))
     with pytest.raises(ConfigError, match="semantic.*drop its part"):
         init_parts_from(DualTokenizer.from_config("dualtoken-tiny"), other, ["semantic"])
+
+
+def test_one_process_on_the_device_it_is_given(tmp_path: Path, train_images: Path, monkeypatch):
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            train(_config(tmp_path / "gpu", train_images, "device=cuda"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="one process"):
+        train(_config(tmp_path / "two", train_images))

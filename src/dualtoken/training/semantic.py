@@ -11,7 +11,8 @@ thousands of images then costs seconds to minutes on a CPU instead of an hour.
     tap tokens -> down -> residual quantizer -> up -> features -> layers after the tap -> pooled   (each step)
     loss = distillation(features, pooled; teacher) + semantic_commitment * commitment
 
-The pixel branch and the decoder keep the weights the run starts with (``init_from`` brings trained ones).
+The pixel branch and the decoder keep the weights the run starts with (``init_from`` brings trained ones). One
+process on ``config.device`` (a GPU computes the cache and trains; the cache itself stays in host memory).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from tqdm import tqdm
 from ..config import to_dict
 from ..data.sources import resolve_source
 from ..data.transforms import eval_transform, train_transform
-from ..errors import DataError, ImageError
+from ..errors import ConfigError, DataError, ImageError
 from ..evaluation.codebook_stats import code_histogram, usage_stats
 from ..evaluation.samples import labels_from_tsv
 from ..io import open_rgb
@@ -41,6 +42,7 @@ from ..losses import DualTokenObjective, TeacherTargets
 from ..tokenizer import DualTokenizer
 from . import checkpoints
 from .config import TrainConfig
+from .distributed import setup_runtime
 from .freeze import apply_freeze, tail_lr_scales
 from .metrics import MetricsLogger
 from .optim import build_optimizer, build_scheduler
@@ -65,11 +67,11 @@ class FeatureCache:
     def __len__(self) -> int:
         return self.inputs.shape[0]
 
-    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, TeacherTargets]:
-        """Float32 inputs and teacher targets of the crops at ``index``."""
-        inputs = self.inputs[index].float()
-        tokens = inputs if self.target_tokens is self.inputs else self.target_tokens[index].float()
-        return inputs, TeacherTargets(tokens=tokens, pooled=self.pooled[index].float())
+    def batch(self, index: torch.Tensor, device: torch.device | None = None) -> tuple[torch.Tensor, TeacherTargets]:
+        """Float32 inputs and teacher targets of the crops at ``index``, on ``device`` (default: the cache's)."""
+        inputs = self.inputs[index].to(device).float()
+        tokens = inputs if self.target_tokens is self.inputs else self.target_tokens[index].to(device).float()
+        return inputs, TeacherTargets(tokens=tokens, pooled=self.pooled[index].to(device).float())
 
 
 @torch.no_grad()
@@ -204,12 +206,13 @@ def _features_of(records, config, tokenizer, teacher, crops, train, dtype, skipp
             ids.append(f"{record.id}#{crop}")
     parts: dict[str, list[torch.Tensor]] = {"inputs": [], "target_tokens": [], "pooled": []}
     batch = config.cache.batch_size
+    device = next(teacher.parameters()).device
     for start in range(0, len(images), batch):
-        batch_images = torch.stack(images[start : start + batch]).contiguous(memory_format=torch.channels_last)
+        batch_images = torch.stack(images[start : start + batch]).to(device, memory_format=torch.channels_last)
         inputs, targets = tap_features(tokenizer, teacher, batch_images, shared)
-        parts["inputs"].append(inputs.to(dtype))
-        parts["target_tokens"].append(targets.tokens.to(dtype))
-        parts["pooled"].append(targets.pooled.to(dtype))
+        parts["inputs"].append(inputs.to("cpu", dtype))
+        parts["target_tokens"].append(targets.tokens.to("cpu", dtype))
+        parts["pooled"].append(targets.pooled.to("cpu", dtype))
     shard: dict[str, Any] = {"ids": ids}
     for name, values in parts.items():
         shard[name] = torch.cat(values) if values else torch.empty(0)
@@ -232,13 +235,15 @@ def evaluate_semantic(
     branch = tokenizer.semantic
     quantizer = branch.quantizer
     depth = quantizer.depth
+    device = quantizer.codebook.device
+    labels = None if labels is None else labels.to(device)
     sums: dict[str, float] = {}
     counts = torch.zeros(depth, quantizer.codebook_size, dtype=torch.long)
     for start in range(0, len(cache), batch_size):
         index = torch.arange(start, min(start + batch_size, len(cache)))
-        inputs, targets = cache.batch(index)
+        inputs, targets = cache.batch(index, device)
         codes = quantizer(branch.down(inputs), update=False).codes  # (B, h*w, Q)
-        counts += code_histogram(codes.unsqueeze(1), quantizer.codebook_size)
+        counts += code_histogram(codes.unsqueeze(1).cpu(), quantizer.codebook_size)
         for k in range(1, depth + 1):
             features = branch.up(quantizer.decode(codes[..., :k]))  # (B, h*w, W)
             pooled = tokenizer.pool_from_features(features)
@@ -286,11 +291,13 @@ def train_semantic_branch(config: TrainConfig, stop_at: int | None = None) -> di
     from ``<output_dir>/checkpoints`` and exports the whole tokenizer to ``<output_dir>/final``."""
     from .trainer import build_tokenizer
 
+    device = _device(config.device)
     torch.manual_seed(config.seed)
     out_dir = Path(config.output_dir)
     tokenizer = build_tokenizer(config)
     teacher = tokenizer.teacher() if config.teacher == "pretrained" else copy.deepcopy(tokenizer.backbone)
-    teacher.requires_grad_(False).eval()
+    teacher.requires_grad_(False).eval().to(device)
+    tokenizer.to(device)
     apply_freeze(tokenizer, config.freeze)
     for module in (tokenizer.pixel, tokenizer.pixel_shortcut, tokenizer.decoder):
         if module is not None:
@@ -330,7 +337,7 @@ def train_semantic_branch(config: TrainConfig, stop_at: int | None = None) -> di
             epoch = step // steps_per_epoch
             order = _epoch_order(len(train_cache), config.seed, epoch)
         position = (step % steps_per_epoch) * batch_size
-        inputs, targets = train_cache.batch(order[position : position + batch_size])
+        inputs, targets = train_cache.batch(order[position : position + batch_size], device)
         quantized = tokenizer.semantic.quantizer(tokenizer.semantic.down(inputs))
         features = tokenizer.semantic.up(quantized.quantized)  # (B, h*w, W)
         pooled = tokenizer.pool_from_features(features)
@@ -368,7 +375,7 @@ def train_semantic_branch(config: TrainConfig, stop_at: int | None = None) -> di
             results = evaluate_semantic(tokenizer, eval_cache, eval_labels)
             logger.log(step, results, "eval")
             (out_dir / "semantic_eval.json").write_text(json.dumps(results, indent=2) + "\n")
-        export = tokenizer.save_pretrained(out_dir / "final")
+        export = tokenizer.cpu().save_pretrained(out_dir / "final")
     logger.close()
     return {"step": step, "export": str(export) if export else None, "checkpoint": str(checkpoint) if checkpoint else None}
 
@@ -379,6 +386,13 @@ def _eval_summary(tokenizer: DualTokenizer, cache: FeatureCache, labels: torch.T
     tokenizer.train()
     tokenizer.pixel.eval()
     return results
+
+
+def _device(spec: str) -> torch.device:
+    """The fast path's one device (``auto``: the GPU when there is one)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise ConfigError('branch "semantic" trains in one process: start it without torchrun')
+    return setup_runtime(spec).device
 
 
 def _epoch_order(count: int, seed: int, epoch: int) -> torch.Tensor:
