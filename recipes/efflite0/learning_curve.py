@@ -3,7 +3,8 @@
 Reads the ``eval`` records of each run's ``metrics.jsonl`` (``images_seen`` and, by default, Kodak ``psnr``),
 prints a markdown table (one row per evaluation) and draws one line per run.
 
-    python recipes/efflite0/learning_curve.py runs/efflite0-pixel-cpu --out docs/images/pixel_learning_curve.png
+    python recipes/efflite0/learning_curve.py runs/efflite0-pixel-cpu --out docs/images/efflite0_pixel_cpu_learning_curve.png \
+        --y-label "Kodak-24 PSNR at 256 px (dB)"
     python recipes/efflite0/learning_curve.py "cpu=runs/a" "device=runs/b" --metric psnr --out curve.png
 """
 
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", help="training output folders, optionally as label=folder")
     parser.add_argument("--metric", default="psnr", help="the eval record's field to plot (default: %(default)s)")
     parser.add_argument("--out", default=None, help="write the figure to this PNG")
+    parser.add_argument("--y-label", default=None, help="the figure's y axis (default: the metric's name)")
     args = parser.parse_args(argv)
     curves = {}
     for spec in args.runs:
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(curves, args.metric))
     if args.out:
         points = {label: [(seen, value) for _, seen, value in rows] for label, rows in curves.items()}
-        learning_curve_figure(points, "training images seen", args.metric, Path(args.out))
+        learning_curve_figure(points, "training images seen", args.y_label or args.metric, Path(args.out))
         print(f"wrote {args.out}")
     return 0
 
