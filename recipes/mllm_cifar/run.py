@@ -194,15 +194,13 @@ def prepare(cfg: RecipeConfig) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def train_config(cfg: RecipeConfig, mode: str) -> MLLMTrainConfig:
-    """The MLLM training config of one input mode, from the recipe and what ``prepare`` wrote under ``work``."""
-    from transformers import PreTrainedTokenizerFast
-
+def train_config(cfg: RecipeConfig, mode: str, tokenizer_ref: str, text_vocab_size: int) -> MLLMTrainConfig:
+    """The MLLM training config of one input mode, from the recipe, the visual tokenizer's reference and the size
+    of the text tokenizer ``prepare`` trained."""
     work = Path(cfg.work)
-    text_tokenizer = PreTrainedTokenizerFast.from_pretrained(str(work / "text_tokenizer"))
     model = MLLMConfig(
-        tokenizer=visual_tokenizer(cfg)[1],
-        llm=LLMConfig(architecture={**cfg.llm, "vocab_size": len(text_tokenizer)}, text_tokenizer="text_tokenizer"),
+        tokenizer=tokenizer_ref,
+        llm=LLMConfig(architecture={**cfg.llm, "vocab_size": text_vocab_size}, text_tokenizer="text_tokenizer"),
         fusion=dataclasses.replace(MLLMConfig().fusion, inputs=mode),
         heads=cfg.heads,
         sampling=cfg.sampling,
@@ -228,9 +226,13 @@ def train_config(cfg: RecipeConfig, mode: str) -> MLLMTrainConfig:
 def train(cfg: RecipeConfig) -> None:
     """Train one MLLM per input mode; each config is also written to ``<work>/train_<mode>.json`` (for
     ``dualtoken train-mllm --config``), so overrides given to this stage take effect."""
+    from transformers import PreTrainedTokenizerFast
+
     work = Path(cfg.work)
+    tokenizer_ref = visual_tokenizer(cfg)[1]
+    text_vocab_size = len(PreTrainedTokenizerFast.from_pretrained(str(work / "text_tokenizer")))
     for mode in cfg.modes:
-        config = train_config(cfg, mode)
+        config = train_config(cfg, mode, tokenizer_ref, text_vocab_size)
         (work / f"train_{mode}.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
         start = time.perf_counter()
         train_mllm(config, base_dir=work)

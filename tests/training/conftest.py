@@ -67,6 +67,19 @@ def train_records(output_dir: Path, kind: str = "train") -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
+def initial_state(config: TrainConfig) -> dict[str, torch.Tensor]:
+    """The weights a run of ``config`` starts from (train() seeds before it builds the model)."""
+    from dualtoken.training.trainer import build_tokenizer
+
+    torch.manual_seed(config.seed)
+    return build_tokenizer(config).state_dict()
+
+
+def changed(before: dict, after: dict, prefix: str) -> bool:
+    """Whether any weight whose name starts with ``prefix`` differs between two state dicts."""
+    return any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix))
+
+
 def load_recipe_script(name: str) -> ModuleType:
     """A script of recipes/efflite0 (not a package) imported as a module, e.g. ``load_recipe_script("ablation")``."""
     path = Path(__file__).resolve().parents[2] / "recipes" / "efflite0" / f"{name}.py"

@@ -12,29 +12,20 @@ from dualtoken.errors import ConfigError
 from dualtoken.training import Trainer, train
 from dualtoken.training.trainer import build_tokenizer
 
-from .conftest import tiny_config, train_records
+from .conftest import changed, initial_state, tiny_config, train_records
 
 PIXEL = ("branch=pixel", "teacher=none", "loss.semantic_weight=0", "freeze.preset=stage0", "loss.gan.enabled=false")
 
 
-def _initial(config) -> dict[str, torch.Tensor]:
-    torch.manual_seed(config.seed)
-    return build_tokenizer(config).state_dict()
-
-
-def _changed(before: dict, after: dict, prefix: str) -> bool:
-    return any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix))
-
-
 def test_only_the_pixel_path_and_the_decoder_train(tmp_path: Path, train_images: Path):
     config = tiny_config(tmp_path / "run", train_images, *PIXEL)
-    initial = _initial(config)
+    initial = initial_state(config)
     summary = train(config)
     trained = DualTokenizer.from_pretrained(summary["export"]).state_dict()
     for prefix in ("pixel.down.", "pixel.up.", "pixel.quantizer.codebook", "pixel_shortcut.", "decoder."):
-        assert _changed(initial, trained, prefix), prefix
+        assert changed(initial, trained, prefix), prefix
     for prefix in ("backbone.", "semantic."):
-        assert not _changed(initial, trained, prefix), prefix
+        assert not changed(initial, trained, prefix), prefix
     records = train_records(tmp_path / "run")
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert records[0]["semantic_commitment"] == 0.0 and "token_cosine" not in records[0]
@@ -127,6 +118,12 @@ def test_the_held_out_images_are_scored_at_the_evaluation_size(tmp_path: Path, t
     assert trainer.tokenizer.image_size == (64, 64) and trainer.heldout.shape[-2:] == (128, 128)
     scored = trainer.evaluate()
     assert scored["psnr"] > 0 and trainer.tokenizer.image_size == (64, 64)
+    with torch.no_grad():  # the evaluation model follows the trained weights, not the ones it was built from
+        trainer.tokenizer.decoder.conv_out.bias.add_(0.5)
+    assert trainer.evaluate()["psnr"] != pytest.approx(scored["psnr"])
+    with torch.no_grad():
+        trainer.tokenizer.decoder.conv_out.bias.sub_(0.5)
+    assert trainer.evaluate()["psnr"] == pytest.approx(scored["psnr"])
     # the same weights at the training size give another figure: the evaluation did run at 128 px
     trainer.config.data.eval_image_size = None
     trainer.heldout = torch.nn.functional.interpolate(trainer.heldout, size=64, mode="bilinear", antialias=True)

@@ -16,7 +16,7 @@ from dualtoken.training import train
 from dualtoken.training.semantic import evaluate_semantic
 from dualtoken.training.trainer import build_tokenizer, init_parts_from
 
-from .conftest import tiny_config, train_records, write_images
+from .conftest import changed, initial_state, tiny_config, train_records, write_images
 
 SEMANTIC = ("branch=semantic", "freeze.preset=stage0", "loss.pooled_kl=1.0", "cache.crops_per_image=2")
 
@@ -29,27 +29,17 @@ def _state(folder: str | Path) -> dict[str, torch.Tensor]:
     return DualTokenizer.from_pretrained(folder).state_dict()
 
 
-def _initial(config) -> dict[str, torch.Tensor]:
-    """The weights a run starts from (train() seeds before it builds the model)."""
-    torch.manual_seed(config.seed)
-    return build_tokenizer(config).state_dict()
-
-
-def _changed(before: dict, after: dict, prefix: str) -> bool:
-    return any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix))
-
-
 def test_only_the_semantic_branch_and_the_tail_train(tmp_path: Path, train_images: Path):
     config = _config(tmp_path / "run", train_images, "max_steps=6")
-    initial = _initial(config)
+    initial = initial_state(config)
     summary = train(config)
     trained = _state(summary["export"])
-    assert _changed(initial, trained, "semantic.down.")
-    assert _changed(initial, trained, "semantic.quantizer.codebook")  # EMA updates
+    assert changed(initial, trained, "semantic.down.")
+    assert changed(initial, trained, "semantic.quantizer.codebook")  # EMA updates
     last_layer = f"backbone.vision_model.encoder.layers.{build_tokenizer(config).backbone.num_layers - 1}."
-    assert _changed(initial, trained, last_layer)  # the tail trains unless freeze.tail
+    assert changed(initial, trained, last_layer)  # the tail trains unless freeze.tail
     for prefix in ("pixel.", "decoder.", "backbone.vision_model.embeddings."):
-        assert not _changed(initial, trained, prefix), prefix
+        assert not changed(initial, trained, prefix), prefix
     records = train_records(tmp_path / "run")
     assert [r["step"] for r in records] == list(range(1, 7))
     assert {"token_cosine", "pooled_kl", "commitment"} <= set(records[0])
@@ -57,10 +47,10 @@ def test_only_the_semantic_branch_and_the_tail_train(tmp_path: Path, train_image
 
 def test_a_frozen_tail_keeps_its_weights(tmp_path: Path, train_images: Path):
     config = _config(tmp_path / "run", train_images, "freeze.tail=true")
-    initial = _initial(config)
+    initial = initial_state(config)
     trained = _state(train(config)["export"])
-    assert not _changed(initial, trained, "backbone.")
-    assert _changed(initial, trained, "semantic.up.")
+    assert not changed(initial, trained, "backbone.")
+    assert changed(initial, trained, "semantic.up.")
 
 
 def test_features_are_cached_once_in_shards_and_refused_for_other_settings(tmp_path: Path, train_images: Path):

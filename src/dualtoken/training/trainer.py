@@ -198,6 +198,7 @@ class Trainer:
             if config.codebook_init.method == "kmeans":
                 self.codebook_init = self._init_pixel_codebook()
         self.heldout = self._heldout_images()
+        self._eval_model: DualTokenizer | None = None  # the model at data.eval_image_size, built at first use
 
     # ------------------------------------------------------------------------------------------------------------
     # set-up helpers
@@ -457,9 +458,16 @@ class Trainer:
         }
 
     def _at_eval_size(self, tok: DualTokenizer) -> DualTokenizer:
-        """``tok``, or its weights at ``data.eval_image_size`` when that differs from the training resolution."""
+        """``tok``, or its current weights at ``data.eval_image_size`` when that differs from the training
+        resolution (that model is built once, on this process's device, and refreshed at each call)."""
         size = self.config.data.eval_image_size
-        return tok if size is None or tok.image_size == (size, size) else tok.at_resolution(size)
+        if size is None or tok.image_size == (size, size):
+            return tok
+        if self._eval_model is None:
+            self._eval_model = tok.at_resolution(size).to(self.runtime.device)
+        else:
+            self._eval_model.load_state_dict(tok.state_dict())
+        return self._eval_model.eval()
 
     def _write_grid(self) -> None:
         if self.heldout is None:
