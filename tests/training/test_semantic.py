@@ -13,7 +13,7 @@ import torch
 from dualtoken import DualTokenizer
 from dualtoken.errors import ConfigError, DataError
 from dualtoken.training import train
-from dualtoken.training.semantic import evaluate_semantic
+from dualtoken.training.semantic import _fingerprint, evaluate_semantic
 from dualtoken.training.trainer import build_tokenizer, init_parts_from
 
 from .conftest import changed, initial_state, tiny_config, train_records, write_images
@@ -150,6 +150,47 @@ def test_init_parts_from_names_a_weight_that_does_not_fit():
     other = DualTokenizer.from_config(apply_overrides(get_config("dualtoken-tiny"), ["semantic_quantizer.code_dim=16"]))
     with pytest.raises(ConfigError, match="semantic.*drop its part"):
         init_parts_from(DualTokenizer.from_config("dualtoken-tiny"), other, ["semantic"])
+
+
+def _tiny_with(*overrides: str) -> DualTokenizer:
+    from dualtoken import get_config
+    from dualtoken.config import apply_overrides
+
+    return DualTokenizer.from_config(apply_overrides(get_config("dualtoken-tiny"), list(overrides)))
+
+
+def test_a_larger_codebook_starts_from_a_trained_one():
+    torch.manual_seed(0)
+    trained = _tiny_with()
+    with torch.no_grad():
+        trained.semantic.quantizer.cluster_size.fill_(5.0)
+    larger = _tiny_with("semantic_quantizer.codebook_size=600")
+    with pytest.raises(ConfigError, match="init_grow_codebooks"):
+        init_parts_from(larger, trained, ["semantic"])
+    init_parts_from(larger, trained, ["semantic"], grow_codebooks=True)
+    small, grown = trained.semantic.quantizer, larger.semantic.quantizer
+    assert torch.equal(grown.codebook[:256], small.codebook)
+    assert torch.equal(grown.cluster_size[:256], small.cluster_size) and not grown.cluster_size[256:].any()
+    tokens = torch.randn(4, 64, 8)
+    assert torch.equal(grown(tokens, update=False).codes, small(tokens, update=False).codes)  # added codes unpicked
+    grown.train()(tokens)
+    assert (grown.cluster_size[256:] > 0).all()  # the first update restarted every added code
+    assert not torch.equal(grown.codebook[256:512], small.codebook)
+    with pytest.raises(ConfigError, match="drop its part"):  # another code width never grows
+        init_parts_from(_tiny_with("semantic_quantizer.code_dim=16"), trained, ["semantic"], grow_codebooks=True)
+
+
+def test_the_cache_depends_on_the_tower_below_the_tap_only(tmp_path: Path, train_images: Path):
+    config = _config(tmp_path / "run", train_images)
+    tokenizer = build_tokenizer(config)
+    layers = tokenizer.backbone.parts()
+    before = _fingerprint(config, tokenizer, ["a"], True)
+    with torch.no_grad():
+        next(layers[tokenizer.config.semantic_layer + 1].parameters()).add_(1.0)  # a trained tail
+    assert _fingerprint(config, tokenizer, ["a"], True) == before
+    with torch.no_grad():
+        next(layers[tokenizer.config.semantic_layer].parameters()).add_(1.0)  # the tap itself moved
+    assert _fingerprint(config, tokenizer, ["a"], True) != before
 
 
 def test_one_process_on_the_device_it_is_given(tmp_path: Path, train_images: Path, monkeypatch):

@@ -188,6 +188,8 @@ class TrainConfig:
     init_parts: list[Literal["backbone", "pixel", "semantic", "decoder"]] = field(
         default_factory=lambda: ["backbone", "pixel", "semantic", "decoder"]
     )
+    # start a larger codebook (same code width) from init_from's: its codes first, the added ones restarted from data
+    init_grow_codebooks: bool = False
     # what trains: the whole tokenizer; the semantic branch alone on cached tap features of the frozen tower; or
     # the pixel branch alone (pixel projections, quantizer and decoder; the tower runs only up to the pixel tap).
     # Both single-branch modes need freeze.preset "stage0": the tower below the tap must not change

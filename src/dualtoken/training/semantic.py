@@ -103,12 +103,15 @@ def same_tower_below_tap(tokenizer: DualTokenizer, teacher) -> bool:
 
 def _fingerprint(config: TrainConfig, tokenizer: DualTokenizer, ids: list[str], train: bool) -> dict[str, Any]:
     """What a cache's contents depend on; a cache folder made for anything else is refused. The images count by
-    their ids in reading order, not by the source's path, so a moved checkout keeps its cache."""
-    backbone_state = tokenizer.backbone.state_dict()
+    their ids in reading order, not by the source's path, so a moved checkout keeps its cache; the tower counts by
+    its weights up to the semantic tap, so a run that starts from a trained tail keeps it too."""
     digest = hashlib.sha256()
-    for name in sorted(backbone_state):
-        digest.update(name.encode())
-        digest.update(backbone_state[name].float().cpu().numpy().tobytes())
+    parts = tokenizer.backbone.parts()
+    for layer in range(tokenizer.config.semantic_layer + 1):  # the tower's layers after the tap do not count
+        state = parts[layer].state_dict()
+        for name in sorted(state):
+            digest.update(f"{layer}.{name}".encode())
+            digest.update(state[name].float().cpu().numpy().tobytes())
     return {
         "format": CACHE_FORMAT,
         "images": len(ids),
@@ -120,7 +123,7 @@ def _fingerprint(config: TrainConfig, tokenizer: DualTokenizer, ids: list[str], 
         "image_size": list(tokenizer.image_size),
         "semantic_layer": tokenizer.config.semantic_layer,
         "backbone": to_dict(tokenizer.config.backbone),
-        "backbone_weights": digest.hexdigest()[:16],
+        "tower_below_tap": digest.hexdigest()[:16],
         "teacher": config.teacher,
         "dtype": config.cache.dtype,
     }

@@ -74,7 +74,8 @@ def build_tokenizer(config: TrainConfig) -> DualTokenizer:
     model_config = apply_overrides(model_config, config.model_overrides)
     tokenizer = DualTokenizer.from_config(model_config, config.backbone_pretrained)
     if config.init_from is not None:
-        init_parts_from(tokenizer, DualTokenizer.from_pretrained(config.init_from), config.init_parts)
+        trained = DualTokenizer.from_pretrained(config.init_from)
+        init_parts_from(tokenizer, trained, config.init_parts, config.init_grow_codebooks)
     return tokenizer
 
 
@@ -87,8 +88,16 @@ PART_PREFIXES = {
 }
 
 
-def init_parts_from(tokenizer: DualTokenizer, trained: DualTokenizer, parts: list[str]) -> list[str]:
-    """Copy the weights of ``parts`` from a trained tokenizer of the same shapes there; returns the copied names."""
+def init_parts_from(
+    tokenizer: DualTokenizer, trained: DualTokenizer, parts: list[str], grow_codebooks: bool = False
+) -> list[str]:
+    """Copy the weights of ``parts`` from a trained tokenizer of the same shapes there; returns the copied names.
+
+    ``grow_codebooks``: a quantizer of this model may have more codes (same code width) than the trained one's; its
+    first codes are then the trained ones, and the codes added start as copies of them with no cluster size, so
+    encoding never picks them (ties go to the first index) and the first training update restarts them from the
+    batch's residuals.
+    """
     prefixes = tuple(prefix for part in parts for prefix in PART_PREFIXES[part])
     source = trained.state_dict()
     target = tokenizer.state_dict()
@@ -96,14 +105,42 @@ def init_parts_from(tokenizer: DualTokenizer, trained: DualTokenizer, parts: lis
     for name, value in source.items():
         if not name.startswith(prefixes):
             continue
+        if grow_codebooks and _grows(name, value, target):
+            value = _grown(name, value, target[name].shape[0])
         if name not in target or target[name].shape != value.shape:
+            hint = "drop its part from init_parts"
+            if name.endswith(CODEBOOK_BUFFERS) and name in target and target[name].shape[1:] == value.shape[1:]:
+                hint += " or set init_grow_codebooks to start a larger codebook from it"
             raise ConfigError(
                 f"init_from: {name} {tuple(value.shape)} does not fit this model "
-                f"({tuple(target[name].shape) if name in target else 'no such weight'}); drop its part from init_parts"
+                f"({tuple(target[name].shape) if name in target else 'no such weight'}); {hint}"
             )
         copied[name] = value.to(target[name].dtype)
     tokenizer.load_state_dict(copied, strict=False)
     return sorted(copied)
+
+
+# a residual quantizer's buffers with one row per code
+CODEBOOK_BUFFERS = ("quantizer.codebook", "quantizer.cluster_size", "quantizer.embed_sum")
+
+
+def _grows(name: str, value: torch.Tensor, target: dict[str, torch.Tensor]) -> bool:
+    return (
+        name.endswith(CODEBOOK_BUFFERS)
+        and name in target
+        and target[name].shape[1:] == value.shape[1:]
+        and target[name].shape[0] > value.shape[0]
+    )
+
+
+def _grown(name: str, value: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """``value`` (K, ...) of a codebook buffer extended to ``codebook_size`` rows: the added codes repeat the
+    trained ones, with zero cluster size and vector sum (dead: restarted at the first update)."""
+    if name.endswith("quantizer.codebook"):
+        repeats = -(-codebook_size // value.shape[0])
+        return value.repeat(repeats, *([1] * (value.dim() - 1)))[:codebook_size]
+    added = value.new_zeros((codebook_size - value.shape[0], *value.shape[1:]))
+    return torch.cat([value, added])
 
 
 class Trainer:
