@@ -43,8 +43,8 @@ def test_default_pooled_embedding_is_imagenet_logits_from_the_codes(default_mode
         logits = default_model.pooled_embedding(default_model.encode(images).semantic)
     assert logits.shape == (50, 1000)
     labels = torch.tensor([int(r["class_index"]) for r in rows])
-    # 0.74 on these 50; docs/RESULTS.md: 79.4 % on all 500; chance 0.1 %
-    assert (logits.argmax(1) == labels).float().mean() >= 0.66
+    # 0.76 on these 50; docs/RESULTS.md: 80.6 % on all 500; chance 0.1 %
+    assert (logits.argmax(1) == labels).float().mean() >= 0.68
 
 
 @pytest.mark.data
@@ -59,7 +59,7 @@ def test_default_semantic_tokens_keep_the_teachers_features(default_model, share
         features = default_model.semantic_features(default_model.encode(images).semantic)
         coarse = default_model.semantic_features(default_model.encode(images).semantic[..., :1])
     cosine = torch.nn.functional.cosine_similarity(features, target, dim=-1).mean()
-    assert cosine > 0.80  # 0.847 on these 6; docs/RESULTS.md: 0.852 on the held-out images
+    assert cosine > 0.83  # 0.873 on these 6; docs/RESULTS.md: 0.878 on the held-out images
     assert cosine > torch.nn.functional.cosine_similarity(coarse, target, dim=-1).mean() + 0.1  # depth adds
 
 
