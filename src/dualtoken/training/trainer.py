@@ -94,9 +94,9 @@ def init_parts_from(
     """Copy the weights of ``parts`` from a trained tokenizer of the same shapes there; returns the copied names.
 
     ``grow_codebooks``: a quantizer of this model may have more codes (same code width) than the trained one's; its
-    first codes are then the trained ones, and the codes added start as copies of them with no cluster size, so
-    encoding never picks them (ties go to the first index) and the first training update restarts them from the
-    batch's residuals.
+    first codes are then the trained ones, and the codes added start as copies of them (so the quantized vectors,
+    and the model's output, are the trained model's) with no cluster size, so the first training update restarts
+    them from the batch's residuals.
     """
     prefixes = tuple(prefix for part in parts for prefix in PART_PREFIXES[part])
     source = trained.state_dict()
@@ -109,7 +109,7 @@ def init_parts_from(
             value = _grown(name, value, target[name].shape[0])
         if name not in target or target[name].shape != value.shape:
             hint = "drop its part from init_parts"
-            if name.endswith(CODEBOOK_BUFFERS) and name in target and target[name].shape[1:] == value.shape[1:]:
+            if _grows(name, value, target):
                 hint += " or set init_grow_codebooks to start a larger codebook from it"
             raise ConfigError(
                 f"init_from: {name} {tuple(value.shape)} does not fit this model "
