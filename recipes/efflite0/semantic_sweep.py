@@ -71,13 +71,15 @@ def run_variant(name: str, steps: int, out: Path, extra: list[str]) -> dict:
     results = json.loads(result_file.read_text())
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     seconds = [r["seconds"] for r in records if r["kind"] == "train" and "seconds" in r]
+    # each process's clock starts at 0: a resumed variant adds the last reading of every process that trained it
+    per_process = [now for now, after in zip(seconds, [*seconds[1:], 0.0]) if after < now]
     semantic = json.loads((folder / "final" / "config.json").read_text())["semantic_quantizer"]
     size, depth = semantic["codebook_size"], semantic["depth"]
     return {
         "name": name,
         "bits": depth * math.log2(size),
         "depth": depth,
-        "wall": seconds[-1],  # the training loop's own clock: no cache loading, no evaluation
+        "wall": sum(per_process),  # the training loop's own clock: no cache loading, no evaluation
         **results,
     }
 

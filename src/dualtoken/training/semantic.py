@@ -91,11 +91,16 @@ def tap_features(
     return tokenizer.backbone.to_tokens(layer, states[layer]), targets
 
 
+def states_below_tap(tower, semantic_layer: int) -> list[dict[str, torch.Tensor]]:
+    """The weights and buffers of ``tower``'s layers 0..``semantic_layer``: all that the tap tokens depend on."""
+    parts = tower.parts()
+    return [parts[layer].state_dict() for layer in range(semantic_layer + 1)]
+
+
 def same_tower_below_tap(tokenizer: DualTokenizer, teacher) -> bool:
     """Whether the tokenizer's tower up to the semantic tap has exactly the teacher's weights and buffers."""
-    mine, theirs = tokenizer.backbone.parts(), teacher.parts()
-    for layer in range(tokenizer.config.semantic_layer + 1):
-        a, b = mine[layer].state_dict(), theirs[layer].state_dict()
+    layer = tokenizer.config.semantic_layer
+    for a, b in zip(states_below_tap(tokenizer.backbone, layer), states_below_tap(teacher, layer)):
         if a.keys() != b.keys() or any(not torch.equal(a[k].cpu(), b[k].cpu()) for k in a):
             return False
     return True
@@ -106,9 +111,7 @@ def _fingerprint(config: TrainConfig, tokenizer: DualTokenizer, ids: list[str], 
     their ids in reading order, not by the source's path, so a moved checkout keeps its cache; the tower counts by
     its weights up to the semantic tap, so a run that starts from a trained tail keeps it too."""
     digest = hashlib.sha256()
-    parts = tokenizer.backbone.parts()
-    for layer in range(tokenizer.config.semantic_layer + 1):  # the tower's layers after the tap do not count
-        state = parts[layer].state_dict()
+    for layer, state in enumerate(states_below_tap(tokenizer.backbone, tokenizer.config.semantic_layer)):
         for name in sorted(state):
             digest.update(f"{layer}.{name}".encode())
             digest.update(state[name].float().cpu().numpy().tobytes())

@@ -136,9 +136,8 @@ def _grows(name: str, value: torch.Tensor, target: dict[str, torch.Tensor]) -> b
 def _grown(name: str, value: torch.Tensor, codebook_size: int) -> torch.Tensor:
     """``value`` (K, ...) of a codebook buffer extended to ``codebook_size`` rows: the added codes repeat the
     trained ones, with zero cluster size and vector sum (dead: restarted at the first update)."""
-    if name.endswith("quantizer.codebook"):
-        repeats = -(-codebook_size // value.shape[0])
-        return value.repeat(repeats, *([1] * (value.dim() - 1)))[:codebook_size]
+    if name.endswith("quantizer.codebook"):  # (K, D)
+        return value.repeat(-(-codebook_size // value.shape[0]), 1)[:codebook_size]
     added = value.new_zeros((codebook_size - value.shape[0], *value.shape[1:]))
     return torch.cat([value, added])
 
