@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import ConfigError
+from ..precision import autocast_dtype
 
 
 @dataclass
@@ -116,10 +117,8 @@ def _fsdp_sync_off(model: nn.Module):
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of a ``precision`` setting (None: float32 throughout); ``auto`` is bf16 on CUDA."""
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    """The autocast dtype of a ``precision`` setting (None: float32 throughout); see :mod:`dualtoken.precision`."""
+    return autocast_dtype(precision, device)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -1,0 +1,60 @@
+"""Which floating-point precision a run uses: one setting, ``auto`` | ``fp32`` | ``bf16`` | ``fp16``.
+
+``auto`` is bf16 autocast where the hardware multiplies bf16 matrices natively (CUDA; a CPU whose torch build
+reports AMX tiles or AVX-512 BF16) and float32 elsewhere: on a CPU without bf16 units torch emulates bf16
+matrix products, which is far slower than float32 (measured on an AVX2-only AMD EPYC: about 1 against 60
+GFLOP/s). Training, inference and the command line all resolve the setting here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import ConfigError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def cpu_bf16_flags() -> dict[str, bool]:
+    """The CPU features torch reports that decide bf16 speed: AMX tiles, AVX-512 BF16, AVX-512, AVX2."""
+    cpu = torch.cpu
+    probes = {
+        "amx_tile": "_is_amx_tile_supported",
+        "avx512_bf16": "_is_avx512_bf16_supported",
+        "avx512": "_is_avx512_supported",
+        "avx2": "_is_avx2_supported",
+    }
+    return {name: bool(getattr(cpu, probe, lambda: False)()) for name, probe in probes.items()}
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """True where this CPU multiplies bf16 matrices in hardware (AMX tiles or AVX-512 BF16)."""
+    flags = cpu_bf16_flags()
+    return flags["amx_tile"] or flags["avx512_bf16"]
+
+
+def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype of a ``precision`` setting on ``device`` (None: float32 throughout).
+
+    Raises ConfigError for an unknown setting, and for ``bf16`` / ``fp16`` on a CPU that cannot run them fast.
+    """
+    device = torch.device(device)
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16_matmul()):
+            return torch.bfloat16
+        return None
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16_matmul():
+        raise ConfigError(
+            "precision bf16 needs a CPU with bf16 matrix units (AMX or AVX-512 BF16); this one has none: "
+            "use auto or fp32"
+        )
+    if precision == "fp16" and device.type == "cpu":
+        raise ConfigError("precision fp16 is for CUDA devices; on a CPU use auto, fp32 or bf16")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def describe(dtype: torch.dtype | None) -> str:
+    """How a run states its precision once: ``bf16 autocast`` or ``float32``."""
+    return "float32" if dtype is None else f"{str(dtype).removeprefix('torch.').replace('bfloat16', 'bf16')} autocast"
