@@ -39,9 +39,9 @@ import torch
 from dualtoken.data import DeviceCropLoader, pack_images, read_packed, resolve_source
 from dualtoken.data.device import encode_image
 from dualtoken.data.transforms import resize_center_crop
+from dualtoken.factory import PART_PREFIXES, build_tokenizer
 from dualtoken.io import open_rgb
 from dualtoken.training import Trainer, checkpoints, load_train_config
-from dualtoken.training.trainer import PART_PREFIXES, build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = Path(__file__).with_name("pixel.json")

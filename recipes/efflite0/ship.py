@@ -20,7 +20,7 @@ import torch
 
 from dualtoken import DualTokenizer
 from dualtoken.errors import ConfigError
-from dualtoken.training.trainer import PART_PREFIXES, init_parts_from
+from dualtoken.factory import PART_PREFIXES, init_parts_from
 
 DEFAULT_OUT = "src/dualtoken/pretrained/dualtoken-efflite0"
 

@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dualtoken import DualTokenizer
-from dualtoken.checkpoint import _PREFIXES, _QUANTIZERS, convert_reference
 from dualtoken.cli.main import main
 from dualtoken.config import DecoderConfig, QuantizerConfig, SiglipBackboneConfig, TokenizerConfig
+from dualtoken.reference import _PREFIXES, _QUANTIZERS, convert_reference
 
 ATOL = 1e-4
 

@@ -69,7 +69,7 @@ def train_records(output_dir: Path, kind: str = "train") -> list[dict]:
 
 def initial_state(config: TrainConfig) -> dict[str, torch.Tensor]:
     """The weights a run of ``config`` starts from (train() seeds before it builds the model)."""
-    from dualtoken.training.trainer import build_tokenizer
+    from dualtoken.factory import build_tokenizer
 
     torch.manual_seed(config.seed)
     return build_tokenizer(config).state_dict()

@@ -9,8 +9,8 @@ import torch
 
 from dualtoken import DualTokenizer
 from dualtoken.errors import ConfigError
+from dualtoken.factory import build_tokenizer
 from dualtoken.training import Trainer, train
-from dualtoken.training.trainer import build_tokenizer
 
 from .conftest import changed, initial_state, tiny_config, train_records
 

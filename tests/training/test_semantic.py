@@ -12,9 +12,9 @@ import torch
 
 from dualtoken import DualTokenizer
 from dualtoken.errors import ConfigError, DataError
+from dualtoken.factory import build_tokenizer, init_parts_from
 from dualtoken.training import train
 from dualtoken.training.semantic import _fingerprint, evaluate_semantic
-from dualtoken.training.trainer import build_tokenizer, init_parts_from
 
 from .conftest import changed, initial_state, tiny_config, train_records, write_images
 

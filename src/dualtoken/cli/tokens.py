@@ -213,7 +213,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from ..checkpoint import convert_reference
+    from ..reference import convert_reference
 
     tokenizer = convert_reference(args.config, args.weights, args.siglip, args.out)
     print(f"wrote {args.out} ({tokenizer.config.name}); load with DualTokenizer.from_pretrained({str(args.out)!r})")

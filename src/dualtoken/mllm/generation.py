@@ -5,13 +5,16 @@ classifier-free guidance), on the LLM's KV cache or without it (the two agree; t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .depth_head import DepthTransformer
 from .fusion import BRANCHES
-from .model import DualTokenMLLM
 from .sampling import guide, sample
+
+if TYPE_CHECKING:  # the model calls this module for inference; the type only names it
+    from .model import DualTokenMLLM
 
 
 class LLMDecoder:

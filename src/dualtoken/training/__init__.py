@@ -10,12 +10,11 @@ from .config import (
     TrainConfig,
     load_train_config,
 )
-from .trainer import Trainer, build_tokenizer, train
+from .trainer import Trainer, train
 
 __all__ = [
     "Trainer",
     "train",
-    "build_tokenizer",
     "TrainConfig",
     "DataConfig",
     "OptimizerConfig",

@@ -37,6 +37,7 @@ from ..data.transforms import eval_transform, train_transform
 from ..errors import ConfigError, DataError, ImageError
 from ..evaluation.codebook_stats import code_histogram, usage_stats
 from ..evaluation.samples import labels_from_tsv
+from ..factory import build_tokenizer
 from ..io import open_rgb
 from ..losses import DualTokenObjective, TeacherTargets
 from ..tokenizer import DualTokenizer
@@ -295,8 +296,6 @@ def cache_labels(cache: FeatureCache, spec: str) -> torch.Tensor | None:
 def train_semantic_branch(config: TrainConfig, stop_at: int | None = None) -> dict[str, Any]:
     """Train the semantic branch (and the tower's tail unless ``freeze.tail``) on cached tap features; resumes
     from ``<output_dir>/checkpoints`` and exports the whole tokenizer to ``<output_dir>/final``."""
-    from .trainer import build_tokenizer
-
     device = _device(config.device)
     torch.manual_seed(config.seed)
     out_dir = Path(config.output_dir)
