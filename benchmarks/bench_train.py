@@ -78,8 +78,8 @@ def run_case(model: str, variant: str, steps: int, work: Path) -> dict:
     ]
     code = (
         "import json, sys\n"
-        "from dualtoken.training import load_train_config, Trainer\n"
-        "trainer = Trainer(load_train_config(None, json.loads(sys.argv[1])))\n"
+        "from dualtoken.training import load_train_config, tokenizer_engine\n"
+        "trainer = tokenizer_engine(load_train_config(None, json.loads(sys.argv[1])))\n"
         "trainer.fit()\n"
     )
     subprocess.run([sys.executable, "-c", code, json.dumps(overrides)], check=True)
@@ -105,7 +105,7 @@ def main() -> None:
             rows = {}
             for variant in VARIANTS:
                 records = run_case(model, variant, args.steps, Path(tmp))[1:]
-                rate = statistics.median(r["images_per_s"] for r in records)
+                rate = statistics.median(r["samples_per_s"] for r in records)
                 rows[variant] = (rate, MODELS[model] / rate, max(r["peak_memory_mb"] for r in records))
             print(f"\n{model} (batch {MODELS[model]})")
             print(

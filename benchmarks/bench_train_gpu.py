@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dualtoken.training import Trainer, load_train_config
+from dualtoken.training import load_train_config, tokenizer_engine
 from dualtoken.training.distributed import unwrap
 
 
@@ -80,9 +80,9 @@ class Bench:
         ]
 
     def bf16(self) -> dict:
-        trainer = Trainer(self.config("tiny", *self.tiny(), "max_steps=30"))
+        trainer = tokenizer_engine(self.config("tiny", *self.tiny(), "max_steps=30"))
         trainer.fit()
-        tok, losses = unwrap(trainer.model), [r["total"] for r in self.records("tiny")]
+        tok, losses = unwrap(trainer.model), [r["loss"] for r in self.records("tiny")]
         return {
             "autocast": str(trainer.autocast_dtype),
             "codebook_dtypes": [
@@ -95,18 +95,18 @@ class Bench:
         }
 
     def resume(self) -> dict:
-        Trainer(self.config("straight", *self.tiny(), "max_steps=16")).fit()
-        Trainer(self.config("resumed", *self.tiny(), "max_steps=16")).fit(stop_at=8)
-        Trainer(self.config("resumed", *self.tiny(), "max_steps=16")).fit()
-        a = [r["total"] for r in self.records("straight")]
-        b = [r["total"] for r in self.records("resumed")]
+        tokenizer_engine(self.config("straight", *self.tiny(), "max_steps=16")).fit()
+        tokenizer_engine(self.config("resumed", *self.tiny(), "max_steps=16")).fit(stop_at=8)
+        tokenizer_engine(self.config("resumed", *self.tiny(), "max_steps=16")).fit()
+        a = [r["loss"] for r in self.records("straight")]
+        b = [r["loss"] for r in self.records("resumed")]
         gap = [abs(x - y) / abs(x) for x, y in zip(a, b)]
         return {"max_relative_gap_before_resume": max(gap[:8]), "max_relative_gap_after_resume": max(gap[8:])}
 
     def fp16(self) -> dict:
-        trainer = Trainer(self.config("fp16", *self.tiny(), "max_steps=12", "precision=fp16"))
+        trainer = tokenizer_engine(self.config("fp16", *self.tiny(), "max_steps=12", "precision=fp16"))
         trainer.fit()
-        losses = [r["total"] for r in self.records("fp16")]
+        losses = [r["loss"] for r in self.records("fp16")]
         return {"scaler_scale": trainer.scaler.get_scale(), "all_finite": bool(np.isfinite(losses).all())}
 
     def throughput(self, model: str, size: int, batch: int, steps: int, *extra: str) -> dict:
@@ -123,10 +123,10 @@ class Bench:
             "loss.gan.start_step=0",
             *extra,
         )
-        Trainer(config).fit()
+        tokenizer_engine(config).fit()
         timed = self.records(name)[2:]  # the first steps warm up kernels and workers
         return {
-            "images_per_s": float(np.median([r["images_per_s"] for r in timed])),
+            "samples_per_s": float(np.median([r["samples_per_s"] for r in timed])),
             "peak_mb": max(r["peak_memory_mb"] for r in timed),
         }
 
@@ -153,7 +153,7 @@ def main() -> None:
                 "batch": batch,
                 "plain": plain,
                 "checkpointing": ckpt,
-                "speed_ratio": ckpt["images_per_s"] / plain["images_per_s"],
+                "speed_ratio": ckpt["samples_per_s"] / plain["samples_per_s"],
                 "memory_ratio": ckpt["peak_mb"] / plain["peak_mb"],
             }
     print(json.dumps(results, indent=1))

@@ -10,11 +10,11 @@ stays behind) and has PyTorch but not this project's other dependencies:
                        site/ (the EfficientNet-Lite0 code and weights, in float16, for PYTHONPATH)
   train   (device)  PYTHONPATH=src:device_data/site python3 recipes/efflite0/device_pixel.py train \
                         --data device_data --out "$OUT" --budget-seconds 480
-                    -> $OUT: metrics.jsonl (train, codebook and Kodak eval records with images_seen),
+                    -> $OUT: metrics.jsonl (train, codebook and Kodak eval records with samples_seen),
                        train_config.json, summary.json and the newest checkpoint's trained parts in parts of
                        at most 15 MiB (checkpoint.part*), rewritten at every checkpoint.every steps
   resume  (CPU)     python recipes/efflite0/device_pixel.py resume FILES_DIR runs/efflite0-pixel
-                    -> runs/efflite0-pixel/checkpoints/step-N.pt, the trainer's own format (the whole model: the
+                    -> runs/efflite0-pixel/checkpoints/step-N.pt, the training engine's own format (the whole model: the
                        parts the device trained over the ones pixel.json starts from), and runs/efflite0-pixel/final,
                        a save_pretrained folder; `dualtoken train --config recipes/efflite0/pixel.json
                        --set output_dir=runs/efflite0-pixel` then continues on the CPU.
@@ -41,7 +41,7 @@ from dualtoken.data.device import encode_image
 from dualtoken.data.transforms import resize_center_crop
 from dualtoken.factory import PART_PREFIXES, build_tokenizer
 from dualtoken.io import open_rgb
-from dualtoken.training import Trainer, checkpoints, load_train_config
+from dualtoken.training import Callback, Engine, checkpoints, load_train_config, tokenizer_engine
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = Path(__file__).with_name("pixel.json")
@@ -159,20 +159,19 @@ def write_parts(state: dict, out: Path) -> list[Path]:
     return parts
 
 
-class DeviceTrainer(Trainer):
-    """The trainer, copying the newest checkpoint's trained parts and the metrics to ``export_dir`` each time."""
+class CopyOut(Callback):
+    """After each checkpoint: the checkpoint's trained parts and the run's metrics copied to ``export_dir``."""
 
-    def __init__(self, *args, export_dir: Path, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, export_dir: Path) -> None:
         self.export_dir = export_dir
 
-    def save_checkpoint(self) -> Path | None:
-        path = super().save_checkpoint()
+    def on_checkpoint(self, engine: Engine, path: Path | None) -> None:
+        if path is None:
+            return
         write_parts(trained_state(checkpoints.read_checkpoint(path)), self.export_dir)
         for name in ("metrics.jsonl", "train_config.json"):
-            if (self.out_dir / name).is_file():
-                shutil.copy2(self.out_dir / name, self.export_dir / name)
-        return path
+            if (engine.out_dir / name).is_file():
+                shutil.copy2(engine.out_dir / name, self.export_dir / name)
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -197,12 +196,10 @@ def train(args: argparse.Namespace) -> dict:
         images, tokenizer.image_size, config.data.batch_size, args.device, config.seed, config.data.crop_scale
     )
     del images
-    trainer = DeviceTrainer(config, tokenizer=tokenizer, loader=loader, export_dir=out)
+    trainer = tokenizer_engine(config, tokenizer=tokenizer, loader=loader)
+    trainer.task.callbacks.append(CopyOut(out))
     prepared = time.perf_counter() - started
-    try:
-        summary = trainer.fit()
-    finally:
-        trainer.close()
+    summary = trainer.run()
     summary.update(images=len(loader.canvas), prepare_seconds=round(prepared, 1), device=str(trainer.runtime.device))
     if trainer.runtime.device.type == "cuda":
         summary["gpu"] = torch.cuda.get_device_name(trainer.runtime.device)

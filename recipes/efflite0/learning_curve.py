@@ -1,6 +1,6 @@
 """Learning curves of training runs: a held-out metric against training images seen, as a table and a PNG.
 
-Reads the ``eval`` records of each run's ``metrics.jsonl`` (``images_seen`` and, by default, Kodak ``psnr``),
+Reads the ``eval`` records of each run's ``metrics.jsonl`` (``samples_seen`` and, by default, Kodak ``psnr``),
 prints a markdown table (one row per evaluation) and draws one line per run.
 
     python recipes/efflite0/learning_curve.py runs/efflite0-pixel-cpu --out docs/images/efflite0_pixel_cpu_learning_curve.png \
@@ -18,15 +18,15 @@ from dualtoken.evaluation.figures import learning_curve_figure
 
 
 def eval_points(run: Path, metric: str) -> list[tuple[int, int, float]]:
-    """``(step, images_seen, metric)`` of every eval record of ``run``/metrics.jsonl that has both."""
+    """``(step, samples_seen, metric)`` of every eval record of ``run``/metrics.jsonl that has both."""
     path = run / "metrics.jsonl"
     if not path.is_file():
         raise SystemExit(f"{run}: no metrics.jsonl (expected the output_dir of a training run)")
     points = {}
     for line in path.read_text().splitlines():
         record = json.loads(line)
-        if record.get("kind") == "eval" and metric in record and "images_seen" in record:
-            points[record["step"]] = (record["step"], record["images_seen"], record[metric])  # a resumed run wins
+        if record.get("kind") == "eval" and metric in record and "samples_seen" in record:
+            points[record["step"]] = (record["step"], record["samples_seen"], record[metric])  # a resumed run wins
     return [points[step] for step in sorted(points)]
 
 

@@ -38,6 +38,16 @@ class DualTokens:
 
 
 @dataclass
+class SemanticOutput:
+    """The semantic path alone, from tap tokens (``forward(tap_tokens, semantic_only=True)``)."""
+
+    codes: torch.Tensor  # (B, h*w, Qs)
+    features: torch.Tensor  # (B, h*w, W) replaces the semantic layer's output
+    pooled: torch.Tensor  # (B, pooled_width)
+    commitment: torch.Tensor  # scalar
+
+
+@dataclass
 class DualTokenizerOutput:
     """Everything a training step needs from one forward.
 
@@ -248,12 +258,20 @@ class DualTokenizer(
     # ------------------------------------------------------------------------------------------------------------
 
     def forward(
-        self, images: torch.Tensor, output_hidden_states: bool = False, pixel_only: bool = False
-    ) -> DualTokenizerOutput:
+        self,
+        images: torch.Tensor,
+        output_hidden_states: bool = False,
+        pixel_only: bool = False,
+        semantic_only: bool = False,
+    ) -> DualTokenizerOutput | SemanticOutput:
         """Tokenize, reconstruct and pool. In training mode the quantizers update their codebooks (EMA).
-        ``pixel_only``: the pixel vocabulary and the decoder alone; the tower runs only up to the pixel tap."""
+        ``pixel_only``: the pixel vocabulary and the decoder alone; the tower runs only up to the pixel tap.
+        ``semantic_only``: ``images`` are the tower's tokens at the semantic tap (B, h*w, W), e.g. cached ones;
+        the semantic vocabulary and the layers after the tap alone (see :meth:`forward_semantic`)."""
         if pixel_only:
             return self._forward_pixel(images)
+        if semantic_only:
+            return self.forward_semantic(images)
         taps = self._run_to_taps(images, output_hidden_states)
         single = self.pixel.quantizer is None  # one vocabulary: the decoder reads the semantic codes
         pixel = None if single else self.pixel.quantizer(taps.pixel_latent)  # first: the release's RNG order
@@ -295,6 +313,13 @@ class DualTokenizer(
             pixel_commitment=pixel.commitment,
             semantic_commitment=torch.zeros_like(pixel.commitment),
         )
+
+    def forward_semantic(self, tap_tokens: torch.Tensor) -> SemanticOutput:
+        """The semantic path from the tower's tokens at the semantic tap (B, h*w, W): down-projection, quantizer,
+        up-projection, the layers after the tap and the head."""
+        semantic = self.semantic.quantizer(self.semantic.down(tap_tokens))
+        features = self.semantic.up(semantic.quantized)  # (B, h*w, W)
+        return SemanticOutput(semantic.codes, features, self.pool_from_features(features), semantic.commitment)
 
     def _run_to_taps(self, images: torch.Tensor, keep_hidden: bool = False, pixel_only: bool = False) -> _Taps:
         """Run layers 1..semantic_layer and project the taps down to the code width. ``pixel_only`` stops at the

@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent(
         import json
         from dualtoken.config import from_dict
         from dualtoken.mllm import MLLMTrainConfig
-        from dualtoken.mllm.train import MLLMTrainer
+        from dualtoken.mllm.train import mllm_engine
         from dualtoken.training.distributed import unwrap
 
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
@@ -35,10 +35,11 @@ SCRIPT = textwrap.dedent(
             config = from_dict(MLLMTrainConfig, json.loads(open(f"{folder}/train.json").read()))
             config.parallel = parallel
             config.output_dir = f"{folder}/{parallel}"
-            trainer = MLLMTrainer(config, folder)
-            trainer.run(progress=False)
+            config.log.progress = False
+            engine = mllm_engine(config, folder)
+            engine.fit()
             if parallel == "ddp":
-                state = {k: v.detach().clone() for k, v in unwrap(trainer.engine).state_dict().items()}
+                state = {k: v.detach().clone() for k, v in unwrap(engine.model).state_dict().items()}
                 torch.save(state, f"{folder}/ddp-rank{rank}.pt")
         dist.destroy_process_group()
 

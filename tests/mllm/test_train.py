@@ -107,10 +107,10 @@ def test_resume_continues_exactly(run_folder):
     )
     straight = train_mllm(
         dataclasses.replace(config, output_dir=str(run_folder / "straight")), run_folder, progress=False
-    )
+    )["export"]
     interrupted = dataclasses.replace(config, output_dir=str(run_folder / "resumed"))
-    assert not train_mllm(interrupted, run_folder, progress=False, stop_after=3).exists()
-    resumed = train_mllm(interrupted, run_folder, progress=False)
+    assert train_mllm(interrupted, run_folder, progress=False, stop_at=3)["export"] is None
+    resumed = train_mllm(interrupted, run_folder, progress=False)["export"]
     a, b = DualTokenMLLM.from_pretrained(straight), DualTokenMLLM.from_pretrained(resumed)
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         torch.testing.assert_close(x, y, msg=name)
@@ -125,7 +125,7 @@ def test_align_preset_trains_only_the_input_fusion(run_folder):
     config = dataclasses.replace(config, max_steps=2, preset="align", output_dir=str(run_folder / "align"))
     torch.manual_seed(config.seed)
     before = DualTokenMLLM.from_config(config.model, base_dir=run_folder).state_dict()
-    after = DualTokenMLLM.from_pretrained(train_mllm(config, run_folder, progress=False)).state_dict()
+    after = DualTokenMLLM.from_pretrained(train_mllm(config, run_folder, progress=False)["export"]).state_dict()
     changed = {name.split(".")[0] for name in before if not before[name].equal(after[name])}
     assert changed == {"fusion"}
 
@@ -147,7 +147,7 @@ def test_cli_errors_are_one_line(run_folder, capsys):
 
 def test_a_question_without_an_image_gets_a_clear_message(run_folder, capsys):
     config = load_config(MLLMTrainConfig, run_folder / "train.json")
-    final = train_mllm(dataclasses.replace(config, max_steps=1, output_dir=str(run_folder / "one")), run_folder, progress=False)
+    final = train_mllm(dataclasses.replace(config, max_steps=1, output_dir=str(run_folder / "one")), run_folder, progress=False)["export"]
     capsys.readouterr()
     assert main(["chat", "--model", str(final), "What is in this image?"]) == 2
     err = capsys.readouterr().err.strip()

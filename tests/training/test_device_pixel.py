@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dualtoken import DualTokenizer
-from dualtoken.training import Trainer, load_train_config
+from dualtoken.training import load_train_config, tokenizer_engine
 
 from .conftest import load_recipe_script, tiny_config, write_images
 
@@ -56,7 +56,7 @@ def test_pack_train_and_resume_on_the_cpu(tmp_path: Path, device_pixel, monkeypa
     parts = sorted(out.glob("checkpoint.part*"))
     assert len(parts) >= 2 and all(p.stat().st_size <= 2**20 for p in parts)
     evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"]
-    assert evals[0]["images_seen"] == 0 and evals[-1]["step"] == summary["step"] and evals[-1]["psnr"] > 0
+    assert evals[0]["samples_seen"] == 0 and evals[-1]["step"] == summary["step"] and evals[-1]["psnr"] > 0
 
     run = tmp_path / "cpu-run"
     device_pixel.main(["resume", str(out), str(run), "--config", str(recipe)])
@@ -66,6 +66,6 @@ def test_pack_train_and_resume_on_the_cpu(tmp_path: Path, device_pixel, monkeypa
         assert torch.equal(exported.state_dict()[name], value), name
     cpu = load_train_config(recipe, [f"output_dir={run}", f"max_steps={summary['step'] + 2}"])
     with pytest.warns(RuntimeWarning, match="restarting epoch"):
-        trainer = Trainer(cpu)
+        trainer = tokenizer_engine(cpu)
     assert trainer.step == summary["step"]
     assert trainer.fit()["step"] == summary["step"] + 2

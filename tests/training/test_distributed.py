@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dualtoken import DualTokenizer
-from dualtoken.training import Trainer
+from dualtoken.training import tokenizer_engine
 from dualtoken.training.distributed import unwrap
 
 from .conftest import tiny_config, train_records
@@ -24,12 +24,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 # continues an earlier job's output folder resumes from its checkpoint like a fresh launch would
 WORKER = """
 import json, sys, torch, torch.distributed as dist
-from dualtoken.training import Trainer, load_train_config
+from dualtoken.training import load_train_config, tokenizer_engine
 from dualtoken.training.distributed import full_model_state
 torch.set_num_threads(1)
 dist.init_process_group("gloo")
 for config_path, out, stop in json.loads(sys.argv[1]):
-    trainer = Trainer(load_train_config(config_path))
+    trainer = tokenizer_engine(load_train_config(config_path))
     trainer.fit(stop_at=stop or None)
     state = full_model_state(trainer.model, trainer.config.parallel, trainer.runtime)  # FSDP: rank 0 only
     if state:
@@ -79,15 +79,15 @@ def test_two_ranks_stay_identical_and_match_one_process(tmp_path: Path, train_im
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
 
-    single = Trainer(tiny_config(tmp_path / "single", train_images, *EQUIVALENT, "data.batch_size=4"))
+    single = tokenizer_engine(tiny_config(tmp_path / "single", train_images, *EQUIVALENT, "data.batch_size=4"))
     single.fit()
     alone = unwrap(single.model).state_dict()
     for name in rank0:
         torch.testing.assert_close(rank0[name], alone[name], rtol=1e-3, atol=1e-4, msg=name)
     codebooks = [n for n in rank0 if n.endswith("codebook")]
     assert len(codebooks) == 2
-    ddp_loss = [r["total"] for r in train_records(tmp_path / "ddp")]
-    single_loss = [r["total"] for r in train_records(tmp_path / "single")]
+    ddp_loss = [r["loss"] for r in train_records(tmp_path / "ddp")]
+    single_loss = [r["loss"] for r in train_records(tmp_path / "single")]
     assert ddp_loss == pytest.approx(single_loss, rel=1e-4)
 
 
@@ -96,7 +96,7 @@ def test_fsdp_matches_one_process_and_exports(tmp_path: Path, train_images: Path
     torchrun(tmp_path, (config, tmp_path, 0))
     sharded = _load(tmp_path / "rank0-step3.pt")
     assert not (tmp_path / "rank1-step3.pt").exists()
-    single = Trainer(tiny_config(tmp_path / "single", train_images, *EQUIVALENT, "data.batch_size=4"))
+    single = tokenizer_engine(tiny_config(tmp_path / "single", train_images, *EQUIVALENT, "data.batch_size=4"))
     single.fit()
     alone = unwrap(single.model).state_dict()
     assert sharded.keys() == alone.keys()
@@ -123,7 +123,7 @@ def test_two_rank_resume_equals_uninterrupted(tmp_path: Path, train_images: Path
         resumed = _load(tmp_path / "b" / f"rank{rank}-step4.pt")
         for name in straight:
             torch.testing.assert_close(resumed[name], straight[name], rtol=1e-5, atol=1e-6, msg=name)
-    losses_a = [r["total"] for r in train_records(tmp_path / "a" / "run")]
-    losses_b = [r["total"] for r in train_records(tmp_path / "b" / "run")]
+    losses_a = [r["loss"] for r in train_records(tmp_path / "a" / "run")]
+    losses_b = [r["loss"] for r in train_records(tmp_path / "b" / "run")]
     assert len(losses_b) == 4 and losses_b == pytest.approx(losses_a, rel=1e-5)
     assert "disc_hinge" in train_records(tmp_path / "b" / "run")[-1]

@@ -10,7 +10,7 @@ import torch
 from dualtoken import DualTokenizer
 from dualtoken.errors import ConfigError
 from dualtoken.factory import build_tokenizer
-from dualtoken.training import Trainer, train
+from dualtoken.training import tokenizer_engine, train
 
 from .conftest import changed, initial_state, tiny_config, train_records
 
@@ -60,9 +60,9 @@ def test_bad_settings_are_refused(tmp_path: Path, train_images: Path, overrides,
 
 def test_kmeans_init_starts_every_pixel_code_from_the_data(tmp_path: Path, train_images: Path):
     config = tiny_config(tmp_path / "run", train_images, *PIXEL, "codebook_init.method=kmeans", "codebook_init.batches=3")
-    trainer = Trainer(config)
-    quantizer = trainer.tokenizer.quantizer("pixel")
-    latents = torch.cat([trainer.tokenizer.pixel_latents(next(trainer.loader)["images"]) for _ in range(2)])
+    trainer = tokenizer_engine(config)
+    quantizer = trainer.task.tokenizer.quantizer("pixel")
+    latents = torch.cat([trainer.task.tokenizer.pixel_latents(next(trainer.task.loader)["images"]) for _ in range(2)])
     latents = latents.flatten(0, 1)
     error = (latents - quantizer(latents, update=False).quantized).pow(2).mean()
     random_start = build_tokenizer(config).quantizer("pixel")
@@ -78,16 +78,16 @@ def test_kmeans_init_starts_every_pixel_code_from_the_data(tmp_path: Path, train
 def test_kmeans_shares_must_name_every_depth(tmp_path: Path, train_images: Path):
     config = tiny_config(tmp_path / "run", train_images, *PIXEL, "codebook_init.method=kmeans", "codebook_init.shares=[2,1]")
     with pytest.raises(ConfigError, match="2 entries for 4 depths"):
-        Trainer(config)
+        tokenizer_engine(config)
     config = tiny_config(tmp_path / "ok", train_images, *PIXEL, "codebook_init.method=kmeans", "codebook_init.shares=[5,1,1,1]")
-    assert [r["codes"] for r in Trainer(config).codebook_init] == [160, 32, 32, 32]
+    assert [r["codes"] for r in tokenizer_engine(config).task.codebook_init] == [160, 32, 32, 32]
 
 
 def test_a_resumed_run_does_not_initialise_the_codebook_again(tmp_path: Path, train_images: Path):
     config = tiny_config(tmp_path / "run", train_images, *PIXEL, "codebook_init.method=kmeans")
     train(config, stop_at=2)
-    resumed = Trainer(config)
-    assert resumed.step == 2 and resumed.codebook_init == []
+    resumed = tokenizer_engine(config)
+    assert resumed.step == 2 and resumed.task.codebook_init == []
 
 
 def test_the_wall_clock_budget_ends_the_run_with_a_checkpoint_and_an_export(tmp_path: Path, train_images: Path):
@@ -100,11 +100,11 @@ def test_the_wall_clock_budget_ends_the_run_with_a_checkpoint_and_an_export(tmp_
     assert again["resumed_from"] and again["step"] == 3 and not again["out_of_time"]
 
 
-def test_eval_records_count_the_images_seen(tmp_path: Path, train_images: Path):
+def test_eval_records_count_the_samples_seen(tmp_path: Path, train_images: Path):
     config = tiny_config(tmp_path / "run", train_images, *PIXEL, f"data.eval={train_images}", "data.eval_images=2", "log.eval_every=2")
     train(config)
     evals = train_records(tmp_path / "run", "eval")
-    assert [(r["step"], r["images_seen"]) for r in evals] == [(0, 0), (2, 4), (4, 8)]
+    assert [(r["step"], r["samples_seen"]) for r in evals] == [(0, 0), (2, 4), (4, 8)]
     assert all(r["psnr"] > 0 for r in evals)
 
 
@@ -114,18 +114,18 @@ def test_the_held_out_images_are_scored_at_the_evaluation_size(tmp_path: Path, t
         tmp_path / "run", train_images, *PIXEL, "model=dualtoken-efflite0-256", f"model_overrides={small}",
         f"data.eval={train_images}", "data.eval_images=2", "data.eval_image_size=128",
     )
-    trainer = Trainer(config)
-    assert trainer.tokenizer.image_size == (64, 64) and trainer.heldout.shape[-2:] == (128, 128)
-    scored = trainer.evaluate()
-    assert scored["psnr"] > 0 and trainer.tokenizer.image_size == (64, 64)
+    trainer = tokenizer_engine(config)
+    assert trainer.task.tokenizer.image_size == (64, 64) and trainer.task.heldout.images.shape[-2:] == (128, 128)
+    scored = trainer.task.evaluate()
+    assert scored["psnr"] > 0 and trainer.task.tokenizer.image_size == (64, 64)
     with torch.no_grad():  # the evaluation model follows the trained weights, not the ones it was built from
-        trainer.tokenizer.decoder.conv_out.bias.add_(0.5)
-    assert trainer.evaluate()["psnr"] != pytest.approx(scored["psnr"])
+        trainer.task.tokenizer.decoder.conv_out.bias.add_(0.5)
+    assert trainer.task.evaluate()["psnr"] != pytest.approx(scored["psnr"])
     with torch.no_grad():
-        trainer.tokenizer.decoder.conv_out.bias.sub_(0.5)
-    assert trainer.evaluate()["psnr"] == pytest.approx(scored["psnr"])
+        trainer.task.tokenizer.decoder.conv_out.bias.sub_(0.5)
+    assert trainer.task.evaluate()["psnr"] == pytest.approx(scored["psnr"])
     # the same weights at the training size give another figure: the evaluation did run at 128 px
     trainer.config.data.eval_image_size = None
-    trainer.heldout = torch.nn.functional.interpolate(trainer.heldout, size=64, mode="bilinear", antialias=True)
-    assert trainer.evaluate()["psnr"] != pytest.approx(scored["psnr"])
+    trainer.task.heldout.images = torch.nn.functional.interpolate(trainer.task.heldout.images, size=64, mode="bilinear", antialias=True)
+    assert trainer.task.evaluate()["psnr"] != pytest.approx(scored["psnr"])
     trainer.close()

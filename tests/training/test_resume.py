@@ -9,8 +9,8 @@ import torch
 
 from dualtoken import DualTokenizer
 from dualtoken.errors import CheckpointError
-from dualtoken.training import Trainer
 from dualtoken.training import checkpoints as ckpt
+from dualtoken.training import tokenizer_engine
 
 from .conftest import tiny_config, train_records
 
@@ -21,16 +21,16 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def test_resume_equals_uninterrupted_run(tmp_path: Path, train_images: Path):
     extra = ("max_steps=6", "loss.gan.restart_every=3")
-    straight = Trainer(tiny_config(tmp_path / "a", train_images, *extra)).fit()
-    first = Trainer(tiny_config(tmp_path / "b", train_images, *extra))
+    straight = tokenizer_engine(tiny_config(tmp_path / "a", train_images, *extra)).fit()
+    first = tokenizer_engine(tiny_config(tmp_path / "b", train_images, *extra))
     assert first.fit(stop_at=3)["export"] is None  # interrupted: no final export yet
-    second = Trainer(tiny_config(tmp_path / "b", train_images, *extra))
+    second = tokenizer_engine(tiny_config(tmp_path / "b", train_images, *extra))
     assert second.step == 3 and second.resumed_from.name == "step-00000003.pt"
     resumed = second.fit()
 
     assert resumed["step"] == straight["step"] == 6
-    losses_a = [r["total"] for r in train_records(tmp_path / "a")]
-    losses_b = [r["total"] for r in train_records(tmp_path / "b")]
+    losses_a = [r["loss"] for r in train_records(tmp_path / "a")]
+    losses_b = [r["loss"] for r in train_records(tmp_path / "b")]
     assert [r["step"] for r in train_records(tmp_path / "b")] == list(range(1, 7))
     assert losses_b == pytest.approx(losses_a, rel=1e-5, abs=1e-6)
     assert "disc_hinge" in train_records(tmp_path / "b")[-1]  # the discriminator was trained and resumed

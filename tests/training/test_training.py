@@ -11,7 +11,7 @@ import torch
 
 from dualtoken import DualTokenizer
 from dualtoken.data import SkippedImageWarning
-from dualtoken.training import Trainer
+from dualtoken.training import tokenizer_engine
 from dualtoken.training.distributed import unwrap
 
 from .conftest import tiny_config, train_records, write_images
@@ -26,13 +26,13 @@ def _changed(before: dict, after: dict) -> set[str]:
 
 
 def test_teacher_gets_no_gradient_and_never_changes(tmp_path: Path, train_images: Path):
-    trainer = Trainer(tiny_config(tmp_path / "run", train_images, "max_steps=3"))
-    teacher_before = _snapshot(trainer.teacher)
+    trainer = tokenizer_engine(tiny_config(tmp_path / "run", train_images, "max_steps=3"))
+    teacher_before = _snapshot(trainer.task.teacher)
     model_before = _snapshot(unwrap(trainer.model))
     trainer.fit()
-    assert all(p.grad is None and not p.requires_grad for p in trainer.teacher.parameters())
-    assert not _changed(teacher_before, _snapshot(trainer.teacher))
-    assert trainer.teacher is not unwrap(trainer.model).backbone
+    assert all(p.grad is None and not p.requires_grad for p in trainer.task.teacher.parameters())
+    assert not _changed(teacher_before, _snapshot(trainer.task.teacher))
+    assert trainer.task.teacher is not unwrap(trainer.model).backbone
     changed = _changed(model_before, _snapshot(unwrap(trainer.model)))
     assert any(k.startswith("backbone.") for k in changed)  # the student's tower did train
     assert "pixel.quantizer.codebook" in changed and "semantic.quantizer.codebook" in changed
@@ -48,9 +48,9 @@ def test_what_a_preset_freezes_never_changes(tmp_path: Path, train_images: Path,
             "loss.gan.enabled=false",
             "loss.token_mse=0",
         ]
-    trainer = Trainer(tiny_config(tmp_path / "run", train_images, *overrides))
+    trainer = tokenizer_engine(tiny_config(tmp_path / "run", train_images, *overrides))
     tok = unwrap(trainer.model)
-    frozen = set(trainer.frozen)
+    frozen = set(trainer.task.frozen)
     before = _snapshot(tok)
     trainer.fit()
     changed = _changed(before, _snapshot(tok))
@@ -67,7 +67,7 @@ def test_corrupt_image_is_skipped_and_counted(tmp_path: Path):
     (data / "zz_text.jpg").write_text("not an image")
     config = tiny_config(tmp_path / "run", data, "max_steps=4", "data.batch_size=3", "loss.gan.enabled=false")
     with pytest.warns(SkippedImageWarning):
-        summary = Trainer(config).fit()
+        summary = tokenizer_engine(config).fit()
     assert summary["step"] == 4 and summary["metrics"]["skipped_images"] >= 2
 
 
@@ -85,12 +85,12 @@ def test_run_is_observable_and_exports_a_loadable_tokenizer(tmp_path: Path, trai
         "log.tensorboard=true",
         "checkpoint.keep_last=1",
     )
-    trainer = Trainer(config)
+    trainer = tokenizer_engine(config)
     summary = trainer.fit()
     out = tmp_path / "run"
     train = train_records(out)
     assert [r["step"] for r in train] == [1, 2, 3, 4]
-    for name in ("total", "pixel_mse", "token_cosine", "lr", "images_per_s", "peak_memory_mb", "disc_hinge"):
+    for name in ("loss", "pixel_mse", "token_cosine", "lr", "samples_per_s", "peak_memory_mb", "disc_hinge"):
         assert name in train[-1], name
     codebook = train_records(out, "codebook")[-1]
     assert 0 < codebook["pixel/usage"] <= 1 and codebook["semantic/depth3/perplexity"] >= 1
@@ -128,10 +128,10 @@ def test_loss_falls_and_heldout_psnr_rises_on_real_images(tmp_path: Path, shared
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SkippedImageWarning)
-        Trainer(config).fit()
+        tokenizer_engine(config).fit()
     heldout = train_records(tmp_path / "run", "eval")
     before, after = heldout[0]["psnr"], heldout[-1]["psnr"]
-    losses = [r["total"] for r in train_records(tmp_path / "run")]
+    losses = [r["loss"] for r in train_records(tmp_path / "run")]
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
     assert after > before + 1.0, (before, after)
 
@@ -140,22 +140,22 @@ def test_gradient_accumulation_reads_micro_batches_per_step(tmp_path: Path, trai
     config = tiny_config(
         tmp_path / "run", train_images, "max_steps=3", "grad_accum=3", "loss.gan.start_step=1"
     )
-    trainer = Trainer(config)
+    trainer = tokenizer_engine(config)
     trainer.fit()
-    assert trainer.loader.batches == 9  # 3 micro-batches for each of the 3 optimiser steps
+    assert trainer.task.loader.batches == 9  # 3 micro-batches for each of the 3 optimiser steps
     assert trainer.optimizer.state[next(iter(unwrap(trainer.model).parameters()))]["step"] == 3
     records = train_records(tmp_path / "run")
-    assert records[-1]["images_per_s"] > 0 and "disc_hinge" in records[-1]
+    assert records[-1]["samples_per_s"] > 0 and "disc_hinge" in records[-1]
 
 
 def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path: Path, train_images: Path):
     runs = {}
     for flag in ("false", "true"):
         config = tiny_config(tmp_path / flag, train_images, "max_steps=2", f"gradient_checkpointing={flag}")
-        trainer = Trainer(config)
+        trainer = tokenizer_engine(config)
         trainer.fit()
-        assert trainer.tokenizer.backbone.gradient_checkpointing is (flag == "true")
-        runs[flag] = [r["total"] for r in train_records(tmp_path / flag)]
+        assert trainer.task.tokenizer.backbone.gradient_checkpointing is (flag == "true")
+        runs[flag] = [r["loss"] for r in train_records(tmp_path / flag)]
     assert runs["true"] == pytest.approx(runs["false"], rel=1e-5)
 
 
@@ -168,6 +168,6 @@ def test_single_vocabulary_model_trains(tmp_path: Path, train_images: Path, pres
     ]
     if preset == "stage2":
         extra += ["loss.gan.enabled=false", "loss.pixel_mse=0", "loss.pixel_commitment=0"]
-    summary = Trainer(tiny_config(tmp_path / "run", train_images, *extra)).fit()
-    assert summary["step"] == 2 and summary["metrics"]["total"] > 0
+    summary = tokenizer_engine(tiny_config(tmp_path / "run", train_images, *extra)).fit()
+    assert summary["step"] == 2 and summary["metrics"]["loss"] > 0
     assert train_records(tmp_path / "run", "codebook")[-1]["pixel/usage"] > 0

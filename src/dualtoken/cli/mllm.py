@@ -64,8 +64,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..mllm.train import train_mllm
 
     config = apply_overrides(load_config(MLLMTrainConfig, args.config), args.set)
-    final = train_mllm(config, Path(args.config).parent, progress=not args.quiet, stop_after=args.stop_after)
-    print(f"model: {final}" if final.is_dir() else "stopped; run the same command again to resume")
+    summary = train_mllm(config, Path(args.config).parent, progress=not args.quiet, stop_at=args.stop_at)
+    print(f"model: {summary['export']}" if summary["export"] else "stopped; run the same command again to resume")
     return 0
 
 
@@ -104,6 +104,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
-        "--stop-after", type=int, default=None, metavar="N", help="stop after N steps (resume later)"
+        "--stop-at", type=int, default=None, metavar="STEP", help="stop (resumably) at this step, as `train` does"
     )
     p.set_defaults(func=cmd_train)

@@ -237,8 +237,9 @@ LEGACY_KEYS = {
 class MLLMTrainConfig:
     """A training run: a new model (``model``) or a saved one (``init_from``), data, preset, optimiser, steps.
 
-    The names are the tokenizer trainer's (:class:`dualtoken.training.TrainConfig`): ``output_dir``, ``max_steps``,
-    ``grad_accum``, ``precision``, ``optimizer``, ``checkpoint``, ``log``, ``parallel``, ``device``, ``seed``.
+    The training engine's settings have the tokenizer's names and meaning (:class:`dualtoken.training.TrainConfig`):
+    ``output_dir``, ``max_steps``, ``max_seconds``, ``grad_accum``, ``precision``, ``deterministic``, ``optimizer``,
+    ``checkpoint``, ``log``, ``parallel``, ``device``, ``seed``.
     In a config file, relative paths are taken from the file's folder.
     """
 
@@ -256,10 +257,12 @@ class MLLMTrainConfig:
     optimizer: OptimizerConfig = field(default_factory=default_optimizer)  # shared with the tokenizer trainer
     output_dir: str = "runs/mllm"
     max_steps: int = 1000
+    max_seconds: float = 0.0  # a wall-clock budget for the loop (0: none); ends the run as max_steps does
     grad_accum: int = 1  # micro-steps per optimiser step
     seed: int = 0
     device: str = "auto"  # auto: cuda:<LOCAL_RANK> when CUDA is available, else cpu
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # see dualtoken.precision
+    deterministic: bool = False  # bitwise-repeatable runs (one CPU thread, deterministic kernels)
     parallel: Literal["ddp", "fsdp"] = "ddp"  # with several processes (torchrun): DDP, or FSDP2 fully_shard
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=500, keep_last=2))
     log: LogConfig = field(default_factory=lambda: LogConfig(console=False))  # MLLM runs use every, console,
@@ -270,8 +273,8 @@ class MLLMTrainConfig:
             raise ConfigError(
                 "MLLMTrainConfig: give exactly one of `model` (a new MLLM) or `init_from` (a folder)"
             )
-        if self.max_steps < 1 or self.grad_accum < 1:
-            raise ConfigError("MLLMTrainConfig: max_steps and grad_accum must be >= 1")
+        if self.max_steps < 1 or self.grad_accum < 1 or self.max_seconds < 0:
+            raise ConfigError("MLLMTrainConfig: max_steps and grad_accum must be >= 1, max_seconds >= 0")
 
     @classmethod
     def upgrade(cls, data: dict[str, Any]) -> dict[str, Any]:

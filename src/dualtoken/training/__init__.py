@@ -1,5 +1,5 @@
-"""Training: the trainer (one process or torchrun DDP / FSDP2), its config, optimisers, freeze presets,
-resumable checkpoints and metric sinks. ``dualtoken train --config FILE`` runs :func:`train`."""
+"""Training: one engine (one process or torchrun DDP / FSDP2) for every task, its config, optimisers, freeze
+presets, resumable checkpoints and metric sinks. ``dualtoken train --config FILE`` runs :func:`train`."""
 
 from .config import (
     CheckpointConfig,
@@ -10,10 +10,18 @@ from .config import (
     TrainConfig,
     load_train_config,
 )
-from .trainer import Trainer, train
+from .engine import Callback, Engine, Task
+from .launch import tokenizer_engine, train
+from .semantic import SemanticTask
+from .tasks import TokenizerTask
 
 __all__ = [
-    "Trainer",
+    "Engine",
+    "Task",
+    "Callback",
+    "TokenizerTask",
+    "SemanticTask",
+    "tokenizer_engine",
     "train",
     "TrainConfig",
     "DataConfig",

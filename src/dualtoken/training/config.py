@@ -204,6 +204,9 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda:<LOCAL_RANK> when CUDA is available, else cpu
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     gradient_checkpointing: bool = False
+    # bitwise-repeatable runs (one CPU thread, deterministic kernels): two runs, or a run killed and resumed, export
+    # identical weights; costs speed (docs/TRAINING.md "Determinism")
+    deterministic: bool = False
     parallel: Literal["ddp", "fsdp"] = "ddp"  # with several processes: DDP, or FSDP2 fully_shard
     find_unused_parameters: bool | None = None  # DDP; None: decided from the loss weights
     data: DataConfig = field(default_factory=DataConfig)

@@ -11,24 +11,25 @@ thousands of images then costs seconds to minutes on a CPU instead of an hour.
     tap tokens -> down -> residual quantizer -> up -> features -> layers after the tap -> pooled   (each step)
     loss = distillation(features, pooled; teacher) + semantic_commitment * commitment
 
-The pixel branch and the decoder keep the weights the run starts with (``init_from`` brings trained ones). One
-process on ``config.device`` (a GPU computes the cache and trains; the cache itself stays in host memory).
+The pixel branch and the decoder keep the weights the run starts with (``init_from`` brings trained ones). The
+training loop is the engine's (:mod:`dualtoken.training.engine`); :class:`SemanticTask` gives it the model's
+semantic path (``forward(tap_tokens, semantic_only=True)``) and the cache as its data. Under torchrun rank 0
+computes the cache and every process trains on its share of each batch (DDP).
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import io
 import json
 import os
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from ..config import to_dict
@@ -41,12 +42,12 @@ from ..factory import build_tokenizer
 from ..io import open_rgb
 from ..losses import DualTokenObjective, TeacherTargets
 from ..tokenizer import DualTokenizer
-from . import checkpoints
+from .callbacks import CodebookMonitor
 from .config import TrainConfig
-from .distributed import setup_runtime
+from .distributed import Runtime, wrap_model
+from .engine import Callback, Engine, Task
 from .freeze import apply_freeze, tail_lr_scales
-from .metrics import MetricsLogger
-from .optim import build_optimizer, build_scheduler
+from .tasks import make_teacher
 
 CACHE_FORMAT = 1
 
@@ -237,8 +238,9 @@ def _features_of(records, config, tokenizer, teacher, crops, train, dtype, skipp
 def evaluate_semantic(
     tokenizer: DualTokenizer, cache: FeatureCache, labels: torch.Tensor | None = None, batch_size: int = 64
 ) -> dict[str, float]:
-    """Per depth k (the first k codes): token cosine to the teacher, agreement of the pooled argmax with the
-    teacher's, top-1 / top-5 accuracy when ``labels`` (N,) are given (-1: unknown); code usage per depth."""
+    """Per prefix depth k (the first k codes): token cosine to the teacher (``token_cosine@k``), agreement of the
+    pooled argmax with the teacher's, top-1 / top-5 accuracy when ``labels`` (N,) are given (-1: unknown); code
+    usage and perplexity per depth d (``semantic/depth<d>/usage``, d from 0, the training records' names)."""
     branch = tokenizer.semantic
     quantizer = branch.quantizer
     depth = quantizer.depth
@@ -269,8 +271,8 @@ def evaluate_semantic(
     metrics = {name: total / sums[f"n:{name}"] for name, total in sums.items() if not name.startswith("n:")}
     for k in range(depth):
         stats = usage_stats(counts[k])
-        metrics[f"usage@{k + 1}"] = stats["usage"]
-        metrics[f"perplexity@{k + 1}"] = stats["perplexity"]
+        metrics[f"semantic/depth{k}/usage"] = stats["usage"]
+        metrics[f"semantic/depth{k}/perplexity"] = stats["perplexity"]
     return metrics
 
 
@@ -289,121 +291,140 @@ def cache_labels(cache: FeatureCache, spec: str) -> torch.Tensor | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the training loop
+# the task
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def train_semantic_branch(config: TrainConfig, stop_at: int | None = None) -> dict[str, Any]:
-    """Train the semantic branch (and the tower's tail unless ``freeze.tail``) on cached tap features; resumes
-    from ``<output_dir>/checkpoints`` and exports the whole tokenizer to ``<output_dir>/final``."""
-    device = _device(config.device)
-    torch.manual_seed(config.seed)
-    out_dir = Path(config.output_dir)
-    tokenizer = build_tokenizer(config)
-    teacher = tokenizer.teacher() if config.teacher == "pretrained" else copy.deepcopy(tokenizer.backbone)
-    teacher.requires_grad_(False).eval().to(device)
-    tokenizer.to(device)
-    apply_freeze(tokenizer, config.freeze)
-    for module in (tokenizer.pixel, tokenizer.pixel_shortcut, tokenizer.decoder):
-        if module is not None:
-            module.requires_grad_(False)
-    tokenizer.train()
-    tokenizer.pixel.eval()  # the pixel codebook keeps its state: this run never quantizes pixels
-    cache_root = Path(config.cache.folder) if config.cache.folder else out_dir / "features"
-    progress = config.log.progress
-    train_cache = build_feature_cache(config, tokenizer, teacher, config.data.train, cache_root / "train", True, progress)
-    eval_cache = eval_labels = None
-    if config.data.eval:
-        eval_cache = build_feature_cache(config, tokenizer, teacher, config.data.eval, cache_root / "eval", False, progress)
-        eval_labels = cache_labels(eval_cache, config.data.eval)
+class CacheBatches:
+    """Micro-batches of a feature cache: each epoch visits the crops in a new seeded order; process ``rank`` of
+    ``world_size`` takes its share of each global batch. The position is the number of batches handed out."""
 
-    objective = DualTokenObjective(config.loss)
-    optimizer = build_optimizer(tokenizer, config.optimizer, tail_lr_scales(tokenizer, config.freeze))
-    scheduler = build_scheduler(optimizer, config.max_steps, config.optimizer)
-    step = 0
-    found = checkpoints.load_latest_checkpoint(out_dir / "checkpoints") if config.checkpoint.resume else None
-    if found is not None:
-        state = found[1]
-        tokenizer.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        checkpoints.set_rng_state(state["rng"])
-        step = state["step"]
-    logger = MetricsLogger(out_dir, config.log, resume_step=step)
-    logger.log(step, {"train_crops": len(train_cache), "trainable_parameters": _trainable(tokenizer)}, "system")
+    def __init__(self, cache: FeatureCache, batch_size: int, seed: int, rank: int, world_size: int, device) -> None:
+        self.cache, self.seed, self.rank, self.world_size, self.device = cache, seed, rank, world_size, device
+        self.batch_size = min(batch_size, len(cache) // world_size)
+        if self.batch_size < 1:
+            raise DataError(f"{len(cache)} cached crops cannot feed {world_size} processes")
+        self.per_epoch = len(cache) // (self.batch_size * world_size)
+        self.batches = 0
 
-    last = config.max_steps if stop_at is None else min(stop_at, config.max_steps)
-    batch_size = min(config.data.batch_size, len(train_cache))
-    steps_per_epoch = len(train_cache) // batch_size  # each epoch visits the crops in a new order
-    bar = tqdm(total=last, initial=step, desc="semantic branch", unit="step", disable=not progress)
-    started, checkpoint, order, epoch = time.perf_counter(), None, None, -1
-    while step < last:
-        if step // steps_per_epoch != epoch:
-            epoch = step // steps_per_epoch
-            order = _epoch_order(len(train_cache), config.seed, epoch)
-        position = (step % steps_per_epoch) * batch_size
-        inputs, targets = train_cache.batch(order[position : position + batch_size], device)
-        quantized = tokenizer.semantic.quantizer(tokenizer.semantic.down(inputs))
-        features = tokenizer.semantic.up(quantized.quantized)  # (B, h*w, W)
-        pooled = tokenizer.pool_from_features(features)
-        loss, terms = objective.distillation(features, pooled, targets)
-        loss = loss + config.loss.semantic_commitment * quantized.commitment
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.optimizer.grad_clip:
-            torch.nn.utils.clip_grad_norm_(tokenizer.parameters(), config.optimizer.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        bar.update(1)
-        if step % config.log.every == 0 or step == last:
-            values = {name: float(v.detach()) for name, v in terms.items()}
-            values.update(loss=float(loss.detach()), commitment=float(quantized.commitment.detach()), lr=scheduler.get_last_lr()[0])
-            values["seconds"] = round(time.perf_counter() - started, 1)
-            logger.log(step, values)
-        if eval_cache is not None and config.log.eval_every and step % config.log.eval_every == 0 and step < last:
-            logger.log(step, _eval_summary(tokenizer, eval_cache, eval_labels), "eval")
-        if step % config.checkpoint.every == 0 or step == last:
-            state = {
-                "step": step,
-                "model": tokenizer.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": checkpoints.rng_state(),
-            }
-            checkpoint = checkpoints.save_checkpoint(out_dir / "checkpoints", step, state, config.checkpoint.keep_last)
-    bar.close()
-    export = None
-    if step >= config.max_steps:
+    @property
+    def epoch(self) -> int:
+        return self.batches // self.per_epoch
+
+    def __iter__(self) -> CacheBatches:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, TeacherTargets]:
+        generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        order = torch.randperm(len(self.cache), generator=generator)
+        start = ((self.batches % self.per_epoch) * self.world_size + self.rank) * self.batch_size
+        self.batches += 1
+        return self.cache.batch(order[start : start + self.batch_size], self.device)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches": self.batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batches = int(state["batches"])
+
+
+class SemanticTask(Task):
+    """The semantic branch (and the tower's tail unless ``freeze.tail``) on cached tap features: the loss is the
+    distillation terms plus ``loss.semantic_commitment`` x the commitment. At the end of a finished run the
+    held-out cache (``data.eval``) is scored per depth into ``semantic_eval.json`` and an ``eval`` record."""
+
+    name = "semantic"
+
+    def __init__(self, engine: Engine) -> None:
+        config: TrainConfig = engine.config
+        runtime = engine.runtime
+        self.engine, self.config = engine, config
+        if config.codebook_init.method != "random":
+            raise ConfigError('codebook_init.method applies to the pixel codebook, which branch "semantic" never trains')
+        if config.data.eval_image_size is not None:
+            raise ConfigError('data.eval_image_size does not apply to branch "semantic" (cached features)')
+        if runtime.distributed and config.parallel == "fsdp":
+            raise ConfigError('parallel=fsdp does not apply to branch "semantic" (its model is small): use ddp')
+        tokenizer = build_tokenizer(config)
+        teacher = make_teacher(tokenizer, config.teacher, runtime.device)
+        tokenizer.to(runtime.device)
+        apply_freeze(tokenizer, config.freeze)
+        for module in (tokenizer.pixel, tokenizer.pixel_shortcut, tokenizer.decoder):
+            if module is not None:
+                module.requires_grad_(False)
+        tokenizer.backbone.set_gradient_checkpointing(config.gradient_checkpointing)
+        self.model = self.tokenizer = tokenizer
+        self.objective = DualTokenObjective(config.loss)
+        root = Path(config.cache.folder) if config.cache.folder else Path(config.output_dir) / "features"
+        train_cache = self._cache(teacher, config.data.train, root / "train", True)
+        self.data = CacheBatches(train_cache, config.data.batch_size, config.seed, runtime.rank, runtime.world_size, runtime.device)
+        self.samples_per_batch = self.data.batch_size
+        depth = {"semantic": tokenizer.semantic_depth}
+        self.usage = CodebookMonitor({"semantic": tokenizer.codebook_size("semantic")}, depth, runtime.device)
+        self.callbacks = [self.usage]
+        if config.data.eval:
+            eval_cache = self._cache(teacher, config.data.eval, root / "eval", False)
+            self.callbacks.append(HeldOutFeatures(self, eval_cache, cache_labels(eval_cache, config.data.eval)))
+
+    def _cache(self, teacher, spec: str, folder: Path, train: bool) -> FeatureCache:
+        """Rank 0 computes the features; the other ranks read its shards back."""
+        runtime, progress = self.engine.runtime, self.config.log.progress
+        if runtime.is_main:
+            cache = build_feature_cache(self.config, self.tokenizer, teacher, spec, folder, train, progress)
+        runtime.barrier()
+        if not runtime.is_main:
+            cache = build_feature_cache(self.config, self.tokenizer, teacher, spec, folder, train, False)
+        return cache
+
+    def wrap(self, runtime: Runtime, parallel: str) -> nn.Module:
+        return wrap_model(self.tokenizer, runtime, "ddp", find_unused=True)  # the pixel path has no loss here
+
+    def parameter_groups(self) -> list[tuple[nn.Module, float]]:
+        return tail_lr_scales(self.tokenizer, self.config.freeze)
+
+    def train_mode(self) -> None:
+        self.tokenizer.train()
+        self.tokenizer.pixel.eval()  # the pixel codebook keeps its state: this task never quantizes pixels
+
+    def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        inputs, targets = batch
+        out = model(inputs, semantic_only=True)
+        loss, terms = self.objective.distillation(out.features, out.pooled, targets)
+        loss = loss + self.config.loss.semantic_commitment * out.commitment
+        self.usage.update("semantic", out.codes.unsqueeze(1))
+        scalars = {name: float(value.detach()) for name, value in terms.items()}
+        scalars["semantic_commitment"] = float(out.commitment.detach())
+        return loss, scalars
+
+    def export(self, path: Path, model: nn.Module) -> Path:
+        return model.save_pretrained(path)
+
+    def fresh_model(self) -> nn.Module:
+        return DualTokenizer.from_config(self.tokenizer.config)
+
+
+class HeldOutFeatures(Callback):
+    """The semantic evaluation of the held-out cache every ``log.eval_every`` steps and at the end of a finished
+    run (then also into ``<output_dir>/semantic_eval.json``)."""
+
+    def __init__(self, task: SemanticTask, cache: FeatureCache, labels: torch.Tensor | None) -> None:
+        self.task, self.cache, self.labels = task, cache, labels
+
+    def _evaluate(self, engine: Engine) -> dict[str, float]:
+        tokenizer = self.task.tokenizer
         tokenizer.eval()
-        if eval_cache is not None:
-            results = evaluate_semantic(tokenizer, eval_cache, eval_labels)
-            logger.log(step, results, "eval")
-            (out_dir / "semantic_eval.json").write_text(json.dumps(results, indent=2) + "\n")
-        export = tokenizer.cpu().save_pretrained(out_dir / "final")
-    logger.close()
-    return {"step": step, "export": str(export) if export else None, "checkpoint": str(checkpoint) if checkpoint else None}
+        results = evaluate_semantic(tokenizer, self.cache, self.labels)
+        self.task.train_mode()
+        engine.logger.log(engine.step, {**results, "samples_seen": engine.step * engine.samples_per_step}, "eval")
+        return results
 
+    def on_step_end(self, engine: Engine, last: bool) -> None:
+        every = engine.config.log.eval_every
+        if every and engine.step % every == 0 and engine.step < engine.config.max_steps:
+            self._evaluate(engine)
 
-def _eval_summary(tokenizer: DualTokenizer, cache: FeatureCache, labels: torch.Tensor | None) -> dict[str, float]:
-    tokenizer.eval()
-    results = evaluate_semantic(tokenizer, cache, labels)
-    tokenizer.train()
-    tokenizer.pixel.eval()
-    return results
-
-
-def _device(spec: str) -> torch.device:
-    """The fast path's one device (``auto``: the GPU when there is one)."""
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise ConfigError('branch "semantic" trains in one process: start it without torchrun')
-    return setup_runtime(spec).device
-
-
-def _epoch_order(count: int, seed: int, epoch: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed * 100003 + epoch)
-    return torch.randperm(count, generator=generator)
-
-
-def _trainable(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+    def on_end(self, engine: Engine, finished: bool) -> None:
+        if finished:
+            results = self._evaluate(engine)
+            if engine.runtime.is_main:
+                (engine.out_dir / "semantic_eval.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -1,0 +1,350 @@
+"""The tokenizer as an engine task: the whole model (with its GAN step), or its pixel branch alone.
+
+One micro-step: forward (codebooks update by EMA inside), the frozen teacher's targets, the objective; once the GAN
+is on, the discriminator updates after the generator on the step's micro-batches. The tokenizer is exported with
+``save_pretrained`` (never with its teacher).
+
+``branch: "pixel"`` trains the pixel projections, quantizer and decoder alone: the forward stops at the pixel tap
+(``pixel_only``), everything else is frozen, and the loss is the same objective without its semantic terms.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data import SkippedImageWarning, TrainLoader, open_image_source, resolve_source
+from ..discriminator import PatchDiscriminator
+from ..errors import ConfigError
+from ..factory import build_tokenizer
+from ..io import save_image
+from ..losses import DualTokenObjective, teacher_targets
+from ..metrics import psnr
+from ..perceptual import build_perceptual
+from ..tokenizer import DualTokenizer
+from .callbacks import CodebookMonitor
+from .config import TrainConfig
+from .distributed import Runtime, gradient_sync, unwrap, wrap_model
+from .engine import Callback, Engine, Task
+from .freeze import apply_freeze, freeze_outside_pixel_branch, set_train_mode, tail_lr_scales
+from .monitor import reconstruction_grid
+from .optim import build_optimizer, build_scheduler, optimizer_step
+
+
+def make_teacher(tokenizer: DualTokenizer, setting: str, device: torch.device, given: nn.Module | None = None):
+    """The given teacher, the pretrained tower, or a copy of the initial tower (``setting``); frozen, in eval mode.
+    None for ``teacher: none`` without a given one."""
+    if given is None and setting == "none":
+        return None
+    if given is None:
+        given = tokenizer.teacher() if setting == "pretrained" else copy.deepcopy(tokenizer.backbone)
+    given.requires_grad_(False)
+    return given.eval().to(device)
+
+
+class TokenizerTask(Task):
+    """The tokenizer (``branch: "both"``) or its pixel branch (``branch: "pixel"``) on images.
+
+    ``tokenizer`` and ``teacher`` may be given (tests, notebooks); otherwise they come from the config. ``loader``
+    replaces the file loader of ``data.train``: an iterator of ``{"images": (B, 3, H, W)}`` batches with the
+    :class:`~dualtoken.data.TrainLoader` attributes ``epoch``, ``skipped``, ``state_dict`` and ``load_state_dict``
+    (e.g. :class:`~dualtoken.data.DeviceCropLoader`, images held and cropped on the accelerator).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer: DualTokenizer | None = None,
+        teacher: nn.Module | None = None,
+        loader: Iterator[dict[str, Any]] | None = None,
+    ) -> None:
+        config: TrainConfig = engine.config
+        refuse_settings(config)
+        self.engine, self.config = engine, config
+        self.name = "pixel" if config.branch == "pixel" else "tokenizer"  # checkpoints say which task wrote them
+        runtime = engine.runtime
+        device = runtime.device
+        tok = tokenizer if tokenizer is not None else build_tokenizer(config)
+        self.teacher = make_teacher(tok, config.teacher, device, teacher)
+        self.pixel_only = config.branch == "pixel"
+        self.frozen = freeze_outside_pixel_branch(tok) if self.pixel_only else apply_freeze(tok, config.freeze)
+        if config.data.eval_image_size and runtime.distributed and config.parallel == "fsdp":
+            raise ConfigError("data.eval_image_size needs the whole model in one process: use parallel=ddp")
+        tok.backbone.set_gradient_checkpointing(config.gradient_checkpointing)
+        self.model = self.tokenizer = tok.to(device)
+        perceptual = None
+        if config.loss.perceptual:
+            loss = config.loss
+            perceptual = build_perceptual(loss.perceptual_kind, loss.vgg_weights, loss.lpips_heads, loss.perceptual_resize)
+            perceptual = perceptual.to(device)
+        self.objective = DualTokenObjective(config.loss, perceptual)
+        self.data = self.loader = loader if loader is not None else TrainLoader(
+            resolve_source(config.data.train, config.data.shuffle_buffer),
+            tok.image_size,
+            config.data.batch_size,
+            seed=config.seed,
+            rank=runtime.rank,
+            world_size=runtime.world_size,
+            num_workers=config.data.num_workers,
+            crop_scale=config.data.crop_scale,
+            pin_memory=device.type == "cuda",
+        )
+        self.samples_per_batch = config.data.batch_size
+        depths = {"pixel": tok.pixel_depth} if self.pixel_only else {"pixel": tok.pixel_depth, "semantic": tok.semantic_depth}
+        self.usage = CodebookMonitor({b: tok.codebook_size(b) for b in depths}, depths, device)
+        self.gan = GanStep(engine, self.objective) if config.loss.gan.enabled else None
+        if self.gan is not None and not tok.decoder.conv_out.weight.requires_grad:
+            raise ConfigError("loss.gan needs a trainable decoder, but the freeze preset freezes it")
+        self.kmeans = KMeansInit(self) if config.codebook_init.method == "kmeans" else None
+        self.heldout = HeldOutImages(self) if config.data.eval else None
+        self.callbacks = [c for c in (self.gan, self.kmeans, self.usage, self.heldout) if c is not None]
+
+    @property
+    def codebook_init(self) -> list[dict[str, float]]:
+        """The k-means start's report per depth (empty when the codebook started otherwise or the run resumed)."""
+        return self.kmeans.report if self.kmeans is not None else []
+
+    def wrap(self, runtime: Runtime, parallel: str) -> nn.Module:
+        return wrap_model(self.tokenizer, runtime, parallel, self._find_unused())
+
+    def _find_unused(self) -> bool:
+        """DDP must look for unused parameters when a trainable path has no loss term."""
+        if self.config.find_unused_parameters is not None:
+            return self.config.find_unused_parameters
+        if self.pixel_only:
+            return False  # only pixel-path parameters train, and the reconstruction reaches all of them
+        loss = self.config.loss
+        pooled_used = loss.needs_teacher and bool(loss.pooled_mse or loss.pooled_cosine)
+        pixels_used = bool(loss.pixel_mse or loss.pixel_l1 or loss.perceptual)
+        return not (pooled_used and pixels_used)
+
+    def parameter_groups(self) -> list[tuple[nn.Module, float]]:
+        return tail_lr_scales(self.tokenizer, self.config.freeze)
+
+    def train_mode(self) -> None:
+        set_train_mode(self.tokenizer, self.config.freeze)
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        images = batch["images"].to(self.engine.runtime.device, non_blocking=True)
+        out = model(images, pixel_only=self.pixel_only)
+        targets = None
+        if self.teacher is not None and self.config.loss.needs_teacher:
+            targets = teacher_targets(self.teacher, images, self.tokenizer.config.semantic_layer)
+        discriminator = self.gan.discriminator if self.gan is not None and self.gan.on else None
+        total, terms = self.objective.generator(
+            out, images, targets, discriminator=discriminator, last_layer=self.tokenizer.decoder.conv_out.weight
+        )
+        if discriminator is not None:
+            self.gan.micro_batches.append((images, out.reconstruction.detach()))
+        self.usage.update("pixel", out.pixel_codes)
+        if out.semantic_codes is not None:
+            self.usage.update("semantic", out.semantic_codes)
+        return total, {name: float(value) for name, value in terms.items() if name != "total"}
+
+    def export(self, path: Path, model: nn.Module) -> Path:
+        return model.save_pretrained(path)
+
+    def fresh_model(self) -> nn.Module:
+        return DualTokenizer.from_config(self.tokenizer.config)
+
+    def evaluate(self) -> dict[str, float]:
+        """PSNR and pixel MSE of the held-out images (``data.eval``), reconstructed in eval mode."""
+        return self.heldout.evaluate() if self.heldout is not None else {}
+
+
+def refuse_settings(config: TrainConfig) -> None:
+    """Settings that cannot apply to the image tasks, refused with one line naming the key."""
+    if config.cache.folder is not None:
+        raise ConfigError('cache.folder applies to branch "semantic" only (cached tap features)')
+
+
+class GanStep(Callback):
+    """The adversarial part: from ``loss.gan.start_step`` on, the generator's objective gets the adversarial term
+    (the discriminator frozen for it), and after the generator's step one discriminator update runs on the step's
+    (images, detached reconstructions) micro-batches. Its model, optimiser, schedule and scaler are checkpointed."""
+
+    def __init__(self, engine: Engine, objective: DualTokenObjective) -> None:
+        config, runtime = engine.config, engine.runtime
+        self.config, self.objective = config, objective
+        self.discriminator = PatchDiscriminator(config.loss.gan.discriminator).to(runtime.device)
+        self.disc_model: nn.Module = self.discriminator
+        if runtime.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [runtime.device] if runtime.device.type == "cuda" else None
+            self.disc_model = DistributedDataParallel(self.discriminator, device_ids=ids)
+        self.optimizer = build_optimizer(self.discriminator, config.disc_optimizer)
+        gan_steps = max(1, config.max_steps - config.loss.gan.start_step)
+        self.scheduler = build_scheduler(self.optimizer, gan_steps, config.disc_optimizer)
+        self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=engine.autocast_dtype == torch.float16)
+        self.on = False
+        self.micro_batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def on_step_begin(self, engine: Engine) -> None:
+        self.on = self.config.loss.gan.active(engine.step)
+        self.micro_batches = []
+        if self.on:
+            self._maybe_restart(engine)
+            self.discriminator.requires_grad_(False)  # the generator's backward leaves it alone
+
+    def after_optimizer_step(self, engine: Engine) -> dict[str, float]:
+        if not self.on:
+            return {}
+        self.discriminator.requires_grad_(True)
+        sums: dict[str, float] = defaultdict(float)
+        count = len(self.micro_batches)
+        for index, (images, reconstruction) in enumerate(self.micro_batches):
+            with gradient_sync(self.disc_model, index == count - 1):
+                with engine.autocast():
+                    logits = self.disc_model(torch.cat([images, reconstruction]))
+                    real, fake = logits.split(images.shape[0])
+                    total, terms = self.objective.discriminator(real, fake, engine.step)
+                self.scaler.scale(total / count).backward()
+            for name, value in terms.items():
+                sums[name] += float(value) / count
+        self.micro_batches = []
+        sums["disc_lr"], sums["disc_grad_norm"] = optimizer_step(
+            self.optimizer, self.scheduler, self.scaler, self.config.disc_optimizer.grad_clip
+        )
+        return dict(sums)
+
+    def _maybe_restart(self, engine: Engine) -> None:
+        gan = self.config.loss.gan
+        since = engine.step - gan.start_step
+        if not gan.restart_every or since == 0 or since % gan.restart_every:
+            return
+        devices = [engine.runtime.device] if engine.runtime.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.config.seed + engine.step)  # the same fresh weights on every rank
+            self.discriminator.reset_parameters()
+        self.optimizer.state.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.discriminator.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.discriminator.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
+class KMeansInit(Callback):
+    """``codebook_init: kmeans``: before the first step of a new run, k-means of the pixel tap's latents over
+    ``codebook_init.batches`` training batches fills the pixel codebook (see ResidualQuantizer.init_from_data; with
+    several processes, rank 0's codebook is kept). A resumed run never initialises again."""
+
+    def __init__(self, task: TokenizerTask) -> None:
+        self.task = task
+        self.report: list[dict[str, float]] = []
+        cfg, depth = task.config.codebook_init, task.tokenizer.quantizer("pixel").depth
+        if cfg.shares and len(cfg.shares) != depth:
+            raise ConfigError(f"codebook_init.shares has {len(cfg.shares)} entries for {depth} depths")
+
+    def on_ready(self, engine: Engine) -> None:
+        if engine.resumed_from is None:
+            self.report = self._initialise()
+
+    @torch.no_grad()
+    def _initialise(self) -> list[dict[str, float]]:
+        task = self.task
+        cfg, tok = task.config.codebook_init, task.tokenizer
+        latents = []
+        for _ in range(cfg.batches):
+            images = next(task.loader)["images"].to(task.engine.runtime.device)
+            latents.append(tok.pixel_latents(images).flatten(0, 1))
+        vectors = torch.cat(latents)
+        generator = torch.Generator().manual_seed(task.config.seed)
+        per_update = vectors.shape[0] // cfg.batches
+        return tok.quantizer("pixel").init_from_data(vectors, per_update, cfg.iterations, generator, cfg.shares or None)
+
+    def on_start(self, engine: Engine) -> None:
+        if self.report and engine.step == 0:
+            values = {f"pixel/depth{q}/{k}": v for q, row in enumerate(self.report) for k, v in row.items()}
+            engine.logger.log(engine.step, values, kind="codebook_init")
+
+
+class HeldOutImages(Callback):
+    """A fixed batch of held-out images (``data.eval``; identical on every rank): PSNR and pixel MSE at step 0,
+    every ``log.eval_every`` steps and at the last (with ``samples_seen``, the learning curve's x), and a grid of
+    reconstructions every ``log.grid_every`` steps and at the last."""
+
+    def __init__(self, task: TokenizerTask) -> None:
+        self.task = task
+        cfg = task.config
+        count = max(cfg.data.eval_images, cfg.log.grid_images)
+        size = task.tokenizer.image_size if cfg.data.eval_image_size is None else (cfg.data.eval_image_size,) * 2
+        images = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SkippedImageWarning)  # held-out images: a skipped one is not news
+            for image, _ in open_image_source(cfg.data.eval, size):
+                images.append(image)
+                if len(images) == count:
+                    break
+        self.images = torch.stack(images) if images else None
+        self._eval_model: DualTokenizer | None = None  # the model at data.eval_image_size, built at first use
+
+    @torch.no_grad()
+    def reconstruct(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``count`` held-out images and their reconstructions in eval mode (no codebook update)."""
+        task = self.task
+        tok = unwrap(task.engine.model)
+        tok.eval()
+        images = self.images[:count].to(task.engine.runtime.device)
+        with task.engine.autocast():
+            out = self._at_eval_size(tok)(images, pixel_only=task.pixel_only)  # every rank runs it (FSDP gathers)
+        task.train_mode()
+        return images, out.reconstruction.float()
+
+    def evaluate(self) -> dict[str, float]:
+        if self.images is None:
+            return {}
+        images, reconstruction = self.reconstruct(self.task.config.data.eval_images)
+        return {
+            "psnr": float(psnr(reconstruction, images).mean()),
+            "pixel_mse": float(torch.mean((reconstruction - images) ** 2)),
+        }
+
+    def _at_eval_size(self, tok: DualTokenizer) -> DualTokenizer:
+        """``tok``, or its current weights at ``data.eval_image_size`` when that differs from the training
+        resolution (that model is built once, on this process's device, and refreshed at each call)."""
+        size = self.task.config.data.eval_image_size
+        if size is None or tok.image_size == (size, size):
+            return tok
+        if self._eval_model is None:
+            self._eval_model = tok.at_resolution(size).to(self.task.engine.runtime.device)
+        else:
+            self._eval_model.load_state_dict(tok.state_dict())
+        return self._eval_model.eval()
+
+    def _log_eval(self, engine: Engine) -> None:
+        values = self.evaluate()
+        if values:
+            engine.logger.log(engine.step, {**values, "samples_seen": engine.step * engine.samples_per_step}, "eval")
+
+    def on_start(self, engine: Engine) -> None:
+        if engine.step == 0:
+            self._log_eval(engine)  # the start of the held-out curve
+
+    def on_step_end(self, engine: Engine, last: bool) -> None:
+        log = engine.config.log
+        if (log.eval_every and engine.step % log.eval_every == 0) or last:
+            self._log_eval(engine)
+        if self.images is not None and ((log.grid_every and engine.step % log.grid_every == 0) or last):
+            images, reconstruction = self.reconstruct(log.grid_images)
+            if engine.runtime.is_main:
+                grid = reconstruction_grid(images.cpu(), reconstruction.cpu())
+                save_image(grid, engine.out_dir / "grids" / f"step-{engine.step:08d}.png")
+                engine.logger.image(engine.step, "reconstructions", grid)
