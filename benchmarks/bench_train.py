@@ -6,8 +6,9 @@ init with a frozen copy of the initial tower as teacher) three variants of a ful
     core:        distillation + commitment + pixel MSE (no perceptual network, no GAN)
     full:        core + EfficientNet-Lite0 perceptual loss + GAN (discriminator step included)
     full+ckpt:   full with gradient checkpointing of the tower
+    core+determ: core with ``deterministic: true`` (its cost: docs/TRAINING.md "Determinism")
 
-Each variant runs in its own process (so its peak resident memory is its own) through ``Trainer.fit`` on
+Each variant runs in its own process (so its peak resident memory is its own) through the training engine on
 generated images, data loading included; the first step is warm-up and not counted. Prints images/s, seconds per
 step, peak memory (CUDA allocations on a GPU, resident set size on the CPU) and ratios against ``core``.
 
@@ -36,6 +37,8 @@ VARIANTS = {
         "loss.gan.start_step=0",
         "gradient_checkpointing=true",
     ],
+    # core with deterministic=true: one intra-op thread, deterministic kernels, MKL's reproducible code paths
+    "core+determ": ["loss.perceptual=0", "loss.perceptual_kind=none", "loss.gan.enabled=false", "deterministic=true"],
 }
 
 

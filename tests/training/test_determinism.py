@@ -75,6 +75,7 @@ def test_two_runs_export_identical_weights(tmp_path: Path, data: Path, uninterru
     _assert_identical(uninterrupted, _weights(tmp_path / "again"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trial", range(3))
 def test_a_run_killed_after_a_checkpoint_and_restarted_exports_the_same_weights(
     tmp_path: Path, data: Path, uninterrupted, trial: int
