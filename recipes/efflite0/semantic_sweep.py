@@ -3,7 +3,8 @@
 Every variant is recipes/efflite0/semantic.json with a few overrides and the same short budget; all of them read one
 feature cache, so the tower runs once for the whole sweep. Per variant the table gives bits per position, held-out
 top-1 / top-5 through the quantized path, token cosine to the teacher at every depth, code usage per depth and the
-time of its training loop (from its metrics.jsonl, so a resumed variant counts the process that trained it).
+time of its training loop (from the ``samples_per_s`` of its metrics.jsonl, so a resumed variant counts every process
+that trained it).
 
     python recipes/efflite0/semantic_sweep.py --steps 400 --out runs/semantic-sweep   (from the repository root)
 """
@@ -70,16 +71,18 @@ def run_variant(name: str, steps: int, out: Path, extra: list[str]) -> dict:
         train(config)  # resumes an interrupted variant
     results = json.loads(result_file.read_text())
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    seconds = [r["seconds"] for r in records if r["kind"] == "train" and "seconds" in r]
-    # each process's clock starts at 0: a resumed variant adds the last reading of every process that trained it
-    per_process = [now for now, after in zip(seconds, [*seconds[1:], 0.0]) if after < now]
+    train_records = [r for r in records if r["kind"] == "train"]
+    samples_per_step = config.data.batch_size * config.grad_accum
+    # each record covers the steps since the one before at its samples_per_s (a resumed variant's records continue)
+    steps = [r["step"] - before for r, before in zip(train_records, [0] + [r["step"] for r in train_records])]
+    seconds = [count * samples_per_step / r["samples_per_s"] for count, r in zip(steps, train_records)]
     semantic = json.loads((folder / "final" / "config.json").read_text())["semantic_quantizer"]
     size, depth = semantic["codebook_size"], semantic["depth"]
     return {
         "name": name,
         "bits": depth * math.log2(size),
         "depth": depth,
-        "wall": sum(per_process),  # the training loop's own clock: no cache loading, no evaluation
+        "wall": sum(seconds),  # the training loop's own clock: no cache loading, no evaluation
         **results,
     }
 
@@ -92,7 +95,7 @@ def table(rows: list[dict]) -> str:
     for row in rows:
         depths = range(1, row["depth"] + 1)
         cosine = " / ".join(f"{row[f'token_cosine@{k}']:.3f}" for k in depths)
-        usage = " / ".join(f"{100 * row[f'usage@{k}']:.0f}" for k in depths)
+        usage = " / ".join(f"{100 * row[f'semantic/depth{k - 1}/usage']:.0f}" for k in depths)
         depth = row["depth"]
         top = f"{100 * row[f'top1@{depth}']:.1f} / {100 * row[f'top5@{depth}']:.1f} %"
         lines.append(f"| {row['name']} | {row['bits']:.0f} | {top} | {cosine} | {usage} % | {row['wall']:.0f} s |")

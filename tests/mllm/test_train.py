@@ -155,3 +155,21 @@ def test_a_question_without_an_image_gets_a_clear_message(run_folder, capsys):
     assert "no --image: this MLLM answers about an image (64x64 px" in err and "--no-image" in err
     assert main(["chat", "--model", str(final), "--no-image", "Hello?"]) == 0
     assert capsys.readouterr().out.strip()  # some answer from the language model alone
+
+
+def test_the_engine_settings_mean_the_same_for_the_mllm(run_folder):
+    """grad_accum, export cadence and max_seconds as for the tokenizer tasks (tests/training/test_engine.py)."""
+    from dualtoken.mllm.train import mllm_engine
+
+    config = load_config(MLLMTrainConfig, run_folder / "train.json")
+    config = apply_overrides(config, ["max_steps=4", "grad_accum=2", "checkpoint.export_every=2", "log.every=1",
+                                      "log.progress=false", f"output_dir={run_folder / 'cadence'}"])
+    engine = mllm_engine(config, run_folder)
+    summary = engine.run()
+    assert engine.task.data.batches == 8 and summary["step"] == 4
+    assert sorted(p.name for p in (run_folder / "cadence").glob("export-*")) == ["export-00000002", "export-00000004"]
+    record = json.loads((run_folder / "cadence" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"loss", "text", "lr", "grad_norm", "samples_per_s"} <= set(record)
+    timed = apply_overrides(config, ["max_steps=100", "max_seconds=0.001", f"output_dir={run_folder / 'timed'}"])
+    summary = train_mllm(timed, run_folder, progress=False)
+    assert summary["out_of_time"] and summary["step"] == 1 and summary["export"]

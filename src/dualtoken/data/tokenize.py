@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from ..errors import DataError, ImageError
+from ..process_group import join_process_group
 from ..tokenfile import save_tokens
 from .images import decode_record, warn_skipped
 from .sources import IndexedSource, Record, RecordSource, ShardSource, resolve_source
@@ -78,16 +79,6 @@ class _UnitBatches(IterableDataset):
                     images, ids, skipped = [], [], []
             batch = torch.stack(images) if images else None
             yield {"unit": unit, "images": batch, "ids": ids, "skipped": skipped, "last": True}
-
-
-def _join_processes() -> bool:
-    """Under torchrun without a process group yet, make a gloo one (for the final counts and barrier).
-
-    Returns whether this call made it (and so must destroy it)."""
-    if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        dist.init_process_group("gloo")
-        return True
-    return False
 
 
 def _distributed() -> bool:
@@ -179,7 +170,8 @@ def encode_dataset(
     records = resolve_source(source)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    owns_group = _join_processes()
+    device = next(tokenizer.parameters()).device
+    owns_group = join_process_group(device)
     rank, world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
     readers = _unit_records(records, shard_size)
     mine = {u: r for u, r in enumerate(readers) if u % world == rank}
@@ -188,7 +180,6 @@ def encode_dataset(
 
     model = tokenizer.config.name
     sizes = (tokenizer.codebook_size("pixel"), tokenizer.codebook_size("semantic"))
-    device = next(tokenizer.parameters()).device
     was_training = tokenizer.training
     tokenizer.eval()
     loader = DataLoader(

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..process_group import join_process_group
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -52,17 +54,6 @@ def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def init_from_environment() -> bool:
-    """Join the process group torchrun describes (WORLD_SIZE > 1), once; returns whether this call joined it.
-
-    NCCL on GPUs (each process on cuda:LOCAL_RANK), gloo on CPUs.
-    """
-    import os
-
-    if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl")
-    else:
-        dist.init_process_group(backend="gloo")
-    return True
+    """Join the process group torchrun describes (WORLD_SIZE > 1), once; returns whether this call joined it
+    (:func:`dualtoken.process_group.join_process_group`: NCCL on GPUs, each process on cuda:LOCAL_RANK; gloo on CPUs)."""
+    return join_process_group()

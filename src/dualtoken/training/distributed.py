@@ -1,7 +1,7 @@
 """Processes and devices: one process, or torchrun (DDP / FSDP2) across processes and nodes.
 
-Under torchrun (``WORLD_SIZE`` > 1) the process group is created here (NCCL on CUDA, gloo on CPU) unless the
-caller already made one. State dicts are gathered to full tensors on rank 0 for checkpoints, and loaded back on
+Under torchrun (``WORLD_SIZE`` > 1) the process group is joined here (:func:`dualtoken.process_group.join_process_group`:
+NCCL on CUDA, gloo on CPU) unless the caller already made one. State dicts are gathered to full tensors on rank 0 for checkpoints, and loaded back on
 every rank, for DDP and FSDP alike.
 """
 
@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..precision import autocast_dtype
+from ..process_group import join_process_group
 
 
 @dataclass
@@ -57,10 +58,7 @@ def setup_runtime(device: str = "auto") -> Runtime:
         if not torch.cuda.is_available():
             raise ConfigError(f"device {device!r} asked for, but CUDA is not available")
         torch.cuda.set_device(target)
-    owns = False
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        dist.init_process_group(backend="nccl" if target.type == "cuda" else "gloo")
-        owns = True
+    owns = join_process_group(target)
     if dist.is_initialized():
         return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, target, owns)
     return Runtime(0, 1, local_rank, target)
