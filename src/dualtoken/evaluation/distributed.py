@@ -9,11 +9,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..process_group import join_process_group
+from ..process_group import gather_objects, in_process_group, join_process_group
 
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+is_distributed = in_process_group
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -26,15 +24,6 @@ def is_mine(index: int) -> bool:
     """Whether image ``index`` (position in the data) is evaluated by this process."""
     rank, world = rank_and_world()
     return index % world == rank
-
-
-def gather_objects(obj):
-    """Every process's ``obj`` in rank order (a one-item list outside torchrun)."""
-    if not is_distributed():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def gather_rows(indices: torch.Tensor, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

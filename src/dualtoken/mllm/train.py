@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ..errors import ConfigError
 from ..training.distributed import Runtime, wrap_model
-from ..training.engine import Engine, Task
+from ..training.engine import Engine, ShuffledBatches, Task
 from .config import PRESETS, MLLMTrainConfig, locate
 from .data import (
     CaptionRecord,
@@ -72,19 +72,6 @@ def build_dataset(model: DualTokenMLLM, config: MLLMTrainConfig, base_dir: str |
     return MLLMDataset(records, cache, model.prompt, data.condition_dropout, data.max_length, config.seed)
 
 
-def sample_indices(dataset_size: int, start: int, count: int, seed: int) -> list[tuple[int, int]]:
-    """(epoch, index) of global sample positions start..start+count-1: a fresh permutation per epoch."""
-    out, permutations = [], {}
-    for position in range(start, start + count):
-        epoch = position // dataset_size
-        if epoch not in permutations:
-            permutations[epoch] = torch.randperm(
-                dataset_size, generator=torch.Generator().manual_seed(seed + epoch)
-            )
-        out.append((epoch, int(permutations[epoch][position % dataset_size])))
-    return out
-
-
 def build_model(config: MLLMTrainConfig, base_dir: str | Path | None) -> DualTokenMLLM:
     """The model to train, seeded so that every rank and every resume rebuilds the same initial weights."""
     torch.manual_seed(config.seed)
@@ -118,35 +105,6 @@ def unwrap_peft(llm: torch.nn.Module) -> torch.nn.Module:
     return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
 
 
-class MLLMBatches:
-    """Collated micro-batches of the dataset: global sample positions in a seeded permutation per epoch, process
-    ``rank`` taking its share of each global batch; the position is the number of micro-batches handed out."""
-
-    def __init__(self, dataset: MLLMDataset, batch_size: int, seed: int, pad_id: int, runtime: Runtime) -> None:
-        self.dataset, self.batch_size, self.seed, self.pad_id, self.runtime = dataset, batch_size, seed, pad_id, runtime
-        self.batches = 0
-
-    @property
-    def epoch(self) -> int:
-        return self.batches * self.batch_size * self.runtime.world_size // len(self.dataset)
-
-    def __iter__(self) -> MLLMBatches:
-        return self
-
-    def __next__(self):
-        first = (self.batches * self.runtime.world_size + self.runtime.rank) * self.batch_size
-        self.batches += 1
-        positions = sample_indices(len(self.dataset), first, self.batch_size, self.seed)
-        items = [self.dataset.item(index, epoch) for epoch, index in positions]
-        return collate(items, self.pad_id).to(self.runtime.device)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"batches": self.batches}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.batches = int(state["batches"])
-
-
 class MLLMTask(Task):
     """The MLLM as an engine task: the preset's parameters train on conversations and captions; the loss is the
     model's (text + visual heads), logged as ``loss``, ``text``, ``pixel``, ``semantic`` and per-depth terms."""
@@ -157,11 +115,16 @@ class MLLMTask(Task):
         config: MLLMTrainConfig = engine.config
         self.config, self.base_dir = config, base_dir
         self.model = build_model(config, base_dir)
-        self.trainable = set_trainable(self.model, config.preset, config.lora.enabled)
+        set_trainable(self.model, config.preset, config.lora.enabled)
         self.model.to(engine.runtime.device).train()
         dataset = build_dataset(self.model, config, base_dir)
-        self.data = MLLMBatches(dataset, config.data.batch_size, config.seed, self.model.pad_id, engine.runtime)
-        self.samples_per_batch = config.data.batch_size
+        device, pad_id = engine.runtime.device, self.model.pad_id
+
+        def fetch(indices: torch.Tensor, epoch: int):
+            return collate([dataset.item(int(index), epoch) for index in indices], pad_id).to(device)
+
+        self.data = ShuffledBatches(len(dataset), config.data.batch_size, config.seed, engine.runtime, fetch)
+        self.samples_per_batch = self.data.batch_size
         self.callbacks = []
         if engine.runtime.is_main:
             count = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -174,9 +137,7 @@ class MLLMTask(Task):
 
     def loss(self, model: torch.nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
         losses = model(batch)
-        scalars = losses.scalars()
-        del scalars["loss"]
-        return losses.loss, scalars
+        return losses.loss, {k: v for k, v in losses.scalars().items() if k != "loss"}
 
     def export(self, path: Path, model: torch.nn.Module) -> Path:
         model.save_pretrained(path)  # LoRA merged
@@ -192,10 +153,7 @@ def mllm_engine(config: MLLMTrainConfig, base_dir: str | Path | None = None) -> 
 
 
 def train_mllm(
-    config: MLLMTrainConfig,
-    base_dir: str | Path | None = None,
-    progress: bool = True,
-    stop_at: int | None = None,
+    config: MLLMTrainConfig, base_dir: str | Path | None = None, progress: bool = True, stop_at: int | None = None
 ) -> dict[str, Any]:
     """Run (or resume) training; returns the engine's summary (``export``: ``output_dir/final``, the
     save_pretrained folder written when the run finished; None when ``stop_at`` ended it first, resumably)."""

@@ -41,18 +41,23 @@ def save_checkpoint(folder: str | Path, step: int, state: dict[str, Any], keep_l
     ``keep_last`` checkpoints."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    path = checkpoint_path(folder, step)
-    tmp = folder / f".{path.name}.tmp{os.getpid()}"
+    path = write_atomic(state, checkpoint_path(folder, step))
+    for old in list_checkpoints(folder)[:-keep_last]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def write_atomic(obj: Any, path: Path) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, fsync, rename: a reader sees the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as handle:
-            torch.save(state, handle)
+            torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    for old in list_checkpoints(folder)[:-keep_last]:
-        old.unlink(missing_ok=True)
     return path
 
 

@@ -10,14 +10,12 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..errors import ConfigError
-from ..precision import autocast_dtype
 from ..process_group import join_process_group
 
 
@@ -114,11 +112,6 @@ def _fsdp_sync_off(model: nn.Module):
         model.set_requires_gradient_sync(True)
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of a ``precision`` setting (None: float32 throughout); see :mod:`dualtoken.precision`."""
-    return autocast_dtype(precision, device)
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     """The tokenizer inside a DDP wrapper (FSDP2 shards in place: the model is the tokenizer)."""
     return model.module if hasattr(model, "module") else model
@@ -167,21 +160,3 @@ def load_optimizer_state(
         set_optimizer_state_dict(model, optimizer, state, options=_state_options())
         return
     optimizer.load_state_dict(state)
-
-
-def gather_objects(value: Any, runtime: Runtime) -> list[Any]:
-    """Every rank's ``value``, in rank order, on every rank."""
-    if not runtime.distributed:
-        return [value]
-    values: list[Any] = [None] * runtime.world_size
-    dist.all_gather_object(values, value)
-    return values
-
-
-def broadcast_object(value: Any, runtime: Runtime) -> Any:
-    """Rank 0's ``value`` on every rank."""
-    if not runtime.distributed:
-        return value
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]

@@ -1,20 +1,13 @@
 """The training engine: one loop for every task (the tokenizer, its pixel or semantic branch alone, the MLLM).
 
-The engine owns what is the same for all of them: the runtime (one process, or torchrun with DDP / FSDP2), seeding
-and ``deterministic`` mode, precision and autocast, gradient accumulation (gradients all-reduced on the last
-micro-step only), the optimiser step (clip, step, schedule; the gradient norm is logged), the end of a run
-(``max_steps``, ``max_seconds``, ``stop_at``), one checkpoint format with one resume protocol, exports, and the
-metric records. A :class:`Task` gives the model, its data and ``loss(model, batch) -> (loss, scalars)``;
-:class:`Callback` objects add what a task does besides (a discriminator step, held-out evaluation, code usage).
-
-One optimiser step::
+It owns the runtime (one process, torchrun DDP / FSDP2), seeding and ``deterministic`` mode, precision, gradient
+accumulation (all-reduce on the last micro-step), the optimiser step, the end of a run (``max_steps``,
+``max_seconds``, ``stop_at``), one checkpoint format and resume protocol, exports and the records, whose names are
+one vocabulary (docs/TRAINING.md "Metrics"). A :class:`Task` gives the model, its data and ``loss(model, batch) ->
+(loss, scalars)``; :class:`Callback` objects add the rest (a discriminator step, held-out evaluation, code usage)::
 
     for each of grad_accum micro-batches:  loss, scalars = task.loss(model, batch)  -> backward (sync on the last)
     optimizer_step (unscale, clip, step, schedule)  -> callbacks' after_optimizer_step (e.g. the discriminator)
-
-Metric names (``metrics.jsonl``, TensorBoard, console; docs/TRAINING.md "Metrics") are one vocabulary: ``loss`` (the
-objective), ``lr``, ``grad_norm``, ``samples_per_s``, ``peak_memory_mb``, ``epoch``, the task's own terms, and
-``<vocabulary>/depth<d>/usage`` for code usage.
 """
 
 from __future__ import annotations
@@ -23,6 +16,8 @@ import contextlib
 import json
 import os
 import random
+import resource
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -35,26 +30,32 @@ from torch import nn
 from tqdm import tqdm
 
 from ..config import to_dict
-from ..errors import CheckpointError
+from ..errors import CheckpointError, DataError
+from ..precision import autocast_dtype
+from ..process_group import broadcast_object, gather_objects
 from . import checkpoints
 from .distributed import (
     Runtime,
-    broadcast_object,
     full_model_state,
     full_optimizer_state,
-    gather_objects,
     gradient_sync,
     load_model_state,
     load_optimizer_state,
-    resolve_precision,
     setup_runtime,
     unwrap,
 )
 from .metrics import MetricsLogger
-from .monitor import peak_memory_mb
 from .optim import build_optimizer, build_scheduler, optimizer_step
 
 CHECKPOINT_FORMAT = 2  # 1: the tokenizer trainer's before the engine (not read back)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process so far: CUDA allocations on a GPU, resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 class Callback:
@@ -125,6 +126,40 @@ class Task:
         raise NotImplementedError
 
 
+class ShuffledBatches:
+    """A task's data over ``count`` indexed items: each epoch visits them in a new seeded order, process ``rank`` of
+    ``world_size`` takes its share of each global batch (the rest of an epoch that fills no global batch is left
+    out), and ``fetch(indices, epoch)`` makes the micro-batch. The position is the number of batches handed out."""
+
+    def __init__(self, count: int, batch_size: int, seed: int, runtime: Runtime, fetch) -> None:
+        self.count, self.seed, self.runtime, self.fetch = count, seed, runtime, fetch
+        self.batch_size = min(batch_size, count // runtime.world_size)
+        if self.batch_size < 1:
+            raise DataError(f"{count} training items cannot feed {runtime.world_size} processes")
+        self.per_epoch = count // (self.batch_size * runtime.world_size)
+        self.batches = 0
+
+    @property
+    def epoch(self) -> int:
+        return self.batches // self.per_epoch
+
+    def __iter__(self) -> ShuffledBatches:
+        return self
+
+    def __next__(self) -> Any:
+        epoch = self.epoch
+        order = torch.randperm(self.count, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+        start = ((self.batches % self.per_epoch) * self.runtime.world_size + self.runtime.rank) * self.batch_size
+        self.batches += 1
+        return self.fetch(order[start : start + self.batch_size], epoch)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches": self.batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batches = int(state["batches"])
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
     random.seed(seed)
@@ -171,7 +206,7 @@ class Engine:
         self.runtime: Runtime = setup_runtime(config.device)
         self.out_dir = Path(config.output_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
-        self.autocast_dtype = resolve_precision(config.precision, self.runtime.device)
+        self.autocast_dtype = autocast_dtype(config.precision, self.runtime.device)
         self.step = 0
         self.resumed_from: Path | None = None
         torch.manual_seed(config.seed)
@@ -186,12 +221,8 @@ class Engine:
         if self.resumed_from is None:
             seed_everything(config.seed + self.runtime.rank)  # for what follows model construction
         self.logger: MetricsLogger | None = None
-        for callback in self.callbacks:
+        for callback in self.task.callbacks:
             callback.on_ready(self)
-
-    @property
-    def callbacks(self) -> list[Callback]:
-        return self.task.callbacks
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -210,7 +241,7 @@ class Engine:
         """The resume state (full tensors; every rank's RNG and data position), built collectively on all ranks."""
         parallel, runtime = self.config.parallel, self.runtime
         data_state = self.task.data.state_dict() if hasattr(self.task.data, "state_dict") else {}
-        per_rank = gather_objects({"rng": checkpoints.rng_state(), "data": data_state}, runtime)
+        per_rank = gather_objects({"rng": checkpoints.rng_state(), "data": data_state})
         return {
             "format": CHECKPOINT_FORMAT,
             "task": self.task.name,
@@ -221,7 +252,7 @@ class Engine:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "ranks": per_rank,
-            "callbacks": [callback.state_dict() for callback in self.callbacks],
+            "callbacks": [callback.state_dict() for callback in self.task.callbacks],
         }
 
     def save_checkpoint(self) -> Path | None:
@@ -230,7 +261,7 @@ class Engine:
         if self.runtime.is_main:
             path = checkpoints.save_checkpoint(self.checkpoint_dir, self.step, state, self.config.checkpoint.keep_last)
         self.runtime.barrier()
-        for callback in self.callbacks:
+        for callback in self.task.callbacks:
             callback.on_checkpoint(self, path)
         return path
 
@@ -240,7 +271,7 @@ class Engine:
         if self.runtime.is_main:
             latest = checkpoints.load_latest_checkpoint(self.checkpoint_dir)
             found = str(latest[0]) if latest else None
-        found = broadcast_object(found, self.runtime)
+        found = broadcast_object(found)
         if found is None:
             return
         state = checkpoints.read_checkpoint(found)
@@ -257,7 +288,7 @@ class Engine:
         load_optimizer_state(self.model, self.optimizer, state["optimizer"], parallel, runtime)
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        for callback, extra in zip(self.callbacks, state["callbacks"]):
+        for callback, extra in zip(self.task.callbacks, state["callbacks"]):
             callback.load_state_dict(extra)
         self.step = int(state["step"])
         ranks = state["ranks"]
@@ -297,7 +328,7 @@ class Engine:
         """One optimiser step of ``grad_accum`` micro-steps -> the step's mean scalars (``loss``, ``lr``, ...)."""
         task, accum = self.task, self.config.grad_accum
         task.train_mode()
-        for callback in self.callbacks:
+        for callback in self.task.callbacks:
             callback.on_step_begin(self)
         sums: dict[str, float] = defaultdict(float)
         for micro in range(accum):
@@ -312,7 +343,7 @@ class Engine:
         sums["lr"], sums["grad_norm"] = optimizer_step(
             self.optimizer, self.scheduler, self.scaler, self.config.optimizer.grad_clip
         )
-        for callback in self.callbacks:
+        for callback in self.task.callbacks:
             sums.update(callback.after_optimizer_step(self))
         return dict(sums)
 
@@ -327,7 +358,7 @@ class Engine:
         if runtime.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-        for callback in self.callbacks:
+        for callback in self.task.callbacks:
             callback.on_start(self)
         bar = tqdm(
             total=cfg.max_steps, initial=self.step, desc=f"train {self.task.name}", unit="step",
@@ -350,7 +381,7 @@ class Engine:
             if self.step % cfg.log.every == 0 or self.step == end:
                 last = self._record(window, window_steps, time.perf_counter() - clock)
                 window, window_steps, clock = defaultdict(list), 0, time.perf_counter()
-            for callback in self.callbacks:
+            for callback in self.task.callbacks:
                 callback.on_step_end(self, self.step == end)
             if self.step % cfg.checkpoint.every == 0 or self.step == end:
                 checkpoint = self.save_checkpoint()
@@ -358,7 +389,7 @@ class Engine:
                 self.export(self.out_dir / f"export-{self.step:08d}")
         bar.close()
         finished = self.step >= cfg.max_steps or out_of_time
-        for callback in self.callbacks:
+        for callback in self.task.callbacks:
             callback.on_end(self, finished)
         exported = self.export(self.out_dir / "final") if finished else None
         self.logger.close()
@@ -386,10 +417,15 @@ class Engine:
         self.logger.log(self.step, values)
         return values
 
+    def log_eval(self, values: dict[str, float]) -> None:
+        """An ``eval`` record, with ``samples_seen`` (the learning curve's x); nothing when ``values`` is empty."""
+        if values:
+            self.logger.log(self.step, {**values, "samples_seen": self.step * self.samples_per_step}, "eval")
+
     def _out_of_time(self, started: float) -> bool:
         """Whether ``max_seconds`` of training have passed (rank 0's clock decides for every rank)."""
         over = time.perf_counter() - started >= self.config.max_seconds
-        return bool(broadcast_object(over, self.runtime))
+        return bool(broadcast_object(over))
 
     def reduce(self, values: dict[str, float], mean: bool = True) -> dict[str, float]:
         """Average (or sum) scalars over processes."""

@@ -1,9 +1,6 @@
-"""What a training run watches besides the loss: codebook usage, held-out reconstructions, throughput, memory."""
+"""What a training run watches besides the loss: codebook usage and held-out reconstructions."""
 
 from __future__ import annotations
-
-import resource
-import sys
 
 import numpy as np
 import torch
@@ -12,10 +9,13 @@ import torch.distributed as dist
 from ..evaluation.codebook_stats import code_histogram, usage_stats
 from ..io import to_uint8
 from ..visualize import hstack
+from .engine import Callback, Engine
 
 
-class CodebookUsage:
-    """Code counts per vocabulary and depth over a window of steps (summed over processes when read)."""
+class CodebookMonitor(Callback):
+    """Code counts per vocabulary and depth of every training forward (``update``), summed over processes and
+    written as a ``codebook`` record every ``log.codebook_every`` steps and at the last: ``<vocabulary>/usage``,
+    ``/dead_codes`` and ``/perplexity`` pooled over depths, ``<vocabulary>/depth<d>/usage`` and ``/perplexity``."""
 
     def __init__(self, sizes: dict[str, int], depths: dict[str, int], device: torch.device) -> None:
         self.sizes = sizes
@@ -26,21 +26,24 @@ class CodebookUsage:
         self.counts[branch] += code_histogram(codes.detach(), self.sizes[branch])
 
     def summary(self) -> dict[str, float]:
-        """Usage (fraction of K used), dead codes and perplexity per vocabulary, pooled and per depth; resets."""
+        """The record's values over the counts so far; resets them."""
         values: dict[str, float] = {}
         for branch, counts in self.counts.items():
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(counts)
             pooled = usage_stats(counts.sum(dim=0).cpu())
-            values[f"{branch}/usage"] = pooled["usage"]
-            values[f"{branch}/dead_codes"] = pooled["dead_codes"]
-            values[f"{branch}/perplexity"] = pooled["perplexity"]
+            for name in ("usage", "dead_codes", "perplexity"):
+                values[f"{branch}/{name}"] = pooled[name]
             for depth in range(counts.shape[0]):
                 stats = usage_stats(counts[depth].cpu())
                 values[f"{branch}/depth{depth}/usage"] = stats["usage"]
                 values[f"{branch}/depth{depth}/perplexity"] = stats["perplexity"]
             counts.zero_()
         return values
+
+    def on_step_end(self, engine: Engine, last: bool) -> None:
+        if engine.step % engine.config.log.codebook_every == 0 or last:
+            engine.logger.log(engine.step, self.summary(), kind="codebook")
 
 
 def reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor, gap: int = 2) -> np.ndarray:
@@ -49,11 +52,3 @@ def reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor, 
     bottom = hstack(list(to_uint8(reconstructions)), gap)
     spacer = np.full((gap, top.shape[1], 3), 255, dtype=np.uint8)
     return np.concatenate([top, spacer, bottom], axis=0)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this process so far: CUDA allocations on a GPU, resident set size on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10

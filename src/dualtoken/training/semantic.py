@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,12 +41,13 @@ from ..factory import build_tokenizer
 from ..io import open_rgb
 from ..losses import DualTokenObjective, TeacherTargets
 from ..tokenizer import DualTokenizer
-from .callbacks import CodebookMonitor
+from . import checkpoints
 from .config import TrainConfig
 from .distributed import Runtime, wrap_model
-from .engine import Callback, Engine, Task
-from .freeze import apply_freeze, tail_lr_scales
-from .tasks import make_teacher
+from .engine import Callback, Engine, ShuffledBatches
+from .freeze import apply_freeze
+from .monitor import CodebookMonitor
+from .tasks import TokenizerModelTask, make_teacher
 
 CACHE_FORMAT = 1
 
@@ -134,15 +134,6 @@ def _fingerprint(config: TrainConfig, tokenizer: DualTokenizer, ids: list[str], 
     }
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def build_feature_cache(
     config: TrainConfig,
     tokenizer: DualTokenizer,
@@ -176,7 +167,7 @@ def build_feature_cache(
         path = folder / f"shard-{start // shard_size:05d}.pt"
         chunk = records[start : start + shard_size]
         if not path.is_file():
-            _save_atomic(_features_of(chunk, config, tokenizer, teacher, crops, train, dtype, skipped, shared), path)
+            checkpoints.write_atomic(_features_of(chunk, config, tokenizer, teacher, crops, train, dtype, skipped, shared), path)
         shards.append(torch.load(path, map_location="cpu", weights_only=True))
         bar.update(len(chunk))
     bar.close()
@@ -295,40 +286,7 @@ def cache_labels(cache: FeatureCache, spec: str) -> torch.Tensor | None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class CacheBatches:
-    """Micro-batches of a feature cache: each epoch visits the crops in a new seeded order; process ``rank`` of
-    ``world_size`` takes its share of each global batch. The position is the number of batches handed out."""
-
-    def __init__(self, cache: FeatureCache, batch_size: int, seed: int, rank: int, world_size: int, device) -> None:
-        self.cache, self.seed, self.rank, self.world_size, self.device = cache, seed, rank, world_size, device
-        self.batch_size = min(batch_size, len(cache) // world_size)
-        if self.batch_size < 1:
-            raise DataError(f"{len(cache)} cached crops cannot feed {world_size} processes")
-        self.per_epoch = len(cache) // (self.batch_size * world_size)
-        self.batches = 0
-
-    @property
-    def epoch(self) -> int:
-        return self.batches // self.per_epoch
-
-    def __iter__(self) -> CacheBatches:
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, TeacherTargets]:
-        generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        order = torch.randperm(len(self.cache), generator=generator)
-        start = ((self.batches % self.per_epoch) * self.world_size + self.rank) * self.batch_size
-        self.batches += 1
-        return self.cache.batch(order[start : start + self.batch_size], self.device)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"batches": self.batches}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.batches = int(state["batches"])
-
-
-class SemanticTask(Task):
+class SemanticTask(TokenizerModelTask):
     """The semantic branch (and the tower's tail unless ``freeze.tail``) on cached tap features: the loss is the
     distillation terms plus ``loss.semantic_commitment`` x the commitment. At the end of a finished run the
     held-out cache (``data.eval``) is scored per depth into ``semantic_eval.json`` and an ``eval`` record."""
@@ -357,7 +315,10 @@ class SemanticTask(Task):
         self.objective = DualTokenObjective(config.loss)
         root = Path(config.cache.folder) if config.cache.folder else Path(config.output_dir) / "features"
         train_cache = self._cache(teacher, config.data.train, root / "train", True)
-        self.data = CacheBatches(train_cache, config.data.batch_size, config.seed, runtime.rank, runtime.world_size, runtime.device)
+        self.data = ShuffledBatches(
+            len(train_cache), config.data.batch_size, config.seed, runtime,
+            lambda index, epoch: train_cache.batch(index, runtime.device),  # (inputs, targets)
+        )
         self.samples_per_batch = self.data.batch_size
         depth = {"semantic": tokenizer.semantic_depth}
         self.usage = CodebookMonitor({"semantic": tokenizer.codebook_size("semantic")}, depth, runtime.device)
@@ -379,9 +340,6 @@ class SemanticTask(Task):
     def wrap(self, runtime: Runtime, parallel: str) -> nn.Module:
         return wrap_model(self.tokenizer, runtime, "ddp", find_unused=True)  # the pixel path has no loss here
 
-    def parameter_groups(self) -> list[tuple[nn.Module, float]]:
-        return tail_lr_scales(self.tokenizer, self.config.freeze)
-
     def train_mode(self) -> None:
         self.tokenizer.train()
         self.tokenizer.pixel.eval()  # the pixel codebook keeps its state: this task never quantizes pixels
@@ -396,11 +354,6 @@ class SemanticTask(Task):
         scalars["semantic_commitment"] = float(out.commitment.detach())
         return loss, scalars
 
-    def export(self, path: Path, model: nn.Module) -> Path:
-        return model.save_pretrained(path)
-
-    def fresh_model(self) -> nn.Module:
-        return DualTokenizer.from_config(self.tokenizer.config)
 
 
 class HeldOutFeatures(Callback):
@@ -415,7 +368,7 @@ class HeldOutFeatures(Callback):
         tokenizer.eval()
         results = evaluate_semantic(tokenizer, self.cache, self.labels)
         self.task.train_mode()
-        engine.logger.log(engine.step, {**results, "samples_seen": engine.step * engine.samples_per_step}, "eval")
+        engine.log_eval(results)
         return results
 
     def on_step_end(self, engine: Engine, last: bool) -> None:

@@ -29,12 +29,11 @@ from ..losses import DualTokenObjective, teacher_targets
 from ..metrics import psnr
 from ..perceptual import build_perceptual
 from ..tokenizer import DualTokenizer
-from .callbacks import CodebookMonitor
 from .config import TrainConfig
 from .distributed import Runtime, gradient_sync, unwrap, wrap_model
 from .engine import Callback, Engine, Task
 from .freeze import apply_freeze, freeze_outside_pixel_branch, set_train_mode, tail_lr_scales
-from .monitor import reconstruction_grid
+from .monitor import CodebookMonitor, reconstruction_grid
 from .optim import build_optimizer, build_scheduler, optimizer_step
 
 
@@ -49,7 +48,23 @@ def make_teacher(tokenizer: DualTokenizer, setting: str, device: torch.device, g
     return given.eval().to(device)
 
 
-class TokenizerTask(Task):
+class TokenizerModelTask(Task):
+    """What the tasks that train a DualTokenizer share: its export, a pretrained tail's learning-rate scale."""
+
+    tokenizer: DualTokenizer
+    config: TrainConfig
+
+    def parameter_groups(self) -> list[tuple[nn.Module, float]]:
+        return tail_lr_scales(self.tokenizer, self.config.freeze)
+
+    def export(self, path: Path, model: nn.Module) -> Path:
+        return model.save_pretrained(path)
+
+    def fresh_model(self) -> nn.Module:
+        return DualTokenizer.from_config(self.tokenizer.config)
+
+
+class TokenizerTask(TokenizerModelTask):
     """The tokenizer (``branch: "both"``) or its pixel branch (``branch: "pixel"``) on images.
 
     ``tokenizer`` and ``teacher`` may be given (tests, notebooks); otherwise they come from the config. ``loader``
@@ -66,7 +81,8 @@ class TokenizerTask(Task):
         loader: Iterator[dict[str, Any]] | None = None,
     ) -> None:
         config: TrainConfig = engine.config
-        refuse_settings(config)
+        if config.cache.folder is not None:
+            raise ConfigError('cache.folder applies to branch "semantic" only (cached tap features)')
         self.engine, self.config = engine, config
         self.name = "pixel" if config.branch == "pixel" else "tokenizer"  # checkpoints say which task wrote them
         runtime = engine.runtime
@@ -85,16 +101,10 @@ class TokenizerTask(Task):
             perceptual = build_perceptual(loss.perceptual_kind, loss.vgg_weights, loss.lpips_heads, loss.perceptual_resize)
             perceptual = perceptual.to(device)
         self.objective = DualTokenObjective(config.loss, perceptual)
-        self.data = self.loader = loader if loader is not None else TrainLoader(
-            resolve_source(config.data.train, config.data.shuffle_buffer),
-            tok.image_size,
-            config.data.batch_size,
-            seed=config.seed,
-            rank=runtime.rank,
-            world_size=runtime.world_size,
-            num_workers=config.data.num_workers,
-            crop_scale=config.data.crop_scale,
-            pin_memory=device.type == "cuda",
+        data = config.data
+        self.data = self.loader = loader or TrainLoader(
+            resolve_source(data.train, data.shuffle_buffer), tok.image_size, data.batch_size, config.seed,
+            runtime.rank, runtime.world_size, data.num_workers, data.crop_scale, pin_memory=device.type == "cuda",
         )
         self.samples_per_batch = config.data.batch_size
         depths = {"pixel": tok.pixel_depth} if self.pixel_only else {"pixel": tok.pixel_depth, "semantic": tok.semantic_depth}
@@ -105,11 +115,6 @@ class TokenizerTask(Task):
         self.kmeans = KMeansInit(self) if config.codebook_init.method == "kmeans" else None
         self.heldout = HeldOutImages(self) if config.data.eval else None
         self.callbacks = [c for c in (self.gan, self.kmeans, self.usage, self.heldout) if c is not None]
-
-    @property
-    def codebook_init(self) -> list[dict[str, float]]:
-        """The k-means start's report per depth (empty when the codebook started otherwise or the run resumed)."""
-        return self.kmeans.report if self.kmeans is not None else []
 
     def wrap(self, runtime: Runtime, parallel: str) -> nn.Module:
         return wrap_model(self.tokenizer, runtime, parallel, self._find_unused())
@@ -124,9 +129,6 @@ class TokenizerTask(Task):
         pooled_used = loss.needs_teacher and bool(loss.pooled_mse or loss.pooled_cosine)
         pixels_used = bool(loss.pixel_mse or loss.pixel_l1 or loss.perceptual)
         return not (pooled_used and pixels_used)
-
-    def parameter_groups(self) -> list[tuple[nn.Module, float]]:
-        return tail_lr_scales(self.tokenizer, self.config.freeze)
 
     def train_mode(self) -> None:
         set_train_mode(self.tokenizer, self.config.freeze)
@@ -148,21 +150,9 @@ class TokenizerTask(Task):
             self.usage.update("semantic", out.semantic_codes)
         return total, {name: float(value) for name, value in terms.items() if name != "total"}
 
-    def export(self, path: Path, model: nn.Module) -> Path:
-        return model.save_pretrained(path)
-
-    def fresh_model(self) -> nn.Module:
-        return DualTokenizer.from_config(self.tokenizer.config)
-
     def evaluate(self) -> dict[str, float]:
         """PSNR and pixel MSE of the held-out images (``data.eval``), reconstructed in eval mode."""
         return self.heldout.evaluate() if self.heldout is not None else {}
-
-
-def refuse_settings(config: TrainConfig) -> None:
-    """Settings that cannot apply to the image tasks, refused with one line naming the key."""
-    if config.cache.folder is not None:
-        raise ConfigError('cache.folder applies to branch "semantic" only (cached tap features)')
 
 
 class GanStep(Callback):
@@ -226,19 +216,15 @@ class GanStep(Callback):
             self.discriminator.reset_parameters()
         self.optimizer.state.clear()
 
+    def _parts(self) -> dict[str, Any]:
+        return {"model": self.discriminator, "optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler}
+
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.discriminator.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-        }
+        return {name: part.state_dict() for name, part in self._parts().items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.discriminator.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        for name, part in self._parts().items():
+            part.load_state_dict(state[name])
 
 
 class KMeansInit(Callback):
@@ -329,19 +315,14 @@ class HeldOutImages(Callback):
             self._eval_model.load_state_dict(tok.state_dict())
         return self._eval_model.eval()
 
-    def _log_eval(self, engine: Engine) -> None:
-        values = self.evaluate()
-        if values:
-            engine.logger.log(engine.step, {**values, "samples_seen": engine.step * engine.samples_per_step}, "eval")
-
     def on_start(self, engine: Engine) -> None:
         if engine.step == 0:
-            self._log_eval(engine)  # the start of the held-out curve
+            engine.log_eval(self.evaluate())  # the start of the held-out curve
 
     def on_step_end(self, engine: Engine, last: bool) -> None:
         log = engine.config.log
         if (log.eval_every and engine.step % log.eval_every == 0) or last:
-            self._log_eval(engine)
+            engine.log_eval(self.evaluate())
         if self.images is not None and ((log.grid_every and engine.step % log.grid_every == 0) or last):
             images, reconstruction = self.reconstruct(log.grid_images)
             if engine.runtime.is_main:
