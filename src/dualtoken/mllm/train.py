@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import ConfigError
-from ..training.distributed import Runtime, wrap_model
+from ..training.distributed import Runtime
 from ..training.engine import Engine, ShuffledBatches, Task
 from .config import PRESETS, MLLMTrainConfig, locate
 from .data import (
@@ -131,9 +131,7 @@ class MLLMTask(Task):
             tqdm.write(f"mllm: {len(dataset)} samples, {count:,} trainable parameters ({config.preset})")
 
     def wrap(self, runtime: Runtime, parallel: str) -> torch.nn.Module:
-        if runtime.distributed and parallel == "fsdp":
-            return shard(self.model, runtime)
-        return wrap_model(self.model, runtime, "ddp", find_unused=True)
+        return shard(self.model, runtime) if runtime.distributed and parallel == "fsdp" else super().wrap(runtime, parallel)
 
     def loss(self, model: torch.nn.Module, batch) -> tuple[torch.Tensor, dict[str, float]]:
         losses = model(batch)

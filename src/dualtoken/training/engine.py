@@ -43,6 +43,7 @@ from .distributed import (
     load_optimizer_state,
     setup_runtime,
     unwrap,
+    wrap_model,
 )
 from .metrics import MetricsLogger
 from .optim import build_optimizer, build_scheduler, optimizer_step
@@ -104,7 +105,7 @@ class Task:
 
     def wrap(self, runtime: Runtime, parallel: str) -> nn.Module:
         """The module the loop calls: the model itself in one process, or its DDP / FSDP2 form."""
-        return self.model
+        return wrap_model(self.model, runtime, parallel, find_unused=True)
 
     def parameter_groups(self) -> list[tuple[nn.Module, float]]:
         """Modules whose parameters step at a scaled learning rate (e.g. a pretrained tail)."""
@@ -203,6 +204,14 @@ class Engine:
         self.config = config
         self._modes = contextlib.ExitStack()
         self._modes.enter_context(deterministic_mode(config.deterministic))
+        try:
+            self._build(task_factory)
+        except BaseException:
+            self._modes.close()  # the settings come back, as on close()
+            raise
+
+    def _build(self, task_factory) -> None:
+        config = self.config
         self.runtime: Runtime = setup_runtime(config.device)
         self.out_dir = Path(config.output_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
@@ -220,7 +229,7 @@ class Engine:
             self._resume()
         if self.resumed_from is None:
             seed_everything(config.seed + self.runtime.rank)  # for what follows model construction
-        self.logger: MetricsLogger | None = None
+        self.logger: MetricsLogger | None = None  # made by fit()
         for callback in self.task.callbacks:
             callback.on_ready(self)
 
@@ -256,10 +265,9 @@ class Engine:
         }
 
     def save_checkpoint(self) -> Path | None:
-        state = self.state_dict()
-        path = None
+        state, path, keep = self.state_dict(), None, self.config.checkpoint.keep_last
         if self.runtime.is_main:
-            path = checkpoints.save_checkpoint(self.checkpoint_dir, self.step, state, self.config.checkpoint.keep_last)
+            path = checkpoints.save_checkpoint(self.checkpoint_dir, self.step, state, keep)
         self.runtime.barrier()
         for callback in self.task.callbacks:
             callback.on_checkpoint(self, path)

@@ -43,7 +43,6 @@ from ..losses import DualTokenObjective, TeacherTargets
 from ..tokenizer import DualTokenizer
 from . import checkpoints
 from .config import TrainConfig
-from .distributed import Runtime, wrap_model
 from .engine import Callback, Engine, ShuffledBatches
 from .freeze import apply_freeze
 from .monitor import CodebookMonitor
@@ -336,9 +335,6 @@ class SemanticTask(TokenizerModelTask):
         if not runtime.is_main:
             cache = build_feature_cache(self.config, self.tokenizer, teacher, spec, folder, train, False)
         return cache
-
-    def wrap(self, runtime: Runtime, parallel: str) -> nn.Module:
-        return wrap_model(self.tokenizer, runtime, "ddp", find_unused=True)  # the pixel path has no loss here
 
     def train_mode(self) -> None:
         self.tokenizer.train()
