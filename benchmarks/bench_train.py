@@ -12,7 +12,8 @@ Each variant runs in its own process (so its peak resident memory is its own) th
 generated images, data loading included; the first step is warm-up and not counted. Prints images/s, seconds per
 step, peak memory (CUDA allocations on a GPU, resident set size on the CPU) and ratios against ``core``.
 
-Run: ``OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_train.py [--steps 4] [--models dualtoken-tiny]``
+Run: ``OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_train.py [--steps 4] [--models dualtoken-tiny]
+[--variants core core+determ] [--repeats 3]``
 """
 
 from __future__ import annotations
@@ -51,13 +52,13 @@ def write_images(folder: Path, count: int, size: int) -> Path:
     return folder
 
 
-def run_case(model: str, variant: str, steps: int, work: Path) -> dict:
+def run_case(model: str, variant: str, steps: int, work: Path, repeat: int = 0) -> dict:
     """One variant in a fresh process; returns its per-step records."""
     from dualtoken import get_config
 
     size = get_config(model).backbone.image_size
     data = write_images(work / f"data-{size}", MODELS[model] * 4, size)
-    out = work / f"{model}-{variant}"
+    out = work / f"{model}-{variant}-{repeat}"
     overrides = [
         f"model={model}",
         "teacher=initial",
@@ -83,7 +84,7 @@ def run_case(model: str, variant: str, steps: int, work: Path) -> dict:
         "import json, sys\n"
         "from dualtoken.training import load_train_config, tokenizer_engine\n"
         "trainer = tokenizer_engine(load_train_config(None, json.loads(sys.argv[1])))\n"
-        "trainer.fit()\n"
+        "trainer.run()\n"
     )
     subprocess.run([sys.executable, "-c", code, json.dumps(overrides)], check=True)
     lines = (out / "metrics.jsonl").read_text().splitlines()
@@ -98,6 +99,8 @@ def main() -> None:
         "--steps", type=int, default=4, help="timed steps per variant (after one warm-up step)"
     )
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--repeats", type=int, default=1, help="runs per variant, interleaved (A B A B ...)")
     args = parser.parse_args()
     import torch
 
@@ -105,9 +108,12 @@ def main() -> None:
     print(f"device: {device}; {args.steps} timed steps per variant; first step not counted")
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
-            rows = {}
-            for variant in VARIANTS:
-                records = run_case(model, variant, args.steps, Path(tmp))[1:]
+            rows, variants = {}, ["core", *[v for v in args.variants if v != "core"]]
+            runs = {v: [] for v in variants}
+            for repeat in range(args.repeats):
+                for variant in variants:
+                    runs[variant] += run_case(model, variant, args.steps, Path(tmp), repeat)[1:]
+            for variant, records in runs.items():
                 rate = statistics.median(r["samples_per_s"] for r in records)
                 rows[variant] = (rate, MODELS[model] / rate, max(r["peak_memory_mb"] for r in records))
             print(f"\n{model} (batch {MODELS[model]})")

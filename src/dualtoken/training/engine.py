@@ -20,7 +20,7 @@ import resource
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -168,16 +168,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@contextlib.contextmanager
-def deterministic_mode(enabled: bool):
-    """Bitwise-repeatable runs while inside: one intra-op thread (a float sum split over threads rounds differently
-    with each split), MKL's conditional numerical reproducibility (its matrix products otherwise take code paths by
-    the memory alignment of their operands; read when MKL first runs, so a process that multiplied matrices
-    before keeps its setting), deterministic kernels (``index_add_`` / scatter on CUDA), cuBLAS's fixed workspace,
-    no cuDNN auto-tuning. The previous settings come back on exit."""
-    if not enabled:
-        yield
-        return
+def deterministic_settings() -> Callable[[], None]:
+    """Bitwise-repeatable runs: one intra-op thread (a float sum split over threads rounds differently with each
+    split), MKL's conditional numerical reproducibility (its matrix products otherwise take code paths by the memory
+    alignment of their operands; read when MKL first runs, so a process that multiplied matrices before keeps its
+    setting), deterministic kernels (``index_add_`` / scatter on CUDA), cuBLAS's fixed workspace, no cuDNN
+    auto-tuning. Returns the function that puts the previous settings back."""
     threads, algorithms = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     benchmark = torch.backends.cudnn.benchmark
     os.environ.setdefault("MKL_CBWR", "COMPATIBLE,STRICT")
@@ -185,12 +181,13 @@ def deterministic_mode(enabled: bool):
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
-    try:
-        yield
-    finally:
+
+    def restore() -> None:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(algorithms)
         torch.backends.cudnn.benchmark = benchmark
+
+    return restore
 
 
 class Engine:
@@ -202,12 +199,11 @@ class Engine:
 
     def __init__(self, config: Any, task_factory) -> None:
         self.config = config
-        self._modes = contextlib.ExitStack()
-        self._modes.enter_context(deterministic_mode(config.deterministic))
+        self._restore = deterministic_settings() if config.deterministic else lambda: None
         try:
             self._build(task_factory)
         except BaseException:
-            self._modes.close()  # the settings come back, as on close()
+            self._restore()  # the settings come back, as on close()
             raise
 
     def _build(self, task_factory) -> None:
@@ -448,7 +444,7 @@ class Engine:
 
     def close(self) -> None:
         self.runtime.close()
-        self._modes.close()
+        self._restore()
 
     def run(self, stop_at: int | None = None) -> dict[str, Any]:
         """:meth:`fit`, then release the process group this engine made."""
