@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from .backbones import Backbone, backbone_class
 from .config import TokenizerConfig
 from .decoder import PixelDecoder
 from .errors import CodesError, ConfigError, ImageError
+from .precision import autocast_dtype, inference_precision
 from .projection import AttnProjection
 from .quantizer import QuantizerOutput, ResidualQuantizer
 from .registry import get_config
@@ -98,6 +100,8 @@ class DualTokenizer(
         self.model_dir: Path | None = None
         self.name_or_path: str | None = None  # what from_pretrained was given (a folder: its absolute path)
         self.loading_info: dict[str, list[str]] = {"missing": [], "unexpected": []}
+        # encode / decode precision, "auto" | "fp32" | "bf16" (see dualtoken.precision); None: the process default
+        self.precision: str | None = None
         self.backbone = backbone
         pixel_width = backbone.tap_width(config.pixel_layer)
         semantic_code_dim = config.semantic_quantizer.code_dim
@@ -339,12 +343,26 @@ class DualTokenizer(
     # the tokens API
     # ------------------------------------------------------------------------------------------------------------
 
+    def inference_autocast(self, device: torch.device | str, precision: str | None = None) -> AbstractContextManager:
+        """The autocast context of :meth:`encode` / :meth:`decode` on ``device``: ``precision``, else the model's
+        ``precision`` attribute, else the process default (:func:`dualtoken.precision.set_inference_precision`).
+        ``auto`` is bf16 only where the hardware multiplies bf16 natively; ``bf16`` elsewhere raises ConfigError."""
+        device = torch.device(device)
+        dtype = autocast_dtype(precision or self.precision or inference_precision(), device)
+        return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> DualTokens:
-        """Images (B, 3, H, W) in [-1, 1] -> both code tensors; never updates the codebooks."""
-        taps = self._run_to_taps(images)
-        semantic = self.semantic.quantizer(taps.semantic_latent, update=False)
-        pixel = self.pixel.quantizer(taps.pixel_latent, update=False) if self.pixel.quantizer is not None else semantic
+    def encode(self, images: torch.Tensor, precision: str | None = None) -> DualTokens:
+        """Images (B, 3, H, W) in [-1, 1] -> both code tensors; never updates the codebooks. ``precision``: see
+        :meth:`inference_autocast`. Under bf16 the tower runs in autocast and the search stays exact for the
+        latents it gets (they differ slightly from float32 ones, so a few codes can too)."""
+        self.check_images(images)
+        with self.inference_autocast(images.device, precision):
+            taps = self._run_to_taps(images)
+            semantic = self.semantic.quantizer(taps.semantic_latent, update=False)
+            pixel = semantic
+            if self.pixel.quantizer is not None:
+                pixel = self.pixel.quantizer(taps.pixel_latent, update=False)
         return DualTokens(self._grid_codes(pixel.codes), self._grid_codes(semantic.codes))
 
     @torch.no_grad()
@@ -352,10 +370,12 @@ class DualTokenizer(
         """What the pixel quantizer receives for ``images``: (B, h*w, D), the tower run only up to the pixel tap."""
         return self._run_to_taps(images, pixel_only=True).pixel_latent
 
-    def decode(self, pixel_codes: torch.Tensor) -> torch.Tensor:
-        """Pixel codes (B, h, w, k), any 1 <= k <= Q first depths -> images (B, 3, H, W), unclamped."""
+    def decode(self, pixel_codes: torch.Tensor, precision: str | None = None) -> torch.Tensor:
+        """Pixel codes (B, h, w, k), any 1 <= k <= Q first depths -> float32 images (B, 3, H, W), unclamped.
+        ``precision``: see :meth:`inference_autocast`."""
         latent = self.code_embeddings(pixel_codes, "pixel", per_depth=False)  # (B, h, w, D)
-        return self.decoder(self.pixel.up(latent.flatten(1, 2)))
+        with self.inference_autocast(latent.device, precision):
+            return self.decoder(self.pixel.up(latent.flatten(1, 2))).float()
 
     def semantic_features(self, semantic_codes: torch.Tensor) -> torch.Tensor:
         """Semantic codes (B, h, w, k) -> up-projected features (B, h*w, W), what the remaining layers receive."""
