@@ -8,6 +8,8 @@ GFLOP/s). Training, inference and the command line all resolve the setting here.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+
 import torch
 
 from .errors import ConfigError
@@ -78,6 +80,14 @@ def set_inference_precision(precision: str) -> None:
 def inference_precision() -> str:
     """The process default of inference precision (``auto`` unless :func:`set_inference_precision` changed it)."""
     return _inference_precision
+
+
+def inference_autocast(precision: str | None, device: torch.device | str) -> AbstractContextManager:
+    """The autocast context of inference under ``precision`` (None: the process default) on ``device``: bf16 (or
+    fp16) autocast, or autocast switched off for float32. Raises ConfigError as :func:`autocast_dtype` does."""
+    device = torch.device(device)
+    dtype = autocast_dtype(precision or inference_precision(), device)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 def explain(precision: str, device: torch.device | str) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from .backbones import Backbone, backbone_class
 from .config import TokenizerConfig
 from .decoder import PixelDecoder
 from .errors import CodesError, ConfigError, ImageError
-from .precision import autocast_dtype, inference_precision
+from .precision import inference_autocast
 from .projection import AttnProjection
 from .quantizer import QuantizerOutput, ResidualQuantizer
 from .registry import get_config
@@ -343,21 +342,17 @@ class DualTokenizer(
     # the tokens API
     # ------------------------------------------------------------------------------------------------------------
 
-    def inference_autocast(self, device: torch.device | str, precision: str | None = None) -> AbstractContextManager:
-        """The autocast context of :meth:`encode` / :meth:`decode` on ``device``: ``precision``, else the model's
-        ``precision`` attribute, else the process default (:func:`dualtoken.precision.set_inference_precision`).
-        ``auto`` is bf16 only where the hardware multiplies bf16 natively; ``bf16`` elsewhere raises ConfigError."""
-        device = torch.device(device)
-        dtype = autocast_dtype(precision or self.precision or inference_precision(), device)
-        return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
-
     @torch.no_grad()
     def encode(self, images: torch.Tensor, precision: str | None = None) -> DualTokens:
-        """Images (B, 3, H, W) in [-1, 1] -> both code tensors; never updates the codebooks. ``precision``: see
-        :meth:`inference_autocast`. Under bf16 the tower runs in autocast and the search stays exact for the
-        latents it gets (they differ slightly from float32 ones, so a few codes can too)."""
+        """Images (B, 3, H, W) in [-1, 1] -> both code tensors; never updates the codebooks.
+
+        ``precision`` ("auto" | "fp32" | "bf16"; None: the model's ``precision`` attribute, else the process default
+        of :func:`dualtoken.precision.set_inference_precision`): ``auto`` is bf16 autocast only where the hardware
+        multiplies bf16 natively, ``bf16`` elsewhere raises ConfigError. Under bf16 the tower runs in autocast and the
+        search stays exact for the latents it gets (they differ slightly from float32 ones, so a few codes can too).
+        """
         self.check_images(images)
-        with self.inference_autocast(images.device, precision):
+        with inference_autocast(precision or self.precision, images.device):
             taps = self._run_to_taps(images)
             semantic = self.semantic.quantizer(taps.semantic_latent, update=False)
             pixel = semantic
@@ -372,9 +367,9 @@ class DualTokenizer(
 
     def decode(self, pixel_codes: torch.Tensor, precision: str | None = None) -> torch.Tensor:
         """Pixel codes (B, h, w, k), any 1 <= k <= Q first depths -> float32 images (B, 3, H, W), unclamped.
-        ``precision``: see :meth:`inference_autocast`."""
+        ``precision``: as in :meth:`encode`."""
         latent = self.code_embeddings(pixel_codes, "pixel", per_depth=False)  # (B, h, w, D)
-        with self.inference_autocast(latent.device, precision):
+        with inference_autocast(precision or self.precision, latent.device):
             return self.decoder(self.pixel.up(latent.flatten(1, 2))).float()
 
     def semantic_features(self, semantic_codes: torch.Tensor) -> torch.Tensor:
