@@ -194,8 +194,9 @@ def main() -> None:
         for row in result["search"]:
             base = next(r["seconds"] for r in result["search"]
                         if r["shape"] == row["shape"] and r["method"].startswith("float32 per-depth"))
-            print(f"| {row['shape']} | {row['method']} | {row['seconds']:.3f} | {row['gflops']:.1f} | "
-                  f"{base / row['seconds']:.2f}x | {'yes' if row['same_codes'] else 'NO'} |")
+            ratio = "-" if row["method"].startswith("(") else f"{base / row['seconds']:.2f}x"
+            print(f"| {row['shape']} | {row['method']} | {row['seconds']:.3f} | {row['gflops']:.1f} | {ratio} | "
+                  f"{'yes' if row['same_codes'] else 'NO'} |")
 
         if not args.skip_model:
             result["model"] = model_rows(tokenizer, args.repeats)

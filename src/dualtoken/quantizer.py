@@ -187,17 +187,16 @@ def residual_codes(
 class GramCache:
     """The Gram matrix E E^T (K, K) of a quantizer's codebook for :func:`residual_codes`, built once the rows
     searched at the current codebook would have paid for it (rows x (Q - 1) >= K: its one matmul costs what K rows'
-    search of one depth costs) and kept until the codebook changes (its data pointer or version moves)."""
+    search of one depth costs) and kept while the codebook stays equal to the copy it was built from."""
 
     def __init__(self) -> None:
-        self.key: tuple | None = None
+        self.source: torch.Tensor | None = None  # (K, D) the codebook the rows were counted at
         self.gram: torch.Tensor | None = None
         self.rows = 0
 
     def get(self, codebook: torch.Tensor, rows: int, depth: int) -> torch.Tensor | None:
-        key = (codebook.data_ptr(), codebook._version, tuple(codebook.shape), codebook.device)
-        if key != self.key:
-            self.key, self.gram, self.rows = key, None, 0
+        if self.source is None or self.source.shape != codebook.shape or not torch.equal(self.source, codebook):
+            self.source, self.gram, self.rows = codebook.clone(), None, 0
         if self.gram is None:
             self.rows += rows
             if self.rows * (depth - 1) >= codebook.shape[0]:
