@@ -152,3 +152,21 @@ def test_cli_prints_the_resolved_precision_once(photo_dir, tmp_path, capsys, no_
     assert main(["reconstruct", str(photo_dir), "--model", "dualtoken-tiny", "--random-weights", "--precision",
                  "fp32", "--out", str(tmp_path / "rec")]) == 0
     assert "precision: float32 (fp32)" in capsys.readouterr().err
+
+
+def test_every_inference_command_takes_precision():
+    from dualtoken.cli.main import build_parser
+
+    subparsers = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for command in ("encode", "decode", "reconstruct", "demo", "eval", "serve", "chat", "generate"):
+        options = {s for action in subparsers[command]._actions for s in action.option_strings}
+        assert "--precision" in options, command
+        assert subparsers[command].get_default("precision") == "auto"
+
+
+def test_gram_search_settings_are_checked():
+    from dualtoken.config import QuantizerConfig
+
+    with pytest.raises(ConfigError, match="search_gram_max_mib"):
+        QuantizerConfig(search_gram_max_mib=-1)
+    assert QuantizerConfig().search_gram_min_dim == 64
