@@ -23,7 +23,7 @@ from torch import nn
 
 from .config import QuantizerConfig
 
-# rows per group of the blocked argmin: the minimum of each group first, then the argmin inside the first group that
+# columns per group of the blocked argmin: the minimum of each group first, then the argmin inside the first group that
 # holds the row's minimum (torch.argmin's answer, first index on ties, in about half its time on a CPU)
 ARGMIN_GROUP = 128
 # codes rescored exactly per undecided row before a whole row is computed in float64
@@ -135,6 +135,7 @@ def _float64_distances(vectors: torch.Tensor, codebook: torch.Tensor, candidates
     each difference and square is exact, and every pair is summed the same way."""
     difference = vectors.double()[:, None, :] - codebook.double()[candidates]  # (U, C, D)
     return difference.pow(2).sum(dim=2)
+
 
 def residual_codes(
     vectors: torch.Tensor,
