@@ -148,10 +148,10 @@ def test_cli_prints_the_resolved_precision_once(photo_dir, tmp_path, capsys, no_
         assert main(command + ["--model", "dualtoken-tiny", "--random-weights"]) == 0
         err = capsys.readouterr().err
         assert err.count("precision: ") == 1
-        assert "precision: float32 (auto: this CPU has no bf16 matrix units" in err
+        assert "note: precision: float32 (auto: this CPU has no bf16 matrix units" in err
     assert main(["reconstruct", str(photo_dir), "--model", "dualtoken-tiny", "--random-weights", "--precision",
                  "fp32", "--out", str(tmp_path / "rec")]) == 0
-    assert "precision: float32 (fp32)" in capsys.readouterr().err
+    assert "note: precision: float32 (fp32)" in capsys.readouterr().err
 
 
 def test_every_inference_command_takes_precision():

@@ -54,12 +54,12 @@ def add_precision_option(parser: argparse.ArgumentParser) -> None:
 
 def use_precision(args: argparse.Namespace) -> None:
     """Check ``--precision`` on the command's device (``--device``, else CUDA when available, else the CPU), make it
-    the default of every tokenizer the command loads, and print the choice once on stderr."""
+    the default of every tokenizer the command loads, and print the choice once on stderr (a ``note:`` line)."""
     precision = check_precision(args.precision, INFERENCE_PRECISIONS)
     device = getattr(args, "device", None)
     if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"precision: {explain(precision, device)}", file=sys.stderr)
+    print(f"note: precision: {explain(precision, device)}", file=sys.stderr)
     set_inference_precision(precision)
 
 
