@@ -23,7 +23,6 @@ def _load(model_dir: str, device: str):
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    use_precision(args)
     model = _load(args.model, args.device)
     height, width = model.visual_tokenizer.image_size
     if args.image is None and not args.no_image:
@@ -31,6 +30,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             f"no --image: this MLLM answers about an image ({height}x{width} px; any image file is resized and "
             "centre-cropped to it); pass --image FILE, or --no-image to ask the language model alone"
         )
+    use_precision(args)
     image = load_image(args.image, (height, width)) if args.image else None
     options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seed": args.seed}
     print(model.chat(image, args.question, **options))

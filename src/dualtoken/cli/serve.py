@@ -65,9 +65,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..serving import create_app
     from ..serving.mllm import load_mllm
 
-    use_precision(args)
     config = serve_config(args)
     check_port_free(config.host, config.port)
+    use_precision(args)
     if config.torch_threads is not None:
         torch.set_num_threads(config.torch_threads)
     tokenizer = load_model(args.model, args.random_weights)
