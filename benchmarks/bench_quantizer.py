@@ -1,6 +1,8 @@
 """Residual quantizer speed at the release's shapes, side by side in one run.
 
-    ours:     dualtoken.quantizer.ResidualQuantizer (blocked fused distance + argmin, codebook norms reused)
+    ours:     dualtoken.quantizer.ResidualQuantizer in eval mode (blocked fused distance, blocked argmin, exact
+              decision of rounding-level ties; the Gram-matrix first pass for codes at least 64 wide)
+    previous: the float32 search before that (blocked fused distance, then torch.argmin)
     plain:    one full distance matmul per depth, argmin, subtract (the textbook method)
     library:  vector_quantize_pytorch.ResidualVQ with a shared codebook (what people would otherwise use)
 
@@ -27,6 +29,22 @@ def plain_residual_codes(x: torch.Tensor, codebook: torch.Tensor, depth: int) ->
         code = distances.argmin(1)
         residual = residual - codebook[code]
         codes.append(code)
+    return torch.stack(codes, -1)
+
+
+def previous_residual_codes(x: torch.Tensor, codebook: torch.Tensor, depth: int, block_rows: int = 256) -> torch.Tensor:
+    """The float32 search before the exact search (blocked addmm, then torch.argmin per block), depth by depth."""
+    residual, codes = x.clone(), []
+    codebook_t = codebook.t()
+    codebook_sq = codebook_t.pow(2).sum(0, keepdim=True)
+    for _ in range(depth):
+        residual_sq, code = residual.pow(2).sum(1, keepdim=True), []
+        for start in range(0, residual.shape[0], block_rows):
+            distances = torch.add(residual_sq[start : start + block_rows], codebook_sq)
+            distances.addmm_(residual[start : start + block_rows], codebook_t, alpha=-2.0)
+            code.append(distances.argmin(1))
+        codes.append(torch.cat(code))
+        residual.sub_(codebook[codes[-1]])
     return torch.stack(codes, -1)
 
 
@@ -68,6 +86,9 @@ def main() -> None:
         agree = (ours_codes == plain_codes).float().mean().item()
         results = {
             "ours": time_it(lambda: quantizer(x), args.repeats),
+            "previous float32 search (torch.argmin)": time_it(
+                lambda: previous_residual_codes(x.reshape(N, D), quantizer.codebook, Q), args.repeats
+            ),
             "plain": time_it(lambda: plain_residual_codes(x.reshape(N, D), quantizer.codebook, Q), args.repeats),
         }
         if not args.skip_library:

@@ -222,11 +222,18 @@ class QuantizerConfig:
     per_step_final_residual: bool = False
     # rows per block of the nearest-code search: bounds the distance matrix held in memory
     search_block_rows: int = 256
+    # inference search (no codebook update): codes at least this wide are scored through the Gram matrix E E^T,
+    # cached while its K x K float32 entries fit in search_gram_max_mib (0: never); the codes stay the same
+    search_gram_min_dim: int = 64
+    search_gram_max_mib: int = 1024
 
     def __post_init__(self) -> None:
         for name in ("codebook_size", "code_dim", "depth", "search_block_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"QuantizerConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("search_gram_min_dim", "search_gram_max_mib"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"QuantizerConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.decay < 1.0:
             raise ConfigError(f"QuantizerConfig.decay must be in [0, 1), got {self.decay}")
 

@@ -8,11 +8,16 @@ GFLOP/s). Training, inference and the command line all resolve the setting here.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+
 import torch
 
 from .errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+INFERENCE_PRECISIONS = ("auto", "fp32", "bf16")  # the command line's --precision
+
+_inference_precision = "auto"
 
 
 def cpu_bf16_flags() -> dict[str, bool]:
@@ -39,8 +44,7 @@ def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | 
     Raises ConfigError for an unknown setting, and for ``bf16`` / ``fp16`` on a CPU that cannot run them fast.
     """
     device = torch.device(device)
-    if precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    check_precision(precision)
     if precision == "auto":
         if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16_matmul()):
             return torch.bfloat16
@@ -58,3 +62,44 @@ def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | 
 def describe(dtype: torch.dtype | None) -> str:
     """How a run states its precision once: ``bf16 autocast`` or ``float32``."""
     return "float32" if dtype is None else f"{str(dtype).removeprefix('torch.').replace('bfloat16', 'bf16')} autocast"
+
+
+def check_precision(precision: str, choices: tuple[str, ...] = PRECISIONS) -> str:
+    """``precision`` itself when it is one of ``choices``; ConfigError (one line) otherwise."""
+    if precision not in choices:
+        raise ConfigError(f"unknown precision {precision!r}; expected one of {', '.join(choices)}")
+    return precision
+
+
+def set_inference_precision(precision: str) -> None:
+    """The precision of ``DualTokenizer.encode`` / ``decode`` where neither the call nor the model sets one."""
+    global _inference_precision
+    _inference_precision = check_precision(precision)
+
+
+def inference_precision() -> str:
+    """The process default of inference precision (``auto`` unless :func:`set_inference_precision` changed it)."""
+    return _inference_precision
+
+
+def inference_autocast(precision: str | None, device: torch.device | str) -> AbstractContextManager:
+    """The autocast context of inference under ``precision`` (None: the process default) on ``device``: bf16 (or
+    fp16) autocast, or autocast switched off for float32. Raises ConfigError as :func:`autocast_dtype` does."""
+    device = torch.device(device)
+    dtype = autocast_dtype(precision or inference_precision(), device)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def explain(precision: str, device: torch.device | str) -> str:
+    """One line naming what ``precision`` resolves to on ``device`` and why, e.g. ``float32 (auto: this CPU has no
+    bf16 matrix units: amx_tile no, avx512_bf16 no)``. Raises ConfigError as :func:`autocast_dtype` does."""
+    device = torch.device(device)
+    dtype = autocast_dtype(precision, device)
+    if precision != "auto":
+        return f"{describe(dtype)} ({precision})"
+    if device.type != "cpu":
+        return f"{describe(dtype)} (auto on {device.type})"
+    flags = cpu_bf16_flags()
+    found = ", ".join(f"{name} {'yes' if flags[name] else 'no'}" for name in ("amx_tile", "avx512_bf16"))
+    units = "has bf16 matrix units" if dtype is not None else "has no bf16 matrix units"
+    return f"{describe(dtype)} (auto: this CPU {units}: {found})"

@@ -23,17 +23,27 @@ from torch import nn
 
 from .config import QuantizerConfig
 
+# columns per group of the blocked argmin: the minimum of each group first, then the argmin inside the first group that
+# holds the row's minimum (torch.argmin's answer, first index on ties, in about half its time on a CPU)
+ARGMIN_GROUP = 128
+# codes rescored exactly per undecided row before a whole row is computed in float64
+RESCORED_CANDIDATES = 16
+
 
 def nearest_codes(vectors: torch.Tensor, codebook: torch.Tensor, block_rows: int = 256) -> torch.Tensor:
     """Index of the nearest code (squared L2, first index on ties) for each row of ``vectors`` (N, D) -> (N,).
 
-    Distances are ``||v||^2 + ||e||^2 - 2 v.e`` in one addmm, as the reference computes them, but for ``block_rows``
-    rows at a time into one reused buffer: the full (N, K) matrix is never held, and each block's argmin reads it
-    while it is still in cache.
+    Distances are ``||v||^2 + ||e||^2 - 2 v.e`` in one float32 addmm, as the reference computes them, ``block_rows``
+    rows at a time into one reused buffer (the full (N, K) matrix is never held). Where another code lies within
+    float32 rounding of a row's nearest one (a bound from the rows' and codes' norms), the row is decided exactly in
+    float64 (:func:`settle_codes`): the codes are the exact nearest ones, the same whatever the BLAS library, thread
+    count, block size or the cheaper first pass of :func:`residual_codes`.
     """
     codebook_t = codebook.t()  # (D, K)
     codebook_sq = codebook_t.pow(2.0).sum(dim=0, keepdim=True)  # (1, K)
     vectors_sq = vectors.pow(2.0).sum(dim=1, keepdim=True)  # (N, 1)
+    scale = (vectors_sq.sqrt() + codebook_sq.max().sqrt()).pow(2).squeeze(1)  # (N,) bounds |terms| of a distance
+    slack = float32_dot_slack(codebook.shape[1]) * scale  # (N,) bound on a float32 distance's rounding error
     codes = torch.empty(vectors.shape[0], dtype=torch.long, device=vectors.device)
     buffer = vectors.new_empty(min(block_rows, vectors.shape[0]), codebook.shape[0])  # (rows, K)
     for start in range(0, vectors.shape[0], block_rows):
@@ -41,8 +51,158 @@ def nearest_codes(vectors: torch.Tensor, codebook: torch.Tensor, block_rows: int
         distances = buffer[: stop - start]
         torch.add(vectors_sq[start:stop], codebook_sq, out=distances)
         distances.addmm_(vectors[start:stop], codebook_t, alpha=-2.0)
-        torch.argmin(distances, dim=1, out=codes[start:stop])
+        codes[start:stop] = settle_codes(distances, slack[start:stop], vectors[start:stop], codebook)
     return codes
+
+
+def float32_dot_slack(width: int, steps: int = 0) -> float:
+    """Relative rounding bound of a float32 distance (or score) of ``width``-wide vectors, ``steps`` updates after
+    its first evaluation: gamma_width for the dot products and norms plus a unit roundoff per addition, times the
+    square of the summed norms (the caller's scale)."""
+    unit = torch.finfo(torch.float32).eps / 2
+    return (width + 3 * steps + 4) * unit / (1 - (width + 3 * steps + 4) * unit)
+
+
+def settle_codes(
+    scores: torch.Tensor, slack: torch.Tensor, vectors: torch.Tensor, codebook: torch.Tensor
+) -> torch.Tensor:
+    """The exact nearest code of each row, from approximate ``scores`` (R, K): distances up to a per-row shift, each
+    within ``slack`` (R,) of the exact value (same shift).
+
+    A row whose runner-up score is more than twice the slack above its best takes the best; the others keep the
+    codes within that window (the exact winner is among them), rescore them in float64 and take the nearest,
+    first index on ties. Returns (R,) int64.
+    """
+    best, best_score, runner_up = row_minimum(scores, runner_up=True)
+    limit = best_score + 2 * slack  # (R,) the exact winner scores at most this
+    undecided = (runner_up <= limit).nonzero().squeeze(1)
+    if undecided.numel():
+        best[undecided] = _exact_nearest(vectors[undecided], codebook, scores[undecided], limit[undecided])
+    return best
+
+
+def row_minimum(
+    scores: torch.Tensor, runner_up: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(index of each row's minimum, first on ties (R,); its value; the smallest other value) of ``scores`` (R, K).
+
+    Blocked: the minimum of each group of ``ARGMIN_GROUP`` columns, the argmin over the groups (the first group
+    holding the row's minimum), then the argmin inside that group; the runner-up is the smaller of the second value
+    of that group and the other groups' minima. Values are None unless ``runner_up``.
+    """
+    rows, width = scores.shape
+    if width % ARGMIN_GROUP or width < 2 * ARGMIN_GROUP:
+        index = scores.argmin(dim=1)  # (R,)
+        if not runner_up:
+            return index, None, None
+        others = scores.clone()
+        value = others.gather(1, index[:, None]).squeeze(1)
+        others.scatter_(1, index[:, None], float("inf"))
+        return index, value, others.amin(dim=1)
+    grouped = scores.view(rows, width // ARGMIN_GROUP, ARGMIN_GROUP)
+    group_min = grouped.amin(dim=2)  # (R, K / group)
+    group = group_min.argmin(dim=1)  # (R,)
+    inside = grouped[torch.arange(rows, device=scores.device), group]  # (R, group) a copy
+    offset = inside.argmin(dim=1)
+    index = group * ARGMIN_GROUP + offset
+    if not runner_up:
+        return index, None, None
+    value = inside.gather(1, offset[:, None]).squeeze(1)
+    inside.scatter_(1, offset[:, None], float("inf"))
+    group_min.scatter_(1, group[:, None], float("inf"))
+    return index, value, torch.minimum(inside.amin(dim=1), group_min.amin(dim=1))
+
+
+def _exact_nearest(
+    vectors: torch.Tensor, codebook: torch.Tensor, scores: torch.Tensor, limit: torch.Tensor
+) -> torch.Tensor:
+    """Exact nearest codes (float64 distances, first index on ties) of rows whose candidates are the codes scoring
+    at most ``limit``: the ``RESCORED_CANDIDATES`` best when that holds them all, every code otherwise."""
+    count = min(RESCORED_CANDIDATES, codebook.shape[0])
+    top_scores, candidates = torch.topk(scores, count, dim=1, largest=False)  # (U, C)
+    candidates = candidates.sort(dim=1).values  # code order: argmin's first index is the lowest code
+    whole = top_scores[:, -1] <= limit if count < codebook.shape[0] else torch.zeros_like(limit, dtype=torch.bool)
+    exact = _float64_distances(vectors, codebook, candidates)  # (U, C)
+    codes = candidates.gather(1, exact.argmin(dim=1, keepdim=True)).squeeze(1)
+    for row in whole.nonzero().squeeze(1).tolist():  # more near-ties than candidates: every code
+        every = torch.arange(codebook.shape[0], device=codebook.device)[None]
+        codes[row] = _float64_distances(vectors[row : row + 1], codebook, every).argmin()
+    return codes
+
+
+def _float64_distances(vectors: torch.Tensor, codebook: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Squared distances (U, C) in float64 of rows ``vectors`` (U, D) to their ``candidates`` (U, C), elementwise:
+    each difference and square is exact, and every pair is summed the same way."""
+    difference = vectors.double()[:, None, :] - codebook.double()[candidates]  # (U, C, D)
+    return difference.pow(2).sum(dim=2)
+
+
+def residual_codes(
+    vectors: torch.Tensor,
+    codebook: torch.Tensor,
+    depth: int,
+    block_rows: int = 256,
+    gram: torch.Tensor | None = None,
+    low_precision: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Residual codes (N, Q) of ``vectors`` (N, D): exactly what :func:`nearest_codes` gives depth after depth on
+    the float32 residual, from a cheaper first pass scoring every code, ``block_rows`` rows at a time through all
+    depths. The scores are ``||e||^2 / 2 - r.e`` (half the distance, less ``||r||^2 / 2``), either
+
+    - from the Gram matrix ``gram`` = E E^T (K, K): scored once per row by one float32 addmm, then updated per depth,
+      ``r_{q+1}.E^T = r_q.E^T - G[c_q]``: a memory-bound gather of K floats per row instead of 2 K D FLOP; or
+    - per depth by a ``low_precision`` (bf16 / fp16) matmul, where the hardware multiplies those natively.
+
+    Each pass's rounding is bounded per row (:func:`float32_dot_slack`; the low-precision products add four unit
+    roundoffs of that dtype), and :func:`settle_codes` decides every row exactly within that bound.
+    """
+    if (gram is None) == (low_precision is None):
+        raise ValueError("residual_codes needs exactly one of gram and low_precision")
+    rows, width = vectors.shape
+    half_sq = codebook.pow(2).sum(dim=1) / 2  # (K,)
+    code_norms = half_sq.mul(2).sqrt()  # (K,)
+    largest = code_norms.max()
+    codebook_t = codebook.t()  # (D, K)
+    low_codebook_t = codebook_t.to(low_precision) if low_precision is not None else None
+    low_slack = 4 * torch.finfo(low_precision).eps / 2 + float32_dot_slack(width) if low_precision else 0.0
+    codes = torch.empty(rows, depth, dtype=torch.long, device=vectors.device)
+    for start in range(0, rows, block_rows):
+        residual = vectors[start : start + block_rows].clone()  # (B, D)
+        reach = residual.norm(dim=1)  # (B,) bounds the norm of every residual and code sum the scores have seen
+        scores = torch.addmm(half_sq, residual, codebook_t, alpha=-1.0) if gram is not None else None  # (B, K)
+        for level in range(depth):
+            if gram is not None:
+                slack = float32_dot_slack(width, level) * (reach + largest).pow(2)
+            else:
+                scores = half_sq - (residual.to(low_precision) @ low_codebook_t).float()  # (B, K)
+                slack = low_slack * (residual.norm(dim=1) + largest).pow(2)
+            code = settle_codes(scores, slack, residual, codebook)  # (B,)
+            codes[start : start + block_rows, level] = code
+            residual.sub_(codebook[code])
+            if gram is not None and level + 1 < depth:
+                scores.add_(gram.index_select(0, code))
+                reach.add_(code_norms[code])
+    return codes
+
+
+class GramCache:
+    """The Gram matrix E E^T (K, K) of a quantizer's codebook for :func:`residual_codes`, built once the rows
+    searched at the current codebook would have paid for it (rows x (Q - 1) >= K: its one matmul costs what K rows'
+    search of one depth costs) and kept while the codebook stays equal to the copy it was built from."""
+
+    def __init__(self) -> None:
+        self.source: torch.Tensor | None = None  # (K, D) the codebook the rows were counted at
+        self.gram: torch.Tensor | None = None
+        self.rows = 0
+
+    def get(self, codebook: torch.Tensor, rows: int, depth: int) -> torch.Tensor | None:
+        if self.source is None or self.source.shape != codebook.shape or not torch.equal(self.source, codebook):
+            self.source, self.gram, self.rows = codebook.clone(), None, 0
+        if self.gram is None:
+            self.rows += rows
+            if self.rows * (depth - 1) >= codebook.shape[0]:
+                self.gram = codebook @ codebook.t()  # (K, K)
+        return self.gram
 
 
 def kmeans(
@@ -85,6 +245,11 @@ def split_codes(total: int, weights: list[float]) -> list[int]:
     parts = [max(1, int(total * w / sum(weights))) for w in weights]
     parts[0] += total - sum(parts)
     return parts
+
+
+def autocast_matmul_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs matmuls in on ``device_type`` here (None: autocast is off)."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def _distributed() -> bool:
@@ -172,17 +337,22 @@ class ResidualQuantizer(nn.Module):
     def forward(self, x: torch.Tensor, update: bool | None = None) -> QuantizerOutput:
         """Quantize ``x`` (..., D). ``update`` (default: training mode) runs the EMA update and restarts."""
         update = self.training if update is None else update
+        low_precision = autocast_matmul_dtype(x.device.type)  # read before autocast is switched off here
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return self._quantize(x, update)
+            return self._quantize(x, update, low_precision)
 
-    def _quantize(self, x: torch.Tensor, update: bool) -> QuantizerOutput:
+    def _quantize(self, x: torch.Tensor, update: bool, low_precision: torch.dtype | None = None) -> QuantizerOutput:
         cfg = self.config
         x32 = x.float()
         residual = x32.detach().reshape(-1, cfg.code_dim).clone()  # (N, D)
         partial = torch.zeros_like(residual)  # A_q: sum of the code vectors so far
         codes, partial_sums, residuals = [], [], []
-        for _ in range(cfg.depth):
-            code = nearest_codes(residual, self.codebook, cfg.search_block_rows)  # (N,)
+        planned = None if update else self._planned_codes(residual, low_precision)  # (N, Q) or None
+        for level in range(cfg.depth):
+            if planned is not None:
+                code = planned[:, level]
+            else:
+                code = nearest_codes(residual, self.codebook, cfg.search_block_rows)  # (N,)
             vectors = self.codebook[code]  # looked up before this depth's update
             if update and cfg.ema_schedule == "per_depth":
                 self._ema_update(residual, code)
@@ -200,6 +370,21 @@ class ResidualQuantizer(nn.Module):
         quantized = x32 + (quantized_sum - x32).detach()  # straight-through estimator
         commitment = torch.stack([(x32 - a.view_as(x32)).pow(2).mean() for a in partial_sums]).mean()
         return QuantizerOutput(quantized, torch.stack(codes, dim=-1).view(*lead, cfg.depth), commitment)
+
+    def _planned_codes(self, residual: torch.Tensor, low_precision: torch.dtype | None) -> torch.Tensor | None:
+        """Every depth's codes (N, Q) at once for a forward that leaves the codebook as it is, through a cheaper first
+        pass of :func:`residual_codes` where one applies: a ``low_precision`` matmul (the autocast dtype, bf16 or
+        fp16), else the cached Gram matrix for codes at least ``search_gram_min_dim`` wide whose Gram matrix fits in
+        ``search_gram_max_mib``. None: the per-depth float32 search. The codes are the same either way."""
+        cfg = self.config
+        if low_precision is not None:
+            return residual_codes(residual, self.codebook, cfg.depth, cfg.search_block_rows, low_precision=low_precision)
+        gram_mib = cfg.codebook_size**2 * self.codebook.element_size() / 2**20
+        if cfg.depth < 2 or cfg.code_dim < cfg.search_gram_min_dim or gram_mib > cfg.search_gram_max_mib:
+            return None
+        cache = self.__dict__.setdefault("_gram_cache", GramCache())  # not a buffer: never saved
+        gram = cache.get(self.codebook, residual.shape[0], cfg.depth)
+        return None if gram is None else residual_codes(residual, self.codebook, cfg.depth, cfg.search_block_rows, gram)
 
     @torch.no_grad()
     def _ema_update(self, vectors: torch.Tensor, codes: torch.Tensor) -> None:

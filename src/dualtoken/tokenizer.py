@@ -22,6 +22,7 @@ from .backbones import Backbone, backbone_class
 from .config import TokenizerConfig
 from .decoder import PixelDecoder
 from .errors import CodesError, ConfigError, ImageError
+from .precision import inference_autocast
 from .projection import AttnProjection
 from .quantizer import QuantizerOutput, ResidualQuantizer
 from .registry import get_config
@@ -108,6 +109,8 @@ class DualTokenizer(
         self.model_dir: Path | None = None
         self.name_or_path: str | None = None  # what from_pretrained was given (a folder: its absolute path)
         self.loading_info: dict[str, list[str]] = {"missing": [], "unexpected": []}
+        # encode / decode precision, "auto" | "fp32" | "bf16" (see dualtoken.precision); None: the process default
+        self.precision: str | None = None
         self.backbone = backbone
         pixel_width = backbone.tap_width(config.pixel_layer)
         semantic_code_dim = config.semantic_quantizer.code_dim
@@ -365,11 +368,21 @@ class DualTokenizer(
     # ------------------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> DualTokens:
-        """Images (B, 3, H, W) in [-1, 1] -> both code tensors; never updates the codebooks."""
-        taps = self._run_to_taps(images)
-        semantic = self.semantic.quantizer(taps.semantic_latent, update=False)
-        pixel = self.pixel.quantizer(taps.pixel_latent, update=False) if self.pixel.quantizer is not None else semantic
+    def encode(self, images: torch.Tensor, precision: str | None = None) -> DualTokens:
+        """Images (B, 3, H, W) in [-1, 1] -> both code tensors; never updates the codebooks.
+
+        ``precision`` ("auto" | "fp32" | "bf16"; None: the model's ``precision`` attribute, else the process default
+        of :func:`dualtoken.precision.set_inference_precision`): ``auto`` is bf16 autocast only where the hardware
+        multiplies bf16 natively, ``bf16`` elsewhere raises ConfigError. Under bf16 the tower runs in autocast and the
+        search stays exact for the latents it gets (they differ slightly from float32 ones, so a few codes can too).
+        """
+        self.check_images(images)
+        with inference_autocast(precision or self.precision, images.device):
+            taps = self._run_to_taps(images)
+            semantic = self.semantic.quantizer(taps.semantic_latent, update=False)
+            pixel = semantic
+            if self.pixel.quantizer is not None:
+                pixel = self.pixel.quantizer(taps.pixel_latent, update=False)
         return DualTokens(self._grid_codes(pixel.codes), self._grid_codes(semantic.codes))
 
     @torch.no_grad()
@@ -377,10 +390,12 @@ class DualTokenizer(
         """What the pixel quantizer receives for ``images``: (B, h*w, D), the tower run only up to the pixel tap."""
         return self._run_to_taps(images, pixel_only=True).pixel_latent
 
-    def decode(self, pixel_codes: torch.Tensor) -> torch.Tensor:
-        """Pixel codes (B, h, w, k), any 1 <= k <= Q first depths -> images (B, 3, H, W), unclamped."""
+    def decode(self, pixel_codes: torch.Tensor, precision: str | None = None) -> torch.Tensor:
+        """Pixel codes (B, h, w, k), any 1 <= k <= Q first depths -> float32 images (B, 3, H, W), unclamped.
+        ``precision``: as in :meth:`encode`."""
         latent = self.code_embeddings(pixel_codes, "pixel", per_depth=False)  # (B, h, w, D)
-        return self.decoder(self.pixel.up(latent.flatten(1, 2)))
+        with inference_autocast(precision or self.precision, latent.device):
+            return self.decoder(self.pixel.up(latent.flatten(1, 2))).float()
 
     def semantic_features(self, semantic_codes: torch.Tensor) -> torch.Tensor:
         """Semantic codes (B, h, w, k) -> up-projected features (B, h*w, W), what the remaining layers receive."""

@@ -2,7 +2,14 @@ import pytest
 import torch
 
 from dualtoken.config import QuantizerConfig
-from dualtoken.quantizer import ResidualQuantizer, kmeans, nearest_codes, split_codes
+from dualtoken.quantizer import (
+    ResidualQuantizer,
+    kmeans,
+    nearest_codes,
+    residual_codes,
+    row_minimum,
+    split_codes,
+)
 
 
 def plain_nearest(vectors, codebook):
@@ -20,6 +27,129 @@ def test_blocked_search_equals_the_full_distance_matrix(block_rows):
 def test_ties_take_the_first_index():
     codebook = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
     assert nearest_codes(torch.tensor([[1.0, 0.0]]), codebook).item() == 0
+
+
+def exact_nearest(vectors, codebook):
+    """The exact nearest code in float64, first index on ties: what the search must return."""
+    return (vectors.double()[:, None] - codebook.double()[None]).pow(2).sum(2).argmin(1)
+
+
+def per_depth_codes(x, codebook, depth, search=nearest_codes):
+    residual, codes = x.clone(), []
+    for _ in range(depth):
+        codes.append(search(residual, codebook))
+        residual.sub_(codebook[codes[-1]])
+    return torch.stack(codes, 1)
+
+
+def near_tie_codebook(K=512, D=96, seed=0):
+    """Codes with exact duplicates, copies one float32 step apart, and copies differing in one coordinate by 1e-6,
+    and rows placed halfway between two codes: every row's decision rests on rounding."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(K // 4, D, generator=g)
+    nudged = base.clone()
+    nudged[:, 0] = torch.nextafter(nudged[:, 0], torch.full_like(nudged[:, 0], 100.0))
+    slight = base + 1e-6 * torch.randn(K // 4, D, generator=g)
+    codebook = torch.cat([base, base, nudged, slight])[torch.randperm(K, generator=g)]
+    halfway = (codebook[:128] + codebook[128:256]) / 2
+    vectors = torch.cat([base[:64] + 1e-3 * torch.randn(64, D, generator=g), halfway, torch.randn(64, D, generator=g)])
+    return vectors, codebook
+
+
+@pytest.mark.parametrize("width", [100, 256, 1024])
+def test_row_minimum_is_argmin_with_its_runner_up(width):
+    g = torch.Generator().manual_seed(width)
+    scores = torch.randint(0, 50, (40, width), generator=g).float()  # many ties
+    index, value, runner_up = row_minimum(scores, runner_up=True)
+    assert torch.equal(index, scores.argmin(1))
+    assert torch.equal(value, scores.min(1).values)
+    assert torch.equal(runner_up, scores.sort(1).values[:, 1])
+    assert torch.equal(row_minimum(scores)[0], scores.argmin(1))
+
+
+def test_nearest_codes_decides_rounding_ties_exactly():
+    vectors, codebook = near_tie_codebook()
+    assert torch.equal(nearest_codes(vectors, codebook), exact_nearest(vectors, codebook))
+    for block_rows in (1, 5, 256):  # the codes no longer depend on the block (or the BLAS kernel it picks)
+        assert torch.equal(nearest_codes(vectors, codebook, block_rows), nearest_codes(vectors, codebook))
+    # many near-duplicates of the nearest code: more than the rescored candidates, every code is rescored
+    crowded = torch.cat([codebook[:1].repeat(40, 1) + 1e-7 * torch.randn(40, codebook.shape[1]), codebook])
+    assert torch.equal(nearest_codes(vectors, crowded), exact_nearest(vectors, crowded))
+
+
+def test_nearest_codes_agrees_with_the_plain_float32_search_off_ties():
+    g = torch.Generator().manual_seed(0)
+    vectors, codebook = torch.randn(500, 32, generator=g), torch.randn(2048, 32, generator=g)
+    assert torch.equal(nearest_codes(vectors, codebook), plain_nearest(vectors, codebook))
+
+
+@pytest.mark.parametrize("low_precision", [None, torch.bfloat16])
+@pytest.mark.parametrize("case", ["random", "near_ties"])
+def test_residual_codes_equal_the_per_depth_search(case, low_precision):
+    if case == "random":
+        g = torch.Generator().manual_seed(1)
+        vectors, codebook = torch.randn(300, 96, generator=g) * 3, torch.randn(1024, 96, generator=g)
+    else:
+        vectors, codebook = near_tie_codebook()
+    expected = per_depth_codes(vectors, codebook, 4)
+    gram = None if low_precision else codebook @ codebook.t()
+    for block_rows in (64, 256):
+        codes = residual_codes(vectors, codebook, 4, block_rows, gram=gram, low_precision=low_precision)
+        assert torch.equal(codes, expected)
+    with pytest.raises(ValueError):
+        residual_codes(vectors, codebook, 4)
+
+
+def test_eval_forward_builds_the_gram_matrix_once_it_pays_and_keeps_the_codes():
+    q = make(K=256, D=64, Q=4).eval()
+    x = torch.randn(100, 64)
+    expected = per_depth_codes(x, q.codebook, 4)
+    first = q(x)  # 100 rows x 3 later depths > 256: the Gram matrix is built
+    cache = q.__dict__["_gram_cache"]
+    assert cache.gram is not None and torch.allclose(cache.gram, q.codebook @ q.codebook.t())
+    assert torch.equal(first.codes, expected)
+    q.train()(torch.randn(50, 64))  # an EMA update changes the codebook: the Gram matrix is rebuilt
+    second = q.eval()(x)
+    assert torch.equal(cache.source, q.codebook) and torch.equal(cache.gram, q.codebook @ q.codebook.t())
+    assert torch.equal(second.codes, per_depth_codes(x, q.codebook, 4))
+    small = make(K=256, D=64, Q=4, search_gram_max_mib=0).eval()
+    small(x)
+    assert "_gram_cache" not in small.__dict__
+
+
+def test_codes_of_the_parity_fixtures_through_every_search(parity_dir):
+    from safetensors.torch import load_file
+
+    weights = load_file(str(parity_dir / "model.safetensors"))
+    expected = load_file(str(parity_dir / "expected.safetensors"))
+    for prefix, latent, codes in (("pix", "pix_latent", "pixel_codes"), ("sem", "sem_latent", "semantic_codes")):
+        codebook = weights[f"quantizer_{prefix}.codebooks.0.weight"][:-1]  # the padding row dropped
+        x = expected[latent].reshape(-1, codebook.shape[1])
+        reference = expected[codes].reshape(x.shape[0], -1)
+        depth = reference.shape[1]
+        assert torch.equal(per_depth_codes(x, codebook, depth), reference)
+        assert torch.equal(residual_codes(x, codebook, depth, gram=codebook @ codebook.t()), reference)
+        assert torch.equal(residual_codes(x, codebook, depth, low_precision=torch.bfloat16), reference)
+
+
+def test_codes_of_kodak_with_the_shipped_model_through_every_search(shared_data):
+    from dualtoken import DualTokenizer
+    from dualtoken.io import list_images, load_image
+
+    files = list_images(shared_data / "kodak")[:2]
+    tokenizer = DualTokenizer.from_pretrained("dualtoken-efflite0")
+    images = torch.stack([load_image(f, tokenizer.image_size) for f in files])
+    with torch.no_grad():
+        latent = tokenizer._run_to_taps(images).semantic_latent
+    quantizer = tokenizer.quantizer("semantic")
+    x, codebook, depth = latent.reshape(-1, quantizer.config.code_dim), quantizer.codebook, quantizer.depth
+    expected = per_depth_codes(x, codebook, depth)
+    plain = per_depth_codes(x, codebook, depth, search=plain_nearest)
+    assert (plain != expected).float().mean() < 1e-3  # the old search differs only at rounding-level ties
+    assert torch.equal(residual_codes(x, codebook, depth, gram=codebook @ codebook.t()), expected)
+    rows = slice(0, 8)  # bf16 matmuls are emulated (slow) on CPUs without bf16 units
+    low = residual_codes(x[rows], codebook, depth, low_precision=torch.bfloat16)
+    assert torch.equal(low, expected[rows])
 
 
 def make(schedule="per_depth", K=32, D=4, Q=3, **kw):

@@ -12,7 +12,7 @@ from ..data.images import warn_skipped
 from ..errors import DataError
 from ..evaluation import METRIC_GROUPS, EvalConfig
 from ..evaluation.distributed import init_from_environment, rank_and_world
-from .options import MODEL_HELP, add_strict_option
+from .options import MODEL_HELP, add_precision_option, add_strict_option, use_precision
 
 # command-line flags that map one-to-one onto EvalConfig fields
 FLAG_FIELDS = ("batch_size", "limit", "classes", "labels", "inception_weights", "lpips_weights", "lpips_net",
@@ -47,6 +47,7 @@ def register(subparsers) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_strict_option(parser)
+    add_precision_option(parser)
     parser.set_defaults(func=run)
 
 
@@ -62,6 +63,7 @@ def build_config(args: argparse.Namespace) -> EvalConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    use_precision(args)
     config = build_config(args)
     joined = init_from_environment()
     rank = rank_and_world()[0]

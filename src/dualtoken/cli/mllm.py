@@ -10,6 +10,7 @@ import torch
 from ..config import apply_overrides
 from ..errors import DataError
 from ..io import load_image, save_image
+from .options import add_precision_option, use_precision
 
 
 def _load(model_dir: str, device: str):
@@ -29,6 +30,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             f"no --image: this MLLM answers about an image ({height}x{width} px; any image file is resized and "
             "centre-cropped to it); pass --image FILE, or --no-image to ask the language model alone"
         )
+    use_precision(args)
     image = load_image(args.image, (height, width)) if args.image else None
     options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seed": args.seed}
     print(model.chat(image, args.question, **options))
@@ -38,6 +40,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from ..mllm import generate_images
 
+    use_precision(args)
     model = _load(args.model, args.device)
     out = Path(args.out)
     prompts = [args.prompt] * args.num
@@ -82,6 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (the default)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ...; auto: cuda when available")
+    add_precision_option(p)
     p.set_defaults(func=cmd_chat)
 
     p = subparsers.add_parser("generate", help="draw an image from a text prompt with an MLLM")
@@ -97,6 +101,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, 1 = off (None: the model's default)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ...; auto: cuda when available")
+    add_precision_option(p)
     p.set_defaults(func=cmd_generate)
 
     p = subparsers.add_parser("train-mllm", help="train or fine-tune an MLLM (resumes from its output_dir)")

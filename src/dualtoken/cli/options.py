@@ -8,6 +8,7 @@ and fails (exit 2) only when nothing was readable; ``--strict`` turns the first 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from ..data.images import warn_skipped
 from ..errors import DataError, ImageError
 from ..io import list_images, load_image
+from ..precision import INFERENCE_PRECISIONS, check_precision, explain, set_inference_precision
 from ..registry import DEFAULT_MODEL, get_config
 from ..tokenizer import DualTokenizer
 
@@ -37,6 +39,28 @@ def add_strict_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--strict", action="store_true", help="stop at the first unreadable input instead of skipping it"
     )
+
+
+def add_precision_option(parser: argparse.ArgumentParser) -> None:
+    """``--precision``: the tokenizer's encode/decode precision (checked by :func:`use_precision`, one error line)."""
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        metavar="{" + ",".join(INFERENCE_PRECISIONS) + "}",
+        help="encode/decode precision: auto = bf16 autocast where the hardware multiplies bf16 natively (CUDA, "
+        "AMX or AVX-512 BF16 CPUs), float32 elsewhere; codes come from an exact search either way",
+    )
+
+
+def use_precision(args: argparse.Namespace) -> None:
+    """Check ``--precision`` on the command's device (``--device``, else CUDA when available, else the CPU), make it
+    the default of every tokenizer the command loads, and print the choice once on stderr (a ``note:`` line)."""
+    precision = check_precision(args.precision, INFERENCE_PRECISIONS)
+    device = getattr(args, "device", None)
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"note: precision: {explain(precision, device)}", file=sys.stderr)
+    set_inference_precision(precision)
 
 
 def load_model(spec: str, random_weights: bool = False) -> DualTokenizer:

@@ -13,7 +13,7 @@ import torch
 
 from ..config import apply_overrides, load_config_file
 from ..errors import ConfigError
-from .options import add_model_options, load_model
+from .options import add_model_options, add_precision_option, load_model, use_precision
 
 if TYPE_CHECKING:
     from ..serving import ServeConfig
@@ -67,6 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = serve_config(args)
     check_port_free(config.host, config.port)
+    use_precision(args)
     if config.torch_threads is not None:
         torch.set_num_threads(config.torch_threads)
     tokenizer = load_model(args.model, args.random_weights)
@@ -87,6 +88,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="HTTP tokenization service + web page (loopback by default)")
     add_model_options(p)
+    add_precision_option(p)
     p.add_argument("--mllm", default=None, help="an MLLM folder: adds /v1/chat and /v1/generate")
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default 8000)")

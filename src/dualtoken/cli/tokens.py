@@ -20,11 +20,13 @@ from ..tokenizer import DualTokenizer
 from ..visualize import side_by_side, token_figure, vstack
 from .options import (
     add_model_options,
+    add_precision_option,
     add_strict_option,
     expand_inputs,
     image_batches,
     load_model,
     require_some,
+    use_precision,
 )
 
 INPUT_LIST = "inputs.txt"  # encode --out FOLDER with several inputs: the list of their images, kept for resuming
@@ -35,6 +37,7 @@ def _progress(total: int, desc: str) -> tqdm:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
+    use_precision(args)
     tokenizer = load_model(args.model, args.random_weights)
     out = Path(args.out)
     if out.suffix != ".safetensors":
@@ -100,6 +103,7 @@ def _recorded_model(tokens: TokenFile, where: Path) -> str:
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
+    use_precision(args)
     path = Path(args.tokens)
     sets = _token_sets(path)
     tokenizer = load_model(args.model or _recorded_model(sets[0], path), args.random_weights)
@@ -178,6 +182,7 @@ def write_metrics(tokenizer: DualTokenizer, rows: list[dict], out: Path) -> dict
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
+    use_precision(args)
     tokenizer = load_model(args.model, args.random_weights)
     out = Path(args.out)
     rows = reconstruct_files(tokenizer, expand_inputs(args.inputs), out, args.depth, args.batch_size)
@@ -228,6 +233,7 @@ def demo_images() -> list[tuple[str, torch.Tensor]]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    use_precision(args)
     from PIL import Image
 
     out = Path(args.out)
@@ -259,6 +265,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     p.add_argument("--shard-size", type=int, default=10000, help="images per token file (folder output only)")
     add_strict_option(p)
+    add_precision_option(p)
     p.set_defaults(func=cmd_encode)
 
     p = subparsers.add_parser("decode", help="a token file or folder -> PNGs from the pixel codes")
@@ -267,6 +274,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_options(p, default=None, note="; None: the model recorded in the token file")
     p.add_argument("--depth", type=int, default=None, help="decode only the first k residual depths (None: all)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    add_precision_option(p)
     p.set_defaults(func=cmd_decode)
 
     p = subparsers.add_parser("reconstruct", help="images -> side-by-side PNGs, token maps and PSNR/SSIM")
@@ -276,6 +284,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--depth", type=int, default=None, help="decode only the first k residual depths (None: all)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     add_strict_option(p)
+    add_precision_option(p)
     p.set_defaults(func=cmd_reconstruct)
 
     p = subparsers.add_parser("info", help="config, rate, parameter counts, tokens per image; --list: the names")
@@ -295,6 +304,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_options(p)
     p.add_argument("--out", default="demo_out", help="output folder")
     add_strict_option(p)
+    add_precision_option(p)
     p.set_defaults(func=cmd_demo)
 
 
