@@ -133,6 +133,13 @@ def score(
     }
 
 
+@torch.no_grad()
+def unquantized_psnr(tok: DualTokenizer, images: torch.Tensor, latents: torch.Tensor) -> float:
+    """PSNR of the shipped decoder given the unquantized latents: what no codebook at this decoder can beat."""
+    reconstruction = torch.cat([tok.decoder(tok.pixel.up(latents[i : i + 8])) for i in range(0, len(latents), 8)])
+    return float(psnr(reconstruction, images).mean())
+
+
 def with_quantizer(tok: DualTokenizer, quantizer: ResidualQuantizer, name: str) -> DualTokenizer:
     """A copy of ``tok`` whose pixel vocabulary is ``quantizer`` (its folder loads with ``from_pretrained``)."""
     variant = copy.deepcopy(tok)
@@ -152,6 +159,9 @@ def table(results: dict) -> str:
     ]
     for name, r in results.items():
         k, u = r["kodak"], r["unseen"]
+        if name == "unquantized":
+            lines.append(f"| unquantized latents | - | - | - | - | 0 | {k['psnr'][0]:.2f} at any depth | - | {u['psnr'][0]:.2f} |")
+            continue
         training = pct(r["training"][-1]["usage"]) if r["training"] else "-"
         lines.append(
             f"| {name} | {training} | {pct(k['usage'])} | {' / '.join(f'{p:.0f}' for p in k['perplexity'])} "
@@ -185,7 +195,10 @@ def main() -> None:
     def scores(quantizer: ResidualQuantizer) -> dict:
         return {n: score(tok, quantizer, sets[n], latents[n], every_depth=n == "kodak") for n in sets}
 
-    results["shipped"] = {"training": [], **scores(tok.pixel.quantizer)}
+    if "shipped" not in results:
+        results["shipped"] = {"training": [], **scores(tok.pixel.quantizer)}
+    if "unquantized" not in results:  # the decoder's ceiling: the latents themselves, no codes
+        results["unquantized"] = {n: {"psnr": [unquantized_psnr(tok, sets[n], latents[n])]} for n in sets}
     for name in args.variants:
         if name in results:
             continue  # done in an earlier sitting
