@@ -106,6 +106,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 def load_state(tokenizer: DualTokenizer, state: dict[str, torch.Tensor], strict: bool, source: str) -> None:
     """Load ``state``: a shape mismatch (another config) is an error; missing/unexpected keys are reported."""
     own = tokenizer.state_dict()
+    _check_codebook_sharing(state, own, source)
     mismatched = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
         for k, v in state.items()
@@ -125,6 +126,17 @@ def load_state(tokenizer: DualTokenizer, state: dict[str, torch.Tensor], strict:
         if strict:
             raise CheckpointError(message)
         warnings.warn(message, stacklevel=3)
+
+
+def _check_codebook_sharing(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], source: str) -> None:
+    """A codebook of the other sharing mode (per-depth (Q, K, D) against shared (K, D)) names both modes."""
+    sharing = {2: "shared, one (K, D) codebook", 3: "per_depth, one (K, D) codebook per depth"}
+    for key, value in state.items():
+        if key.endswith("quantizer.codebook") and key in own and value.ndim != own[key].ndim:
+            raise CheckpointError(
+                f"{source}: {key} is codebook_sharing {sharing.get(value.ndim, '?')} {tuple(value.shape)}, but the "
+                f"model is codebook_sharing {sharing.get(own[key].ndim, '?')} {tuple(own[key].shape)}"
+            )
 
 
 def load_pretrained(

@@ -204,9 +204,14 @@ def apply_overrides(config: T, overrides: list[str]) -> T:
 # Components
 # ----------------------------------------------------------------------------------------------------------------
 
+CodebookSharing = typing.Literal["shared", "per_depth"]
+RestartLiveness = typing.Literal["pooled", "per_depth"]
+
+
 @dataclass
 class QuantizerConfig:
-    """A residual quantizer with one codebook shared by all depths, updated by EMA with dead-code restart."""
+    """A residual quantizer updated by EMA with dead-code restart; by default (the release's) one codebook shared by
+    all depths, whose codes are restarted when their cluster size summed over the depths falls below 1."""
 
     codebook_size: int = 16384
     code_dim: int = 32
@@ -215,6 +220,15 @@ class QuantizerConfig:
     eps: float = 1e-5
     restart_unused_codes: bool = True
     restart_noise: float = 0.01
+    # a code whose EMA cluster size (uses per update) falls below this is restarted
+    restart_threshold: float = 1.0
+    # "shared": one (K, D) codebook for every depth (the release's); "per_depth": one codebook per depth, (Q, K, D),
+    # each learning and restarting from its own depth's residuals (same bits per position)
+    codebook_sharing: CodebookSharing = "shared"
+    # liveness of a shared codebook. "pooled": one count per code summed over the depths, a dead code restarted from
+    # the residuals of the depth whose update found it dead (the release's); "per_depth": counts per depth and code,
+    # a code no depth uses restarted from the residuals of the depth that uses the fewest codes
+    restart_liveness: RestartLiveness = "pooled"
     # "per_depth": an EMA update inside each depth (the release's `rq`, pixel branch);
     # "per_step": one update per forward after all depths (the release's `rq_ema`, semantic branch)
     ema_schedule: typing.Literal["per_depth", "per_step"] = "per_depth"
@@ -236,6 +250,17 @@ class QuantizerConfig:
                 raise ConfigError(f"QuantizerConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.decay < 1.0:
             raise ConfigError(f"QuantizerConfig.decay must be in [0, 1), got {self.decay}")
+        if not self.restart_threshold > 0.0:
+            raise ConfigError(f"QuantizerConfig.restart_threshold must be > 0, got {self.restart_threshold}")
+        for name, allowed in (("codebook_sharing", typing.get_args(CodebookSharing)),
+                              ("restart_liveness", typing.get_args(RestartLiveness))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"QuantizerConfig.{name}: {getattr(self, name)!r} is not one of {list(allowed)}")
+        if self.codebook_sharing == "per_depth" and self.restart_liveness != "pooled":
+            raise ConfigError(
+                "QuantizerConfig.restart_liveness: per-depth codebooks count each depth on its own; "
+                f"with codebook_sharing 'per_depth' it must be 'pooled', got {self.restart_liveness!r}"
+            )
 
 
 @dataclass

@@ -1,9 +1,12 @@
-"""Residual quantizer: Q codes per vector from one codebook shared by all depths, kept up to date by EMA.
+"""Residual quantizer: Q codes per vector, kept up to date by EMA.
 
-Encode:   r_0 = x;  c_q = argmin_k ||r_q - e_k||^2;  r_{q+1} = r_q - e_{c_q};  output sum_q e_{c_q}
-Training: the codebook follows an exponential moving average of the vectors assigned to each code, and codes whose
-          average cluster size falls below 1 are restarted from random vectors of the batch (docs/METHOD.md
-          "Residual quantizer").
+Encode:   r_0 = x;  c_q = argmin_k ||r_q - e^q_k||^2;  r_{q+1} = r_q - e^q_{c_q};  output sum_q e^q_{c_q}
+Codebooks: one shared by all depths (e^q = e, the release's, ``codebook_sharing: shared``) or one per depth
+          (``per_depth``), at the same bits per position: Q codes of log2 K bits.
+Training: each codebook follows an exponential moving average of the vectors assigned to each code, and codes whose
+          average cluster size falls below ``restart_threshold`` are restarted from random vectors of the batch
+          (docs/METHOD.md "Residual quantizer"). ``restart_liveness: per_depth`` keeps a shared codebook's counts
+          per depth and gives each dead code to the depth that uses the fewest codes.
 Data start: ``init_from_data`` fills the codebook with k-means centroids of real inputs, a share of K per depth on
           that depth's residuals (the trainer's ``codebook_init``); the default start is random, as the reference's.
 Two schedules of the EMA update: ``per_depth`` (after every depth; the release's `rq`) and ``per_step`` (once per
@@ -22,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import QuantizerConfig
+from .errors import ConfigError
 
 # columns per group of the blocked argmin: the minimum of each group first, then the argmin inside the first group that
 # holds the row's minimum (torch.argmin's answer, first index on ties, in about half its time on a CPU)
@@ -264,18 +268,27 @@ class QuantizerOutput:
 
 
 class ResidualQuantizer(nn.Module):
-    """One shared codebook (K, D) for Q depths; buffers ``codebook``, ``cluster_size``, ``embed_sum``.
+    """Q depths of residual codes; buffers ``codebook``, ``cluster_size``, ``embed_sum``.
 
-    The codebook is a buffer, not a parameter: it is never given to an optimiser, and it gets no gradient.
+    ``codebook_sharing: shared`` (the release): one codebook (K, D) for every depth, ``cluster_size`` (K,) and
+    ``embed_sum`` (K, D). ``per_depth``: one codebook per depth, (Q, K, D), (Q, K) and (Q, K, D); code k of depth q
+    is row k of codebook q, and each codebook learns and restarts from its own depth's residuals only.
+    ``restart_liveness: per_depth`` on a shared codebook adds ``depth_cluster_size`` (Q, K): how often each depth
+    used each code (see :meth:`_restart_for_the_neediest_depth`).
+
+    The codebooks are buffers, not parameters: never given to an optimiser, and they get no gradient.
     """
 
     def __init__(self, config: QuantizerConfig) -> None:
         super().__init__()
         self.config = config
-        codebook = torch.randn(config.codebook_size, config.code_dim)  # (K, D)
+        books = (config.depth,) if self.per_depth_codebooks else ()
+        codebook = torch.randn(*books, config.codebook_size, config.code_dim)  # ([Q,] K, D)
         self.register_buffer("codebook", codebook)
-        self.register_buffer("cluster_size", torch.zeros(config.codebook_size))  # (K,) EMA of counts
-        self.register_buffer("embed_sum", codebook.clone())  # (K, D) EMA of per-code vector sums
+        self.register_buffer("cluster_size", torch.zeros(*books, config.codebook_size))  # ([Q,] K) EMA of counts
+        self.register_buffer("embed_sum", codebook.clone())  # ([Q,] K, D) EMA of per-code vector sums
+        if self.depth_liveness:
+            self.register_buffer("depth_cluster_size", torch.zeros(config.depth, config.codebook_size))  # (Q, K)
 
     @property
     def depth(self) -> int:
@@ -285,9 +298,26 @@ class ResidualQuantizer(nn.Module):
     def codebook_size(self) -> int:
         return self.config.codebook_size
 
+    @property
+    def per_depth_codebooks(self) -> bool:
+        return self.config.codebook_sharing == "per_depth"
+
+    @property
+    def depth_liveness(self) -> bool:
+        """Whether a shared codebook keeps per-depth counts and restarts once per forward for the neediest depth."""
+        cfg = self.config
+        return cfg.codebook_sharing == "shared" and cfg.restart_liveness == "per_depth" and cfg.restart_unused_codes
+
+    def depth_codebook(self, depth: int) -> torch.Tensor:
+        """The code vectors (K, D) that depth ``depth`` (0-based) searches."""
+        return self.codebook[depth] if self.per_depth_codebooks else self.codebook
+
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
-        """Code vectors of ``codes`` (..., Q) -> (..., Q, D)."""
-        return F.embedding(codes, self.codebook)
+        """Code vectors of ``codes`` (..., Q) -> (..., Q, D); with per-depth codebooks, column q reads codebook q."""
+        if not self.per_depth_codebooks:
+            return F.embedding(codes, self.codebook)
+        offsets = torch.arange(codes.shape[-1], device=codes.device) * self.codebook_size  # (Q,)
+        return F.embedding(codes + offsets, self.codebook.flatten(0, 1))
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Sum over depths of the code vectors: (..., Q) -> (..., D). Any prefix of depths works."""
@@ -302,36 +332,56 @@ class ResidualQuantizer(nn.Module):
         generator: torch.Generator | None = None,
         shares: list[float] | None = None,
     ) -> list[dict[str, float]]:
-        """Fill the shared codebook from data: depth q gets a share of the K codes (``shares``, relative weights
-        per depth; default equal, depth 0 taking the remainder), the k-means centroids of the residuals the
-        depths before it leave; each residual is taken against every code filled so far, as encoding would. The EMA state is set so that each code starts with its expected count per
-        update (at least 1, so no code is restarted before it has been tried). Returns per depth: codes filled,
-        codes that k-means used, and the mean squared residual left after that depth.
+        """Fill the codebook from data, depth by depth, with k-means centroids of the residuals the depths before
+        it leave. A shared codebook gives depth q a share of the K codes (``shares``, relative weights per depth;
+        default equal, depth 0 taking the remainder), each residual taken against every code filled so far, as
+        encoding would; per-depth codebooks give every depth K codes of its own (``shares`` must then be None).
+        The EMA state is set so that each code starts with its expected count per update (at least 1, so no code
+        is restarted before it has been tried). Returns per depth: codes filled, codes that k-means used, and the
+        mean squared residual left after that depth.
 
         ``vectors`` (N, D) are quantizer inputs (N >= K keeps every centroid distinct); ``vectors_per_update`` is
         how many vectors one training forward quantizes per depth. Every process must pass the same vectors
         (rank 0's codebook is broadcast when torch.distributed is initialised).
         """
         cfg = self.config
+        if self.per_depth_codebooks and shares:
+            raise ConfigError(
+                "codebook_init.shares splits one shared codebook between depths; with codebook_sharing "
+                "'per_depth' every depth fills its own K codes: leave shares empty"
+            )
         residual = vectors.detach().float().reshape(-1, cfg.code_dim).to(self.codebook.device)
-        counts = split_codes(cfg.codebook_size, shares or [1.0] * cfg.depth)
-        sizes = torch.zeros(cfg.codebook_size, device=residual.device)
+        counts = [cfg.codebook_size] * cfg.depth if self.per_depth_codebooks else split_codes(
+            cfg.codebook_size, shares or [1.0] * cfg.depth
+        )
+        sizes = torch.zeros_like(self.cluster_size)  # ([Q,] K)
+        owner = torch.zeros(cfg.codebook_size, dtype=torch.long, device=residual.device)  # (K,) depth of each share
         filled, report = 0, []
-        for share in counts:
-            centroids, counts = kmeans(residual, share, iterations, generator)
-            self.codebook[filled : filled + share] = centroids
-            sizes[filled : filled + share] = counts
-            filled += share
-            residual = residual - self.codebook[nearest_codes(residual, self.codebook[:filled])]
+        for q, share in enumerate(counts):
+            centroids, used = kmeans(residual, share, iterations, generator)
+            if self.per_depth_codebooks:
+                self.codebook[q] = centroids
+                sizes[q] = used
+                searched = self.codebook[q]
+            else:
+                self.codebook[filled : filled + share] = centroids
+                sizes[filled : filled + share] = used
+                owner[filled : filled + share] = q
+                filled += share
+                searched = self.codebook[:filled]
+            residual = residual - searched[nearest_codes(residual, searched)]
             report.append(
-                {"codes": share, "used": int((counts > 0).sum()), "residual_mse": float(residual.pow(2).mean())}
+                {"codes": share, "used": int((used > 0).sum()), "residual_mse": float(residual.pow(2).mean())}
             )
         if _distributed():
             dist.broadcast(self.codebook, src=0)
             dist.broadcast(sizes, src=0)
         per_update = (sizes * vectors_per_update / residual.shape[0]).clamp_min(1.0)
         self.cluster_size.copy_(per_update)
-        self.embed_sum.copy_(self.codebook * per_update[:, None])
+        self.embed_sum.copy_(self.codebook * per_update[..., None])
+        if self.depth_liveness:  # each code counts for the depth whose share it is
+            self.depth_cluster_size.zero_()
+            self.depth_cluster_size[owner, torch.arange(cfg.codebook_size, device=owner.device)] = per_update
         return report
 
     def forward(self, x: torch.Tensor, update: bool | None = None) -> QuantizerOutput:
@@ -346,16 +396,20 @@ class ResidualQuantizer(nn.Module):
         x32 = x.float()
         residual = x32.detach().reshape(-1, cfg.code_dim).clone()  # (N, D)
         partial = torch.zeros_like(residual)  # A_q: sum of the code vectors so far
-        codes, partial_sums, residuals = [], [], []
-        planned = None if update else self._planned_codes(residual, low_precision)  # (N, Q) or None
-        for level in range(cfg.depth):
+        codes, partial_sums, residuals, depth_residuals = [], [], [], []
+        # every depth's codes (N, Q) at once where the codebook stays as it is (a shared codebook only), or None
+        planned = None if update or self.per_depth_codebooks else self._planned_codes(residual, low_precision)
+        for q in range(cfg.depth):
+            codebook = self.depth_codebook(q)  # (K, D)
             if planned is not None:
-                code = planned[:, level]
+                code = planned[:, q]
             else:
-                code = nearest_codes(residual, self.codebook, cfg.search_block_rows)  # (N,)
-            vectors = self.codebook[code]  # looked up before this depth's update
+                code = nearest_codes(residual, codebook, cfg.search_block_rows)  # (N,)
+            vectors = codebook[code]  # looked up before this depth's update
+            if update and self.depth_liveness:
+                depth_residuals.append(residual.clone())
             if update and cfg.ema_schedule == "per_depth":
-                self._ema_update(residual, code)
+                self._ema_update(residual, code, q if self.per_depth_codebooks else None)
             elif update:
                 residuals.append(residual if cfg.per_step_final_residual else residual.clone())
             residual.sub_(vectors)
@@ -363,7 +417,13 @@ class ResidualQuantizer(nn.Module):
             codes.append(code)
             partial_sums.append(partial.clone())
         if update and cfg.ema_schedule == "per_step":
-            self._ema_update(torch.cat(residuals), torch.cat(codes))
+            if self.per_depth_codebooks:
+                for q in range(cfg.depth):
+                    self._ema_update(residuals[q], codes[q], q)
+            else:
+                self._ema_update(torch.cat(residuals), torch.cat(codes))
+        if update and self.depth_liveness:
+            self._restart_for_the_neediest_depth(depth_residuals, codes)
 
         lead = x.shape[:-1]
         quantized_sum = partial.view(*lead, cfg.code_dim)
@@ -386,29 +446,74 @@ class ResidualQuantizer(nn.Module):
         gram = cache.get(self.codebook, residual.shape[0], cfg.depth)
         return None if gram is None else residual_codes(residual, self.codebook, cfg.depth, cfg.search_block_rows, gram)
 
+    def _book(self, depth: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codebook (K, D), cluster_size (K,), embed_sum (K, D)) of one depth's codebook (None: the shared one);
+        views, so in-place updates reach the buffers."""
+        if depth is None:
+            return self.codebook, self.cluster_size, self.embed_sum
+        return self.codebook[depth], self.cluster_size[depth], self.embed_sum[depth]
+
     @torch.no_grad()
-    def _ema_update(self, vectors: torch.Tensor, codes: torch.Tensor) -> None:
-        """EMA of cluster sizes and vector sums, dead-code restart, then the Laplace-smoothed codebook."""
+    def _ema_update(self, vectors: torch.Tensor, codes: torch.Tensor, depth: int | None = None) -> None:
+        """EMA of cluster sizes and vector sums, dead-code restart, then the Laplace-smoothed codebook; of depth
+        ``depth``'s codebook, or of the shared one (None). With per-depth liveness the restart waits for the end of
+        the forward (:meth:`_restart_for_the_neediest_depth`)."""
         cfg = self.config
+        codebook, cluster_size, embed_sum = self._book(depth)
         counts = torch.bincount(codes, minlength=cfg.codebook_size).float()  # (K,)
-        sums = torch.zeros_like(self.embed_sum).index_add_(0, codes, vectors)  # (K, D)
+        sums = torch.zeros_like(embed_sum).index_add_(0, codes, vectors)  # (K, D)
         if _distributed():
             dist.all_reduce(sums, op=dist.ReduceOp.SUM)
             dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-        self.cluster_size.mul_(cfg.decay).add_(counts, alpha=1 - cfg.decay)
-        self.embed_sum.mul_(cfg.decay).add_(sums, alpha=1 - cfg.decay)
+        cluster_size.mul_(cfg.decay).add_(counts, alpha=1 - cfg.decay)
+        embed_sum.mul_(cfg.decay).add_(sums, alpha=1 - cfg.decay)
+        if cfg.restart_unused_codes and not self.depth_liveness:
+            dead = cluster_size < cfg.restart_threshold  # (K,)
+            self._restart(dead, vectors, cluster_size, embed_sum)
+        self._smoothed_codebook(codebook, cluster_size, embed_sum)
 
-        if cfg.restart_unused_codes:
-            replacements = self._random_vectors(vectors)  # (K, D)
-            if _distributed():
-                dist.broadcast(replacements, src=0)
-            alive = (self.cluster_size.view(-1, 1) >= 1).float()  # (K, 1)
-            self.embed_sum.mul_(alive).add_(replacements * (1 - alive))
-            self.cluster_size.mul_(alive.view(-1)).add_(1 - alive.view(-1))
+    def _smoothed_codebook(self, codebook: torch.Tensor, cluster_size: torch.Tensor, embed_sum: torch.Tensor) -> None:
+        """codebook = embed_sum / Laplace-smoothed cluster_size, in place."""
+        cfg = self.config
+        total = cluster_size.sum()
+        smoothed = total * (cluster_size + cfg.eps) / (total + cfg.codebook_size * cfg.eps)  # (K,)
+        codebook.copy_(embed_sum / smoothed.view(-1, 1))
 
-        total = self.cluster_size.sum()
-        smoothed = total * (self.cluster_size + cfg.eps) / (total + cfg.codebook_size * cfg.eps)  # (K,)
-        self.codebook.copy_(self.embed_sum / smoothed.view(-1, 1))
+    def _restart(
+        self, dead: torch.Tensor, vectors: torch.Tensor, cluster_size: torch.Tensor, embed_sum: torch.Tensor
+    ) -> None:
+        """Codes marked in ``dead`` (K,) start again at random rows of ``vectors`` with cluster size 1. Every
+        process draws; rank 0's draw is kept, so the codebooks stay identical."""
+        replacements = self._random_vectors(vectors)  # (K, D)
+        if _distributed():
+            dist.broadcast(replacements, src=0)
+        alive = (~dead).float().view(-1, 1)  # (K, 1)
+        embed_sum.mul_(alive).add_(replacements * (1 - alive))
+        cluster_size.mul_(alive.view(-1)).add_(1 - alive.view(-1))
+
+    @torch.no_grad()
+    def _restart_for_the_neediest_depth(self, residuals: list[torch.Tensor], codes: list[torch.Tensor]) -> None:
+        """Per-depth liveness of a shared codebook, once per forward, after the EMA update.
+
+        ``depth_cluster_size[q, k]`` is an EMA of how often depth q chose code k (one decay per forward). A code
+        that no depth uses (the sum over depths below ``restart_threshold``) is dead; every dead code restarts from
+        the residuals of the depth that uses the fewest codes (first on ties), and counts as that depth's. The
+        release instead restarts from whichever depth's update found the code dead, so the small residuals of the
+        late depths refill the codebook while the first depth's use shrinks.
+        """
+        cfg = self.config
+        counts = torch.stack([torch.bincount(c, minlength=cfg.codebook_size) for c in codes]).float()  # (Q, K)
+        if _distributed():
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        self.depth_cluster_size.mul_(cfg.decay).add_(counts, alpha=1 - cfg.decay)
+        dead = self.depth_cluster_size.sum(dim=0) < cfg.restart_threshold  # (K,)
+        if not bool(dead.any()):
+            return
+        live_per_depth = (self.depth_cluster_size >= cfg.restart_threshold).sum(dim=1)  # (Q,)
+        neediest = int(torch.argmin(live_per_depth))
+        self._restart(dead, residuals[neediest], self.cluster_size, self.embed_sum)
+        self.depth_cluster_size[neediest][dead] = 1.0
+        self._smoothed_codebook(self.codebook, self.cluster_size, self.embed_sum)
 
     def _random_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
         """K rows drawn from ``vectors`` without replacement, tiled with small uniform noise when there are fewer."""

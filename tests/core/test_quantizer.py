@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from dualtoken.config import QuantizerConfig
+from dualtoken.config import QuantizerConfig, from_dict
+from dualtoken.errors import ConfigError
 from dualtoken.quantizer import (
     ResidualQuantizer,
     kmeans,
@@ -296,3 +297,152 @@ def test_data_init_shares_follow_the_weights():
     assert split_codes(10, [1, 1, 1]) == [4, 3, 3]
     with pytest.raises(ValueError):
         split_codes(2, [1, 1, 1])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# codebook sharing and per-depth liveness
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_per_depth_codebooks_decode_column_q_from_codebook_q():
+    q = make(K=8, D=2, Q=3, codebook_sharing="per_depth").eval()
+    assert q.codebook.shape == (3, 8, 2) and q.cluster_size.shape == (3, 8) and q.embed_sum.shape == (3, 8, 2)
+    codes = torch.tensor([[5, 1, 7], [0, 0, 0]])
+    expected = torch.stack([sum(q.codebook[d, c[d]] for d in range(3)) for c in codes])
+    torch.testing.assert_close(q.decode(codes), expected)
+    torch.testing.assert_close(q.decode(codes[:, :2]), expected - q.codebook[2, codes[:, 2]])  # a prefix of depths
+    out = q(torch.randn(10, 2))
+    torch.testing.assert_close(out.quantized, q.decode(out.codes), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("schedule", ["per_depth", "per_step"])
+def test_per_depth_codebooks_each_follow_their_own_depths_residuals(schedule):
+    q = make(schedule, K=8, D=2, Q=2, codebook_sharing="per_depth", restart_unused_codes=False)
+    x = torch.randn(40, 2) * 3
+    before = {name: buffer.clone() for name, buffer in q.named_buffers()}
+    codes = q.eval()(x).codes  # the codes the update sees: depth 1 searches codebook 1, untouched by depth 0's update
+    residuals = [x, x - q.decode(codes[:, :1])]
+    q.train()(x)
+    for depth in range(2):
+        counts = torch.bincount(codes[:, depth], minlength=8).float()
+        sums = torch.zeros(8, 2).index_add_(0, codes[:, depth], residuals[depth])
+        cs = 0.99 * before["cluster_size"][depth] + 0.01 * counts
+        es = 0.99 * before["embed_sum"][depth] + 0.01 * sums
+        smoothed = cs.sum() * (cs + 1e-5) / (cs.sum() + 8 * 1e-5)
+        torch.testing.assert_close(q.cluster_size[depth], cs)
+        torch.testing.assert_close(q.codebook[depth], es / smoothed[:, None])
+
+
+def test_per_depth_codebooks_restart_from_their_own_depths_residuals():
+    q = make(K=64, D=2, Q=2, codebook_sharing="per_depth")
+    with torch.no_grad():  # depth 0 takes the large vectors with one code; depth 1 sees small residuals
+        q.codebook[0] = 1000.0
+        q.codebook[0, 0] = torch.tensor([100.0, 0.0])
+        q.codebook[1] = 1000.0
+        q.codebook[1, 0] = 0.0
+    x = torch.tensor([100.0, 0.0]) + 0.1 * torch.randn(32, 2)
+    q.train()(x)
+    restarted = q.codebook[:, 1:]  # every code but 0 was dead in both codebooks
+    assert float(restarted[0].norm(dim=-1).min()) > 90  # depth 0: large inputs
+    assert float(restarted[1].norm(dim=-1).max()) < 1  # depth 1: small residuals
+
+
+def test_depth_liveness_restarts_dead_codes_from_the_neediest_depth():
+    q = make(K=16, D=2, Q=2, restart_liveness="per_depth")
+    assert q.depth_cluster_size.shape == (2, 16)
+    with torch.no_grad():
+        q.depth_cluster_size.zero_()
+        q.depth_cluster_size[0, :2] = 5.0  # depth 0 lives on 2 codes
+        q.depth_cluster_size[1, 2:12] = 5.0  # depth 1 on 10; codes 12..15 are used by neither
+        q.cluster_size.fill_(5.0)
+    kept = q.embed_sum[:12].clone()
+    big, small = 100 + torch.randn(40, 2), 0.01 * torch.randn(40, 2)
+    no_codes = torch.zeros(0, dtype=torch.long)
+    q._restart_for_the_neediest_depth([big, small], [no_codes, no_codes])
+    assert float(q.codebook[12:].norm(dim=1).min()) > 90  # restarted from depth 0's residuals
+    torch.testing.assert_close(q.embed_sum[:12], kept)
+    assert q.depth_cluster_size[0, 12:].tolist() == [1.0] * 4  # and counted as depth 0's codes
+    torch.testing.assert_close(q.depth_cluster_size[1, 2:12], torch.full((10,), 5.0 * 0.99))
+
+
+def test_depth_liveness_counts_each_depth_and_restarts_once_per_forward():
+    q = make(K=32, D=4, Q=3, restart_liveness="per_depth").train()
+    calls = []
+    original = q._restart
+    q._restart = lambda *a: (calls.append(1), original(*a))
+    x = torch.randn(50, 4)
+    q(x)
+    assert calls == [1]  # one restart after the forward (every code starts dead), none inside the EMA updates
+    assert torch.all(q.depth_cluster_size.sum(dim=0) >= 1)
+    with torch.no_grad():
+        q.depth_cluster_size.fill_(3.0)  # every code alive: this forward restarts nothing
+    out = q(x)
+    counts = torch.stack([torch.bincount(out.codes[:, d], minlength=32) for d in range(3)]).float()  # (Q, K)
+    torch.testing.assert_close(q.depth_cluster_size, 0.99 * 3.0 + 0.01 * counts)
+    assert calls == [1]
+
+
+def test_depth_liveness_data_init_counts_each_code_for_its_depth():
+    data = torch.randn(3000, 4, generator=torch.Generator().manual_seed(0))
+    q = make(K=64, D=4, Q=4, restart_liveness="per_depth")
+    q.init_from_data(data, 500, iterations=3, generator=torch.Generator().manual_seed(0), shares=[4, 2, 1, 1])
+    owners = (q.depth_cluster_size > 0).float().argmax(dim=0)  # (K,)
+    assert owners.tolist() == [0] * 32 + [1] * 16 + [2] * 8 + [3] * 8
+    torch.testing.assert_close(q.depth_cluster_size.sum(dim=0), q.cluster_size)
+    start = q.codebook.clone()
+    q.train()(data[:500])
+    assert float((q.codebook - start).norm(dim=1).max()) < 0.5  # no used code restarted by the first step
+
+
+def test_per_depth_data_init_fills_k_codes_per_depth():
+    data = torch.randn(3000, 4, generator=torch.Generator().manual_seed(0)) * torch.tensor([3.0, 1.0, 0.5, 0.2])
+    q = make(K=32, D=4, Q=3, codebook_sharing="per_depth").eval()
+    report = q.init_from_data(data, 500, iterations=5, generator=torch.Generator().manual_seed(0))
+    assert [r["codes"] for r in report] == [32, 32, 32]
+    residuals = [r["residual_mse"] for r in report]
+    assert residuals == sorted(residuals, reverse=True)
+    assert float(q.cluster_size.min()) >= 1.0
+    torch.testing.assert_close(q.embed_sum / q.cluster_size[..., None], q.codebook)
+    # the codebook of depth q is the k-means of depth q's residuals: its scale shrinks with depth
+    scales = [float(q.codebook[d].norm(dim=1).mean()) for d in range(3)]
+    assert scales == sorted(scales, reverse=True)
+    with pytest.raises(ConfigError, match="shares"):
+        q.init_from_data(data, 500, shares=[2, 1, 1])
+
+
+def test_the_release_default_keeps_its_buffers():
+    q = make()
+    assert sorted(dict(q.named_buffers())) == ["cluster_size", "codebook", "embed_sum"]
+    assert q.codebook.shape == (32, 4)
+
+
+@pytest.mark.parametrize(
+    ("settings", "key"),
+    [
+        ({"codebook_sharing": "both"}, "codebook_sharing"),
+        ({"restart_liveness": "sometimes"}, "restart_liveness"),
+        ({"codebook_sharing": "per_depth", "restart_liveness": "per_depth"}, "restart_liveness"),
+        ({"restart_threshold": 0.0}, "restart_threshold"),
+        ({"codebook_size": 0}, "codebook_size"),
+    ],
+)
+def test_invalid_quantizer_settings_name_the_key(settings, key):
+    with pytest.raises(ConfigError, match=key) as direct:
+        QuantizerConfig(**settings)
+    with pytest.raises(ConfigError, match=key) as loaded:
+        from_dict(QuantizerConfig, settings)
+    for error in (direct, loaded):
+        assert "\n" not in str(error.value)
+    if key in ("codebook_sharing", "restart_liveness") and len(settings) == 1:
+        assert "per_depth" in str(loaded.value)  # the allowed values
+
+
+def test_train_cli_refuses_a_bad_sharing_mode_and_writes_nothing(tmp_path, capsys):
+    from dualtoken.cli.main import main
+
+    out = tmp_path / "run"
+    code = main(["train", "--config", "recipes/smoke-cpu-tiny.json", "--set", f"output_dir={out}",
+                 "--set", 'model_overrides=["pixel_quantizer.codebook_sharing=bogus"]'])
+    assert code == 2 and not out.exists()
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "codebook_sharing" in error and "per_depth" in error

@@ -127,6 +127,8 @@ def test_upload_slide_and_look(page, server_url, photo_path, tmp_path):
     expect(page.locator("#depth-table tbody tr")).to_have_count(4)
     expect(page.locator("#psnr-chart circle")).to_have_count(4)
     expect(page.locator("#pixel-usage")).to_contain_text("distinct codes of 256")
+    expect(page.locator("#pixel-usage .depth-usage meter")).to_have_count(4)  # one per depth
+    expect(page.locator("#pixel-usage .depth-usage")).to_contain_text("depth 1:")
     expect(page.locator("#semantic-usage .chip").first).to_be_visible()
 
     page.fill("#chat-question", "What is in this image?")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -51,6 +53,9 @@ def test_code_usage_counts():
     assert usage["unique"] == 4
     assert usage["codebook_fraction"] == 4 / 16
     assert usage["per_depth_unique"] == [2, 2]
+    assert usage["positions"] == 4
+    three_and_one = 2 ** -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))  # each depth: one code 3 times, one once
+    assert usage["per_depth_perplexity"] == pytest.approx([three_and_one, three_and_one])
     assert usage["top"] == [[0, 3], [5, 3]]
     assert usage["histogram"] == [3, 4, 0, 1]  # codes 0-3, 4-7, 8-11, 12-15
     assert sum(usage["histogram"]) == codes.numel()

@@ -42,10 +42,15 @@ def usage_stats(counts: torch.Tensor) -> dict:
     }
 
 
-def codebook_report(histogram: torch.Tensor) -> dict:
-    """Per-depth and all-depths-pooled usage numbers of one vocabulary from its (Q, K) count table."""
-    return {
-        "codebook_size": histogram.shape[1],
-        "per_depth": [{"depth": q + 1, **usage_stats(histogram[q])} for q in range(histogram.shape[0])],
-        "all_depths": usage_stats(histogram.sum(dim=0)),
-    }
+def codebook_report(histogram: torch.Tensor, stability: list[dict] | None = None) -> dict:
+    """Per-depth and all-depths-pooled usage numbers of one vocabulary from its (Q, K) count table.
+
+    ``stability`` (one ``{"depth", "agreement", "prefix_agreement"}`` per depth, from re-encoding the
+    reconstructions) adds each depth's ``stability`` (share of positions whose code comes back) and
+    ``prefix_stability`` (whose codes 1..q all come back).
+    """
+    per_depth = [{"depth": q + 1, **usage_stats(histogram[q])} for q in range(histogram.shape[0])]
+    for entry, again in zip(per_depth, stability or [], strict=False):
+        entry["stability"] = again["agreement"]
+        entry["prefix_stability"] = again["prefix_agreement"]
+    return {"codebook_size": histogram.shape[1], "per_depth": per_depth, "all_depths": usage_stats(histogram.sum(dim=0))}

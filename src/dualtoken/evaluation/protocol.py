@@ -47,7 +47,7 @@ def describe_protocol(
             "resolution": [height, width],
         },
     }
-    if groups & {"reconstruction", "perceptual", "distribution", "stability"}:
+    if groups & {"reconstruction", "perceptual", "distribution", "stability", "codebook"}:
         protocol["reconstruction"] = {
             "comparison": "lossless float tensors: reconstruction clamped to [-1, 1], both mapped to [0, 1]",
             "jpeg_round_trip": False,
@@ -67,7 +67,7 @@ def describe_protocol(
     }
     if feature_nets:
         protocol["features"] = {name: features[name] for name in feature_nets}
-    if "stability" in groups:
+    if groups & {"stability", "codebook"}:
         protocol["stability"] = "encode(x) vs encode(round_to_8bit(clamp(decode(encode(x)))))"
     if "semantic" in groups:
         classifiers = {

@@ -2,7 +2,8 @@
 
 Per batch: encode once; decode with the first k pixel depths and compare with the input (PSNR, SSIM, feature
 distances); pool the first k semantic depths and compare with the unquantized backbone, the teacher and a
-classifier; count codes; re-encode the reconstruction for token stability. Per-image values are kept with the
+classifier; count codes; re-encode the reconstruction for token stability (its own group, and a column of the
+codebook group's per-depth usage). Per-image values are kept with the
 image's data index and gathered in data order at the end, so any number of processes gives the same report.
 """
 
@@ -141,7 +142,12 @@ class Evaluator:
     @property
     def decodes(self) -> bool:
         """Whether the pixel path runs (any group that needs reconstructions)."""
-        return any(self.config.wants(g) for g in ("reconstruction", "perceptual", "distribution", "stability"))
+        return self.reencodes or any(self.config.wants(g) for g in ("reconstruction", "perceptual", "distribution"))
+
+    @property
+    def reencodes(self) -> bool:
+        """Whether reconstructions are encoded again: token stability, its own group and a column of the codebooks."""
+        return self.config.wants("stability") or self.config.wants("codebook")
 
     @torch.no_grad()
     def update(self, batch: Batch) -> None:
@@ -163,7 +169,7 @@ class Evaluator:
                 self.rows[f"psnr@{self.tok.pixel_depth}"][-1], batch.indices, batch.ids, batch.images,
                 reconstruction.cpu(),
             )
-        if self.config.wants("stability"):
+        if self.reencodes:
             again = self.tok.encode(to_uint8_levels(reconstruction))
             for branch in ("pixel", "semantic"):
                 per_depth, prefix = _prefix_agreement(getattr(tokens, branch), getattr(again, branch))
@@ -326,23 +332,25 @@ class Evaluator:
             "classifier": self.classifier.description if self.classifier is not None else None,
             "classifier_kind": self.classifier.kind if self.classifier is not None else None,
         }
+        stability = {
+            branch: [
+                {
+                    "depth": q + 1,
+                    "agreement": float(rows[f"stability_{branch}"][:, q].double().mean()),
+                    "prefix_agreement": float(rows[f"stability_{branch}_prefix"][:, q].double().mean()),
+                }
+                for q in range(rows[f"stability_{branch}"].shape[1])
+            ]
+            for branch in ("pixel", "semantic")
+        } if self.reencodes else {}
         if self.config.wants("codebook"):
             results["codebooks"] = {
-                branch: codebook_report(sum_over_processes(histogram)) for branch, histogram in self.histograms.items()
+                branch: codebook_report(sum_over_processes(histogram), stability[branch])
+                for branch, histogram in self.histograms.items()
             }
             results["histograms"] = {branch: sum_over_processes(h) for branch, h in self.histograms.items()}
         if self.config.wants("stability"):
-            results["stability"] = {
-                branch: [
-                    {
-                        "depth": q + 1,
-                        "agreement": float(rows[f"stability_{branch}"][:, q].double().mean()),
-                        "prefix_agreement": float(rows[f"stability_{branch}_prefix"][:, q].double().mean()),
-                    }
-                    for q in range(rows[f"stability_{branch}"].shape[1])
-                ]
-                for branch in ("pixel", "semantic")
-            }
+            results["stability"] = stability
         results["best"], results["worst"] = self.extremes.gathered()
         results["kid"] = self.kid_settings
         return results

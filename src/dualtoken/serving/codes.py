@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from ..errors import CodesError
+from ..evaluation.codebook_stats import code_histogram, usage_stats
 
 
 def codes_from_json(
@@ -50,9 +51,10 @@ def _describe(value: Any) -> str:
 def code_usage(codes: torch.Tensor, codebook_size: int, top: int, bins: int) -> dict[str, Any]:
     """Which codes one image uses in one vocabulary: (h, w, Q) codes -> a JSON-ready summary.
 
-    ``unique`` counts distinct codes over all depths, ``per_depth_unique`` within each depth, ``top`` lists the
-    most used [code, count] pairs, and ``histogram`` counts uses in ``bins`` equal ranges of the codebook (for a
-    usage strip on the page).
+    ``unique`` counts distinct codes over all depths, ``per_depth_unique`` within each depth (at most
+    min(K, ``positions``)) and ``per_depth_perplexity`` the effective number of codes of each depth (2 ** entropy of
+    its code frequencies), ``top`` lists the most used [code, count] pairs, and ``histogram`` counts uses in
+    ``bins`` equal ranges of the codebook (for a usage strip on the page).
     """
     flat = codes.reshape(-1)
     counts = torch.bincount(flat, minlength=codebook_size)  # (K,)
@@ -65,6 +67,8 @@ def code_usage(codes: torch.Tensor, codebook_size: int, top: int, bins: int) -> 
         "unique": used,
         "codebook_fraction": used / codebook_size,
         "per_depth_unique": [int(codes[..., d].unique().numel()) for d in range(codes.shape[-1])],
+        "per_depth_perplexity": [stats["perplexity"] for stats in map(usage_stats, code_histogram(codes, codebook_size))],
+        "positions": int(codes[..., 0].numel()),
         "top": [[int(code), int(counts[code])] for code in order],
         "histogram": histogram.tolist(),
     }

@@ -37,6 +37,8 @@ class CodeUsage(BaseModel):
     unique: int
     codebook_fraction: float
     per_depth_unique: list[int]
+    per_depth_perplexity: list[float] = Field(description="effective number of codes of each depth")
+    positions: int = Field(description="token positions per depth: the most distinct codes a depth can use")
     top: list[list[int]] = Field(description="the most used codes as [code, count] pairs")
     histogram: list[int] = Field(description="uses per equal range of the codebook")
 

@@ -252,8 +252,18 @@ function renderUsage(branch, container) {
   const summary = document.createElement("p");
   summary.className = "usage-summary";
   summary.textContent =
-    `${usage.unique} distinct codes of ${view.codebook_size} (${(100 * usage.codebook_fraction).toFixed(1)}%); ` +
-    `per depth: ${usage.per_depth_unique.join(", ")}`;
+    `${usage.unique} distinct codes of ${view.codebook_size} (${(100 * usage.codebook_fraction).toFixed(1)}%)`;
+  const depths = document.createElement("div");
+  depths.className = "depth-usage";
+  const most = Math.min(view.codebook_size, usage.positions);
+  usage.per_depth_unique.forEach((unique, q) => {
+    const row = document.createElement("label");
+    const meter = document.createElement("meter");
+    meter.max = most;
+    meter.value = unique;
+    row.append(`depth ${q + 1}: ${unique} codes of ${most} possible, perplexity ${usage.per_depth_perplexity[q].toFixed(0)} `, meter);
+    depths.append(row);
+  });
   const canvas = document.createElement("canvas");
   canvas.className = "histogram";
   canvas.width = 512;
@@ -270,7 +280,7 @@ function renderUsage(branch, container) {
     chip.textContent = `#${code} ×${count}`;
     top.append(chip);
   }
-  container.append(title, summary, canvas, axis, top);
+  container.append(title, summary, depths, canvas, axis, top);
 }
 
 function drawHistogram(canvas, counts, branch) {
