@@ -1,5 +1,6 @@
 """The paper's ablation at equal bits, as one command: train four tokenizers with the same recipe, data, steps and
-wall-clock budget, score each at the largest export step all of them reached, and write markdown tables.
+wall-clock budget, score each at the largest export step all of them reached, and write markdown tables and a
+figure (Kodak PSNR against held-out top-1, ``ablation.png``).
 
   (a) one codebook at the deep tap, both losses, as many bits per position as DualToken's two vocabularies
   (b) one codebook at the deep tap, reconstruction only (same bits as (a))
@@ -304,6 +305,35 @@ def usage_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def figure(rows: list[dict], path: Path) -> Path | None:
+    """Kodak PSNR against held-out top-1, one point per run with its 95 % intervals on both axes (None without an
+    ImageNet head: no top-1 to plot)."""
+    if any(row["scores"]["top1"] is None for row in rows):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"a": "tab:orange", "b": "tab:green", "c": "tab:purple", "d": "tab:blue"}
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    for row in rows:
+        top1, value = row["scores"]["top1"], row["scores"]["psnr"]
+        x, y = 100.0 * top1["mean"], value["mean"]
+        ax.errorbar(x, y, xerr=[[x - 100.0 * top1["low"]], [100.0 * top1["high"] - x]],
+                    yerr=[[y - value["low"]], [value["high"] - y]], fmt="o", capsize=3,
+                    color=colors[row["variant"][0]], mfc="white" if row["seed"] else None)
+        ax.annotate(row["run"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7)
+    ax.set_xlabel("held-out top-1 through the quantized semantic path (%)")
+    ax.set_ylabel("Kodak PSNR (dB)")
+    ax.set_title(f"equal bits per position, step {rows[0]['step']} (95 % bootstrap intervals)", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def describe(model: TokenizerConfig) -> tuple[str, str]:
     """The taps and the codes per position of a model config."""
     semantic = model.semantic_quantizer
@@ -406,6 +436,7 @@ def run(args: argparse.Namespace) -> Path:
         json.dumps({"common_step": common, "exports": exports, "rows": rows, "differences": diffs}, indent=2) + "\n"
     )
     (out / "ablation.md").write_text(text)
+    figure(rows, out / "ablation.png")
     print(text)
     return out / "ablation.md"
 

@@ -136,6 +136,7 @@ def test_one_command_trains_scores_and_writes_the_table(tmp_path: Path, ablation
     assert first["psnr"]["mean"] == pytest.approx(rows[3]["scores"]["psnr"]["mean"] - rows[0]["scores"]["psnr"]["mean"])
     assert first["psnr"]["verdict"] in {"shown", "not shown", "reversed"}
     assert diffs["d_dualtoken - c_single_shallow_recon"]["token_cosine"] is None
+    assert (out / "ablation.png").read_bytes()[:4] == b"\x89PNG"
     assert DualTokenizer.from_pretrained(out / "a_single_deep_both" / "export-00000002").config.pixel_quantizer is None
     assert table.count("\n| ") == 6 + 7 + 8 and "held-out top-5" in table and "token cosine" in table
     # a second call trains and scores nothing again and writes the same table
