@@ -163,9 +163,12 @@ def verdict(difference: dict | None) -> str:
 
 
 @torch.no_grad()
-def per_image_scores(tokenizer: DualTokenizer, kodak: str, heldout: str, limit: int | None) -> dict:
+def per_image_scores(
+    tokenizer: DualTokenizer, kodak: str, heldout: str, limit: int | None, teacher_tokens: dict | None = None
+) -> dict:
     """Per-image Kodak PSNR / SSIM and held-out top-1 / top-5 hits and token cosine, with the image ids, and the
-    code counts per depth of each vocabulary over the held-out images."""
+    share of codes used per depth of each vocabulary over the held-out images. ``teacher_tokens`` keeps the frozen
+    teacher's tokens of each batch between runs (the teacher is the same network for every run)."""
     tokenizer.eval()
     size = tokenizer.image_size
     kodak_rows: dict[str, list] = {"id": [], "psnr": [], "ssim": []}
@@ -177,15 +180,20 @@ def per_image_scores(tokenizer: DualTokenizer, kodak: str, heldout: str, limit: 
 
     _, labels = labels_from_tsv(Path(heldout))
     with_head = tokenizer.backbone.pooled_width == IMAGENET_CLASSES
-    teacher = tokenizer.teacher().eval()
+    teacher_tokens = {} if teacher_tokens is None else teacher_tokens
+    teacher = None
     layer = tokenizer.config.semantic_layer
     heldout_rows: dict[str, list] = {"id": [], "top1": [], "top5": [], "token_cosine": []}
     histograms: dict[str, torch.Tensor] = {}
-    for images, ids in _batches(open_image_source(heldout, size), limit):
+    for batch, (images, ids) in enumerate(_batches(open_image_source(heldout, size), limit)):
         codes = tokenizer.encode(images)
         features = tokenizer.semantic_features(codes.semantic)  # (B, h*w, W)
+        key = (heldout, size, layer, batch)
+        if key not in teacher_tokens:
+            teacher = teacher or tokenizer.teacher().eval()
+            teacher_tokens[key] = run_unquantized(teacher, images, layer).tokens  # (B, h*w, W)
         heldout_rows["id"] += ids
-        heldout_rows["token_cosine"] += token_cosine(features, run_unquantized(teacher, images, layer).tokens).tolist()
+        heldout_rows["token_cosine"] += token_cosine(features, teacher_tokens[key]).tolist()
         if with_head:
             ranked = tokenizer.pool_from_features(features).topk(TOP_K, dim=-1).indices  # (B, 5)
             truth = torch.tensor([labels[i] for i in ids])[:, None]
@@ -369,7 +377,7 @@ def train_run(folder: Path, config: TrainConfig) -> dict:
     return summary
 
 
-def score_run(folder: Path, step: int, args: argparse.Namespace) -> tuple[DualTokenizer, dict]:
+def score_run(folder: Path, step: int, args: argparse.Namespace, teacher_tokens: dict) -> tuple[DualTokenizer, dict]:
     """The run's export at ``step`` at the scoring size, and its per-image scores (cached beside the export)."""
     tokenizer = DualTokenizer.from_pretrained(folder / f"export-{step:08d}")
     if args.eval_size and tokenizer.image_size != (args.eval_size, args.eval_size):
@@ -377,7 +385,7 @@ def score_run(folder: Path, step: int, args: argparse.Namespace) -> tuple[DualTo
     cache = folder / f"scores-{step:08d}-{tokenizer.image_size[0]}px-{args.eval_images or 'all'}.json"
     if cache.is_file():
         return tokenizer, json.loads(cache.read_text())
-    scores = per_image_scores(tokenizer, args.kodak, args.heldout, args.eval_images)
+    scores = per_image_scores(tokenizer, args.kodak, args.heldout, args.eval_images, teacher_tokens)
     partial = cache.with_suffix(".tmp")
     partial.write_text(json.dumps(scores) + "\n")
     partial.replace(cache)  # atomic: an interrupted scoring leaves no half file
@@ -416,9 +424,9 @@ def run(args: argparse.Namespace) -> Path:
         summaries[name] = train_run(out / name, config)
 
     common, exports = common_export_step([out / name for name in runs])
-    rows, scores = [], {}
+    rows, scores, teacher_tokens = [], {}, {}
     for name in tqdm(runs, desc="score", disable=not base.log.progress):
-        tokenizer, scores[name] = score_run(out / name, common, args)
+        tokenizer, scores[name] = score_run(out / name, common, args, teacher_tokens)
         taps, codes = describe(tokenizer.config)
         rows.append({"run": name, **{k: runs[name][k] for k in ("variant", "seed")}, "taps": taps, "codes": codes,
                      "bits": bits_per_position(tokenizer.config), "steps": summaries[name]["step"],
