@@ -21,7 +21,7 @@ short continues from its last checkpoint), a scored run is not scored again. Bad
 make whole depths of the single codebook, an unknown variant, a missing data path) is one line and exit code 2,
 before anything trains.
 
-usage (the run of docs/RESULTS.md; docs/TRAINING.md explains the options):
+usage (docs/RESULTS.md ran this without --seeds; docs/TRAINING.md explains the options):
   OMP_NUM_THREADS=1 python recipes/efflite0/ablation.py --out runs/ablation --steps 160 --budget-seconds 600 \
       --export-every 20 --eval-size 256 --seeds a=0,1 d=0,1 --set data.batch_size=8 --set optimizer.warmup_steps=20 \
       --set checkpoint.every=20 --set log.codebook_every=20 --set log.every=5 --set log.progress=false
