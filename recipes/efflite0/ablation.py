@@ -1,26 +1,39 @@
 """The paper's ablation at equal bits, as one command: train four tokenizers with the same recipe, data, steps and
-wall-clock budget, evaluate each at the largest export step all of them reached, and write a markdown table.
+wall-clock budget, score each at the largest export step all of them reached, and write markdown tables and a
+figure (Kodak PSNR against held-out top-1, ``ablation.png``).
 
   (a) one codebook at the deep tap, both losses, as many bits per position as DualToken's two vocabularies
   (b) one codebook at the deep tap, reconstruction only (same bits as (a))
   (c) one codebook at the shallow tap, reconstruction only (same bits as (a))
   (d) DualToken: the pixel vocabulary at the shallow tap, the semantic one at the deep tap
 
-The single codebook keeps the semantic vocabulary's K and takes the depth that spends DualToken's bits. Scores:
-Kodak PSNR / SSIM of the full-depth reconstruction and held-out top-1 of the pooled output (a backbone whose
-pooled output is ImageNet logits), each a mean over images with a 95 % percentile bootstrap interval. Variants
-run one after the other (resumable: a finished variant is not trained again).
+The single codebook keeps the semantic vocabulary's K and takes the depth that spends DualToken's bits. ``--seeds
+a=0,1 d=0,1`` trains more seeds of a variant (a run ``<variant>_seed<s>`` for every seed but the recipe's).
 
-usage: python recipes/efflite0/ablation.py --out runs/ablation --steps 3000 --budget-seconds 900 --eval-size 256
+Scores, each a mean over images with a 95 % percentile bootstrap interval: Kodak PSNR / SSIM of the full-depth
+reconstruction; on the held-out images, top-1 / top-5 of the pooled output through the quantized semantic path (a
+backbone whose pooled output is ImageNet logits) and the token cosine between the quantized semantic features and
+the frozen teacher's at the semantic tap; the share of the K codes used at each depth. Differences (d) - (a),
+(d) - (b), (d) - (c) come with paired bootstrap intervals: the same resampled images for both runs.
+
+Runs train one after the other; an interrupted command resumes: a finished run is not trained again (a run cut
+short continues from its last checkpoint), a scored run is not scored again. Bad input (a recipe whose bits do not
+make whole depths of the single codebook, an unknown variant, a missing data path) is one line and exit code 2,
+before anything trains.
+
+usage (docs/RESULTS.md ran this without --seeds; docs/TRAINING.md explains the options):
+  OMP_NUM_THREADS=1 python recipes/efflite0/ablation.py --out runs/ablation --steps 160 --budget-seconds 600 \
+      --export-every 20 --eval-size 256 --seeds a=0,1 d=0,1 --set data.batch_size=8 --set optimizer.warmup_steps=20 \
+      --set checkpoint.every=20 --set log.codebook_every=20 --set log.every=5 --set log.progress=false
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -30,19 +43,18 @@ from tqdm import tqdm
 from dualtoken import DualTokenizer, get_config
 from dualtoken.config import TokenizerConfig, apply_overrides
 from dualtoken.data import open_image_source
+from dualtoken.errors import ConfigError, DataError, DualTokenError
+from dualtoken.evaluation.codebook_stats import code_histogram
 from dualtoken.evaluation.samples import labels_from_tsv
+from dualtoken.evaluation.semantic import run_unquantized, token_cosine
 from dualtoken.metrics import psnr, ssim
 from dualtoken.training import TrainConfig, load_train_config, train
 
 HERE = Path(__file__).parent
 IMAGENET_CLASSES = 1000
-
-
-def _load_pack():
-    spec = importlib.util.spec_from_file_location("efflite0_pack", HERE / "pack.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+TOP_K = 5
+SCORE_BATCH = 16
+COMPARED = ("a", "b", "c")  # (d) - (x) for each of these
 
 
 def bits_per_position(config: TokenizerConfig) -> int:
@@ -56,7 +68,9 @@ def variants(model: TokenizerConfig) -> dict[str, list[str]]:
     semantic = model.semantic_quantizer
     depth = bits_per_position(model) / math.log2(semantic.codebook_size)
     if depth != int(depth):
-        raise SystemExit(f"{bits_per_position(model)} bits do not make whole depths of K={semantic.codebook_size}")
+        raise ConfigError(
+            f"{bits_per_position(model)} bits per position do not make whole depths of K={semantic.codebook_size}"
+        )
     single = ["model:pixel_quantizer=null", "model:shortcut_layer=null", f"model:semantic_quantizer.depth={int(depth)}"]
     recon = ["loss.semantic_weight=0", "teacher=none"]
     return {
@@ -65,6 +79,33 @@ def variants(model: TokenizerConfig) -> dict[str, list[str]]:
         "c_single_shallow_recon": [*single, f"model:semantic_layer={model.pixel_layer}", *recon],
         "d_dualtoken": [],
     }
+
+
+def parse_seeds(specs: list[str], default: int) -> dict[str, list[int]]:
+    """``["a=0,1", "d=0,1"]`` -> {variant letter: seeds}; every variant not named trains the recipe's seed only."""
+    seeds = {letter: [default] for letter in "abcd"}
+    for spec in specs:
+        letter, _, values = spec.partition("=")
+        if letter not in seeds:
+            raise ConfigError(f"unknown variant {letter!r} in --seeds {spec!r} (variants: a, b, c, d)")
+        try:
+            seeds[letter] = sorted({int(v) for v in values.split(",")})
+        except ValueError:
+            raise ConfigError(f"--seeds {spec!r}: expected LETTER=SEED[,SEED...]") from None
+    return seeds
+
+
+def plan_runs(model: TokenizerConfig, seeds: dict[str, list[int]], default_seed: int) -> dict[str, dict]:
+    """Every run to train: {run name: {"variant", "letter", "seed", "overrides"}} in training order (seed by seed)."""
+    runs = {}
+    for seed in sorted({s for values in seeds.values() for s in values}, key=lambda s: s != default_seed):
+        for variant, overrides in variants(model).items():
+            letter = variant[0]
+            if seed in seeds[letter]:
+                name = variant if seed == default_seed else f"{variant}_seed{seed}"
+                runs[name] = {"variant": variant, "letter": letter, "seed": seed,
+                              "overrides": [*overrides, f"seed={seed}"]}
+    return runs
 
 
 def variant_config(base: TrainConfig, overrides: list[str]) -> TrainConfig:
@@ -80,13 +121,30 @@ def recipe_model(config: TrainConfig) -> TokenizerConfig:
     return apply_overrides(model, config.model_overrides)
 
 
+def common_export_step(folders: list[Path]) -> tuple[int, dict[str, list[int]]]:
+    """The largest export step every run folder reached, and each one's export steps."""
+    steps = {f.name: sorted(int(e.name.split("-")[1]) for e in f.glob("export-*")) for f in folders}
+    missing = [name for name, found in steps.items() if not found]
+    if missing:
+        raise DataError(f"no export-* folder in {', '.join(missing)}: lower --export-every")
+    return min(s[-1] for s in steps.values()), steps
+
+
+def check_paths(base: TrainConfig, kodak: str, heldout: str) -> None:
+    """Every data path opens (DataError otherwise), before anything trains."""
+    for spec in (base.data.train, kodak, heldout):
+        open_image_source(spec, 8)
+    labels_from_tsv(Path(heldout))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # scores
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def bootstrap(values: torch.Tensor, resamples: int, seed: int = 0) -> dict[str, float]:
-    """Mean and 95 % percentile bootstrap interval of per-image ``values``."""
+    """Mean and 95 % percentile bootstrap interval of per-image ``values``. Given the per-image differences of two
+    runs on the same images it is the paired bootstrap: each resample draws one set of images for both."""
     values = values.double()
     generator = torch.Generator().manual_seed(seed)
     index = torch.randint(len(values), (resamples, len(values)), generator=generator)
@@ -95,55 +153,195 @@ def bootstrap(values: torch.Tensor, resamples: int, seed: int = 0) -> dict[str, 
     return {"mean": float(values.mean()), "low": low, "high": high, "n": len(values)}
 
 
+def verdict(difference: dict | None) -> str:
+    """(d) - (x) read from its interval: "shown" above zero, "reversed" below, "not shown" across it."""
+    if difference is None:
+        return "n/a"
+    if difference["low"] > 0:
+        return "shown"
+    return "reversed" if difference["high"] < 0 else "not shown"
+
+
 @torch.no_grad()
-def score(tokenizer: DualTokenizer, kodak: str, heldout: str, limit: int | None, resamples: int) -> dict:
-    """Kodak PSNR / SSIM and held-out top-1 (None without an ImageNet head), each with its bootstrap interval."""
+def per_image_scores(
+    tokenizer: DualTokenizer, kodak: str, heldout: str, limit: int | None, teacher_tokens: dict | None = None
+) -> dict:
+    """Per-image Kodak PSNR / SSIM and held-out top-1 / top-5 hits and token cosine, with the image ids, and the
+    share of codes used per depth of each vocabulary over the held-out images. ``teacher_tokens`` keeps the frozen
+    teacher's tokens of each batch between runs (the teacher is the same network for every run)."""
     tokenizer.eval()
     size = tokenizer.image_size
-    rows: dict[str, list[torch.Tensor]] = {"psnr": [], "ssim": []}
-    for image, _ in _first(open_image_source(kodak, size), limit):
-        images = image[None]
-        reconstruction = tokenizer.decode(tokenizer.encode(images).pixel).float()
-        rows["psnr"].append(psnr(reconstruction, images))
-        rows["ssim"].append(ssim(reconstruction, images))
-    results = {name: bootstrap(torch.cat(values), resamples) for name, values in rows.items()}
-    results["top1"] = None
-    if tokenizer.backbone.pooled_width == IMAGENET_CLASSES:
-        _, labels = labels_from_tsv(Path(heldout))
-        hits = []
-        for image, image_id in _first(open_image_source(heldout, size), limit):
-            if labels.get(image_id, -1) < 0:
-                continue
-            pooled = tokenizer.pooled_embedding(tokenizer.encode(image[None]).semantic)
-            hits.append(float(pooled.argmax(-1).item() == labels[image_id]))
-        results["top1"] = bootstrap(torch.tensor(hits), resamples)
-    return results
+    kodak_rows: dict[str, list] = {"id": [], "psnr": [], "ssim": []}
+    for images, ids in _batches(open_image_source(kodak, size), limit):
+        reconstruction = tokenizer.decode(tokenizer.encode(images).pixel).float()  # (B, 3, H, W)
+        kodak_rows["id"] += ids
+        kodak_rows["psnr"] += psnr(reconstruction, images).tolist()
+        kodak_rows["ssim"] += ssim(reconstruction, images).tolist()
+
+    _, labels = labels_from_tsv(Path(heldout))
+    with_head = tokenizer.backbone.pooled_width == IMAGENET_CLASSES
+    teacher_tokens = {} if teacher_tokens is None else teacher_tokens
+    teacher = None
+    layer = tokenizer.config.semantic_layer
+    heldout_rows: dict[str, list] = {"id": [], "top1": [], "top5": [], "token_cosine": []}
+    histograms: dict[str, torch.Tensor] = {}
+    for batch, (images, ids) in enumerate(_batches(open_image_source(heldout, size), limit)):
+        codes = tokenizer.encode(images)
+        features = tokenizer.semantic_features(codes.semantic)  # (B, h*w, W)
+        key = (heldout, size, layer, batch)
+        if key not in teacher_tokens:
+            teacher = teacher or tokenizer.teacher().eval()
+            teacher_tokens[key] = run_unquantized(teacher, images, layer).tokens  # (B, h*w, W)
+        heldout_rows["id"] += ids
+        heldout_rows["token_cosine"] += token_cosine(features, teacher_tokens[key]).tolist()
+        if with_head:
+            ranked = tokenizer.pool_from_features(features).topk(TOP_K, dim=-1).indices  # (B, 5)
+            truth = torch.tensor([labels[i] for i in ids])[:, None]
+            heldout_rows["top1"] += (ranked[:, :1] == truth).any(-1).float().tolist()
+            heldout_rows["top5"] += (ranked == truth).any(-1).float().tolist()
+        vocabularies = {"semantic": codes.semantic}
+        if tokenizer.config.pixel_quantizer is not None:
+            vocabularies["pixel"] = codes.pixel
+        for name, grid in vocabularies.items():
+            counts = code_histogram(grid, tokenizer.codebook_size(name))  # (Q, K)
+            histograms[name] = histograms[name] + counts if name in histograms else counts
+    usage = {name: [float((h > 0).double().mean()) for h in counts] for name, counts in histograms.items()}
+    return {"kodak": kodak_rows, "heldout": heldout_rows, "usage": usage, "with_head": with_head,
+            "semantic_layer": layer}
 
 
-def _first(iterable, limit: int | None):
-    for index, item in enumerate(iterable):
+def _batches(source, limit: int | None):
+    """(images (B, 3, H, W), ids) in batches of SCORE_BATCH from an image source, its first ``limit`` images."""
+    images, ids = [], []
+    for index, (image, image_id) in enumerate(source):
         if limit is not None and index == limit:
-            return
-        yield item
+            break
+        images.append(image)
+        ids.append(image_id)
+        if len(images) == SCORE_BATCH:
+            yield torch.stack(images), ids
+            images, ids = [], []
+    if images:
+        yield torch.stack(images), ids
+
+
+def summarize(scores: dict, resamples: int) -> dict:
+    """Bootstrap intervals of every per-image score (None where a run has none)."""
+    rows = {**{k: scores["kodak"][k] for k in ("psnr", "ssim")},
+            **{k: scores["heldout"][k] for k in ("top1", "top5", "token_cosine")}}
+    return {name: bootstrap(torch.tensor(values), resamples) if values else None for name, values in rows.items()}
+
+
+def differences(runs: dict[str, dict], scores: dict[str, dict], resamples: int) -> list[dict]:
+    """(d) - (a), (d) - (b), (d) - (c) with paired bootstrap intervals, for every seed of (d); the other variant's
+    run of the same seed where it has one, else its recipe-seed run. Token cosine is compared only where both runs
+    distill at the same tap (the teacher's features differ between taps)."""
+    by_variant: dict[str, dict[int, str]] = {}
+    for name, run in runs.items():
+        by_variant.setdefault(run["letter"], {})[run["seed"]] = name
+    rows = []
+    for seed, dual in by_variant.get("d", {}).items():
+        for letter in COMPARED:
+            if letter not in by_variant:
+                continue
+            other = by_variant[letter].get(seed) or next(iter(by_variant[letter].values()))
+            row = {"pair": f"{dual} - {other}"}
+            for metric, part in (("psnr", "kodak"), ("ssim", "kodak"), ("top1", "heldout"), ("top5", "heldout"),
+                                 ("token_cosine", "heldout")):
+                mine, theirs = scores[dual][part], scores[other][part]
+                if mine["id"] != theirs["id"]:
+                    raise DataError(f"{dual} and {other} were scored on different images")
+                comparable = metric != "token_cosine" or scores[dual]["semantic_layer"] == scores[other]["semantic_layer"]
+                if not (mine[metric] and theirs[metric] and comparable):
+                    row[metric] = None
+                    continue
+                delta = torch.tensor(mine[metric]) - torch.tensor(theirs[metric])  # per image
+                row[metric] = {**bootstrap(delta, resamples), "verdict": None}
+                row[metric]["verdict"] = verdict(row[metric])
+            rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tables
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _cell(entry: dict | None, scale: float = 1.0, digits: int = 2) -> str:
+    if entry is None:
+        return "n/a"
+    mean, low, high = (entry[k] * scale for k in ("mean", "low", "high"))
+    return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+METRICS = (("psnr", "Kodak PSNR (dB)", 1.0, 2), ("ssim", "Kodak SSIM", 1.0, 3), ("top1", "held-out top-1 (%)", 100.0, 1),
+           ("top5", "held-out top-5 (%)", 100.0, 1), ("token_cosine", "token cosine", 1.0, 3))
 
 
 def table(rows: list[dict]) -> str:
-    def cell(entry: dict | None, scale: float = 1.0, digits: int = 2) -> str:
-        if entry is None:
-            return "n/a"
-        return f"{entry['mean'] * scale:.{digits}f} [{entry['low'] * scale:.{digits}f}, {entry['high'] * scale:.{digits}f}]"
-
+    """One row per run: its shape, steps, training time and scores with their intervals."""
     lines = [
-        "| variant | tap(s) | codes per position | bits / position | step | Kodak PSNR (dB) | Kodak SSIM | held-out top-1 (%) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | tap(s) | codes per position | bits / position | steps trained | training s | scored step | "
+        + " | ".join(title for _, title, _, _ in METRICS) + " |",
+        "|---" * (7 + len(METRICS)) + "|",
     ]
     for row in rows:
-        scores = row["scores"]
+        cells = [_cell(row["scores"][key], scale, digits) for key, _, scale, digits in METRICS]
         lines.append(
-            f"| {row['variant']} | {row['taps']} | {row['codes']} | {row['bits']} | {row['step']} | "
-            f"{cell(scores['psnr'])} | {cell(scores['ssim'], digits=3)} | {cell(scores['top1'], 100.0, 1)} |"
+            f"| {row['run']} | {row['taps']} | {row['codes']} | {row['bits']} | {row['steps']} | {row['seconds']:.0f} | "
+            f"{row['step']} | " + " | ".join(cells) + " |"
         )
     return "\n".join(lines) + "\n"
+
+
+def difference_table(rows: list[dict]) -> str:
+    """(d) - (x) per metric: mean [paired 95 % interval] and the verdict the interval gives."""
+    lines = ["| difference | " + " | ".join(title for _, title, _, _ in METRICS) + " |", "|---" * (1 + len(METRICS)) + "|"]
+    for row in rows:
+        cells = [
+            "n/a" if row[key] is None else f"{_cell(row[key], scale, digits)} {row[key]['verdict']}"
+            for key, _, scale, digits in METRICS
+        ]
+        lines.append(f"| {row['pair']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def usage_table(rows: list[dict]) -> str:
+    """Share of the K codes each depth used over the held-out images."""
+    lines = ["| run | vocabulary | codes used per depth (share of K) |", "|---|---|---|"]
+    for row in rows:
+        for vocabulary, shares in row["usage"].items():
+            lines.append(f"| {row['run']} | {vocabulary} | {' / '.join(f'{s:.2f}' for s in shares)} |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(rows: list[dict], path: Path) -> Path | None:
+    """Kodak PSNR against held-out top-1, one point per run with its 95 % intervals on both axes (None without an
+    ImageNet head: no top-1 to plot)."""
+    if any(row["scores"]["top1"] is None for row in rows):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"a": "tab:orange", "b": "tab:green", "c": "tab:purple", "d": "tab:blue"}
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    for row in rows:
+        top1, value = row["scores"]["top1"], row["scores"]["psnr"]
+        x, y = 100.0 * top1["mean"], value["mean"]
+        ax.errorbar(x, y, xerr=[[x - 100.0 * top1["low"]], [100.0 * top1["high"] - x]],
+                    yerr=[[y - value["low"]], [value["high"] - y]], fmt="o", capsize=3,
+                    color=colors[row["variant"][0]], mfc="white" if row["seed"] else None)
+        ax.annotate(row["run"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7)
+    ax.set_xlabel("held-out top-1 through the quantized semantic path (%)")
+    ax.set_ylabel("Kodak PSNR (dB)")
+    ax.set_title(f"equal bits per position, step {rows[0]['step']} (95 % bootstrap intervals)", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def describe(model: TokenizerConfig) -> tuple[str, str]:
@@ -163,56 +361,104 @@ def describe(model: TokenizerConfig) -> tuple[str, str]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description="the equal-bits ablation: train (a)-(d), score, write a table")
+def train_run(folder: Path, config: TrainConfig) -> dict:
+    """Train one run unless its summary exists. The summary holds the steps reached and the wall seconds of the
+    process that finished the run; ``resumed`` says it continued a checkpoint of an interrupted process, whose
+    seconds are then not counted."""
+    done = folder / "summary.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    resumed = any((folder / "checkpoints").glob("*.pt"))
+    started = time.perf_counter()
+    summary = train(config)
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    summary["resumed"] = resumed
+    done.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def score_run(folder: Path, step: int, args: argparse.Namespace, teacher_tokens: dict) -> tuple[DualTokenizer, dict]:
+    """The run's export at ``step`` at the scoring size, and its per-image scores (cached beside the export)."""
+    tokenizer = DualTokenizer.from_pretrained(folder / f"export-{step:08d}")
+    if args.eval_size and tokenizer.image_size != (args.eval_size, args.eval_size):
+        tokenizer = tokenizer.at_resolution(args.eval_size)
+    cache = folder / f"scores-{step:08d}-{tokenizer.image_size[0]}px-{args.eval_images or 'all'}.json"
+    if cache.is_file():
+        return tokenizer, json.loads(cache.read_text())
+    scores = per_image_scores(tokenizer, args.kodak, args.heldout, args.eval_images, teacher_tokens)
+    partial = cache.with_suffix(".tmp")
+    partial.write_text(json.dumps(scores) + "\n")
+    partial.replace(cache)  # atomic: an interrupted scoring leaves no half file
+    return tokenizer, scores
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="the equal-bits ablation: train (a)-(d), score, write the tables")
     parser.add_argument("--recipe", default=str(HERE / "cpu.json"))
     parser.add_argument("--out", default="runs/ablation")
     parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--budget-seconds", type=float, default=0.0, help="wall-clock budget of each variant (0: none)")
+    parser.add_argument("--budget-seconds", type=float, default=0.0, help="wall-clock budget of each run (0: none)")
     parser.add_argument("--export-every", type=int, default=250)
+    parser.add_argument("--seeds", nargs="*", default=[], help="more seeds of a variant: a=0,1 d=0,1")
     parser.add_argument("--kodak", default="../shared/data/kodak")
     parser.add_argument("--heldout", default=str(HERE / "heldout.tsv"))
-    parser.add_argument("--eval-size", type=int, default=None, help="evaluate at this image size (default: trained)")
+    parser.add_argument("--eval-size", type=int, default=None, help="score at this image size (default: trained)")
     parser.add_argument("--eval-images", type=int, default=None, help="score only the first N images of each set")
     parser.add_argument("--bootstrap", type=int, default=2000)
-    parser.add_argument("--set", action="append", default=[], help="key.sub=value on the recipe for every variant")
-    args = parser.parse_args(argv)
+    parser.add_argument("--set", action="append", default=[], help="key.sub=value on the recipe for every run")
+    return parser.parse_args(argv)
 
+
+def run(args: argparse.Namespace) -> Path:
     out = Path(args.out)
+    if not Path(args.recipe).is_file():
+        raise DataError(f"no recipe at {args.recipe}")
     budget = [f"max_steps={args.steps}", f"max_seconds={args.budget_seconds}", f"checkpoint.export_every={args.export_every}"]
     base = load_train_config(args.recipe, [*args.set, *budget])
-    plan = variants(recipe_model(base))
-    for name, overrides in plan.items():
-        done = out / name / "summary.json"
-        if done.is_file():
-            continue
-        config = variant_config(base, [*overrides, f"output_dir={out / name}"])
-        started = time.perf_counter()
-        summary = train(config)
-        summary["seconds"] = round(time.perf_counter() - started, 1)
-        done.write_text(json.dumps(summary, indent=2) + "\n")
+    runs = plan_runs(recipe_model(base), parse_seeds(args.seeds, base.seed), base.seed)
+    check_paths(base, args.kodak, args.heldout)
 
-    common, exports = _load_pack().common_export_step([out / name for name in plan])
-    rows = []
-    for name in tqdm(plan, desc="score", disable=not base.log.progress):
-        tokenizer = DualTokenizer.from_pretrained(out / name / f"export-{common:08d}")
-        if args.eval_size and tokenizer.image_size != (args.eval_size, args.eval_size):
-            tokenizer = tokenizer.at_resolution(args.eval_size)
+    summaries = {}
+    for name, plan in runs.items():
+        config = variant_config(base, [*plan["overrides"], f"output_dir={out / name}"])
+        summaries[name] = train_run(out / name, config)
+
+    common, exports = common_export_step([out / name for name in runs])
+    rows, scores, teacher_tokens = [], {}, {}
+    for name in tqdm(runs, desc="score", disable=not base.log.progress):
+        tokenizer, scores[name] = score_run(out / name, common, args, teacher_tokens)
         taps, codes = describe(tokenizer.config)
-        scores = score(tokenizer, args.kodak, args.heldout, args.eval_images, args.bootstrap)
-        rows.append({"variant": name, "taps": taps, "codes": codes, "bits": bits_per_position(tokenizer.config),
-                     "step": common, "scores": scores})
-    size = rows[0]["scores"]["psnr"]["n"]
+        rows.append({"run": name, **{k: runs[name][k] for k in ("variant", "seed")}, "taps": taps, "codes": codes,
+                     "bits": bits_per_position(tokenizer.config), "steps": summaries[name]["step"],
+                     "seconds": summaries[name]["seconds"], "step": common,
+                     "scores": summarize(scores[name], args.bootstrap), "usage": scores[name]["usage"]})
+    diffs = differences(runs, scores, args.bootstrap)
     header = (
         f"# Equal-bits ablation\n\nRecipe `{args.recipe}`, {args.steps} steps at most, "
-        f"{args.budget_seconds or 'no'} s budget per variant; scored at step {common} (the largest export every "
-        f"variant reached), at {args.eval_size or 'the trained'} px; Kodak: {size} images. "
-        f"Means with 95 % bootstrap intervals ({args.bootstrap} resamples).\n\n"
+        f"{args.budget_seconds or 'no'} s budget per run; scored at step {common} (the largest export every "
+        f"run reached), at {args.eval_size or 'the trained'} px; Kodak: {rows[0]['scores']['psnr']['n']} images, "
+        f"held-out: {len(scores[next(iter(runs))]['heldout']['id'])} images. Means with 95 % bootstrap intervals "
+        f"over images ({args.bootstrap} resamples); differences with paired intervals (the same resampled images "
+        f"for both runs) and the verdict they give.\n\n"
     )
-    (out / "ablation.json").write_text(json.dumps({"common_step": common, "exports": exports, "rows": rows}, indent=2) + "\n")
-    (out / "ablation.md").write_text(header + table(rows))
-    print(header + table(rows))
+    text = header + table(rows) + "\n" + difference_table(diffs) + "\n" + usage_table(rows)
+    (out / "ablation.json").write_text(
+        json.dumps({"common_step": common, "exports": exports, "rows": rows, "differences": diffs}, indent=2) + "\n"
+    )
+    (out / "ablation.md").write_text(text)
+    figure(rows, out / "ablation.png")
+    print(text)
     return out / "ablation.md"
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """The command: bad input is one line on stderr and exit code 2, before anything trains."""
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except DualTokenError as error:
+        print(f"ablation: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
