@@ -7,7 +7,7 @@ lmms-eval==0.7.3``, docs/MLLM.md); the request handling itself is ``dualtoken.ml
 
 from __future__ import annotations
 
-from lmms_eval.api.instance import Instance
+from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 from tqdm import tqdm
@@ -63,7 +63,11 @@ class DualTokenLMMS(lmms):
         progress.close()
         return answers
 
-    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+    def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
+        """Per request, lmms-eval's pair (the continuation's negative log-likelihood, summed over its tokens;
+        whether greedy decoding gives it). lmms-eval 0.7.3 expects a loss here, not a log-likelihood: its multiple
+        choice takes the argmin. Each pair travels in a GenerationResult because 0.7.3's evaluator turns any
+        other non-text answer into its string (``unwrap_generation_output``), which breaks multiple choice."""
         questions, continuations = [], []
         for context, doc_to_target, doc_to_visual, doc_id, task, split in (r.args for r in requests):
             question = self._question(context, doc_to_visual, doc_id, task, split)
@@ -72,7 +76,8 @@ class DualTokenLMMS(lmms):
             )
             questions.append(question)
             continuations.append(str(target))
-        return loglikelihood(self.model, questions, continuations, batch_size=self.batch_size)
+        scored = loglikelihood(self.model, questions, continuations, batch_size=self.batch_size)
+        return [GenerationResult(text=(-score, greedy)) for score, greedy in scored]
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
         raise NotImplementedError("the dualtoken model answers single-turn requests only")
