@@ -204,7 +204,9 @@ def offline_hf(tmp_path, monkeypatch):
 
 @pytest.mark.data
 @pytest.mark.skipif(not HAS_LMMS_EVAL, reason="lmms-eval is not installed (the harness extra, docs/MLLM.md)")
-def test_lmms_eval_runs_the_tiny_task_with_the_dualtoken_model(make_mllm, tmp_path, cifar_task, offline_hf):
+def test_lmms_eval_runs_the_tiny_task_with_the_dualtoken_model(
+    make_mllm, tmp_path, cifar_task, offline_hf, capsys
+):
     from dualtoken.mllm.harness.__main__ import run_tasks
 
     folder, names = cifar_task
@@ -227,6 +229,14 @@ def test_lmms_eval_runs_the_tiny_task_with_the_dualtoken_model(make_mllm, tmp_pa
     assert results["dualtoken_cifar_qa"]["exact_match,none"] == pytest.approx(
         sum(a == d["answer"] for d, a in zip(docs, answers)) / len(docs)
     )
+
+    # an image gone since the task was written: one line naming it, exit 2
+    Path(docs[0]["image"]).unlink()
+    arguments = ["run", "--model", str(saved), "--include-path", str(folder), "--tasks", "dualtoken_cifar_qa"]
+    assert harness_main(arguments) == 2
+    err = capsys.readouterr().err  # lmms-eval's progress bars, then the error
+    errors = [line for line in err.splitlines() if "error: " in line]
+    assert len(errors) == 1 and Path(docs[0]["image"]).name in errors[0] and "Traceback" not in err
 
 
 @pytest.mark.data
