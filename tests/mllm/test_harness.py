@@ -181,6 +181,16 @@ def test_run_refuses_a_folder_that_is_not_an_mllm(tmp_path, capsys):
     assert ("not a DualToken MLLM folder" in err) if HAS_LMMS_EVAL else ("lmms-eval is not installed" in err)
 
 
+@pytest.mark.skipif(HAS_LMMS_EVAL, reason="checks the package without lmms-eval")
+def test_adapter_module_imports_without_lmms_eval_and_says_how_to_install_it(tmp_path):
+    from dualtoken.mllm.harness import lmms as adapter
+
+    with pytest.raises(ModuleNotFoundError, match="--no-deps lmms-eval==0.7.3"):
+        adapter.DualTokenLMMS(pretrained=str(tmp_path))
+    with pytest.raises(ModuleNotFoundError, match="lmms-eval is not installed"):
+        adapter.manifest()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # lmms-eval end to end (where it is installed: pip install -e ".[harness]"; pip install --no-deps lmms-eval==0.7.3)
 # ----------------------------------------------------------------------------------------------------------------
@@ -207,7 +217,7 @@ def offline_hf(tmp_path, monkeypatch):
 def test_lmms_eval_runs_the_tiny_task_with_the_dualtoken_model(
     make_mllm, tmp_path, cifar_task, offline_hf, capsys
 ):
-    from dualtoken.mllm.harness.__main__ import run_tasks
+    from dualtoken.mllm.harness.lmms import run_tasks
 
     folder, names = cifar_task
     model = make_mllm(seed=0).eval()
@@ -236,7 +246,8 @@ def test_lmms_eval_runs_the_tiny_task_with_the_dualtoken_model(
     assert harness_main(arguments) == 2
     err = capsys.readouterr().err  # lmms-eval's progress bars, then the error
     errors = [line for line in err.splitlines() if "error: " in line]
-    assert len(errors) == 1 and Path(docs[0]["image"]).name in errors[0] and "Traceback" not in err
+    assert len(errors) == 1 and Path(docs[0]["image"]).name in errors[0]
+    assert "dualtoken.errors" not in err  # no traceback of the error
 
 
 @pytest.mark.data

@@ -17,40 +17,9 @@ import json
 import sys
 from pathlib import Path
 
-from ...errors import ConfigError, DataError, DualTokenError
+from ...errors import DataError, DualTokenError
 from .cifar_task import write_cifar_task
-
-
-def run_tasks(
-    model: str | Path,
-    tasks: list[str],
-    include_path: str | Path | None = None,
-    limit: int | None = None,
-    batch_size: int = 8,
-    device: str = "cpu",
-) -> dict:
-    """lmms-eval's results dict (``results[task][metric]``) for ``tasks`` on the MLLM folder ``model``.
-    Needs lmms-eval installed (docs/MLLM.md); a bad model folder or a missing image raises the typed error."""
-    try:
-        from lmms_eval.evaluator import simple_evaluate
-        from lmms_eval.tasks import TaskManager
-
-        from .lmms import DualTokenLMMS
-    except ImportError as exc:
-        raise ModuleNotFoundError(
-            f"lmms-eval is not installed ({exc}); install it as docs/MLLM.md shows: pip install -e \".[harness]\" "
-            "and pip install --no-deps lmms-eval==0.7.3"
-        ) from None
-    adapter = DualTokenLMMS(pretrained=str(model), batch_size=batch_size, device=device)
-    manager = TaskManager("WARNING", include_path=None if include_path is None else str(include_path))
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
-        raise ConfigError(f"unknown lmms-eval task(s) {unknown}; a local task needs --include-path")
-    out = simple_evaluate(
-        model=adapter, tasks=tasks, task_manager=manager, limit=limit, batch_size=batch_size, log_samples=False,
-        verbosity="WARNING", bootstrap_iters=0,
-    )
-    return out["results"]
+from .lmms import run_tasks
 
 
 def main(argv: list[str] | None = None) -> int:

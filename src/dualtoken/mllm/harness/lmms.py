@@ -1,20 +1,38 @@
 """The lmms-eval model ``dualtoken``: ``lmms-eval --model dualtoken --model_args pretrained=FOLDER --tasks ...``.
 
 lmms-eval finds it through the ``lmms_eval.models`` entry point (pyproject.toml), which names :func:`manifest`.
-Importing this module needs lmms-eval (``pip install -e ".[harness]"`` then ``pip install --no-deps
-lmms-eval==0.7.3``, docs/MLLM.md); the request handling itself is ``dualtoken.mllm.harness``.
+Using it needs lmms-eval (``pip install -e ".[harness]"`` then ``pip install --no-deps lmms-eval==0.7.3``,
+docs/MLLM.md); without it the module still imports (so does every module of the package) and the class refuses
+to be built. The request handling itself is ``dualtoken.mllm.harness``.
 """
 
 from __future__ import annotations
 
-from lmms_eval.api.instance import GenerationResult, Instance
-from lmms_eval.api.model import lmms
-from lmms_eval.models.registry_v2 import ModelManifest
+from pathlib import Path
+
 from tqdm import tqdm
 
+from ...errors import ConfigError
 from . import Question, generate_until, load_mllm, loglikelihood
 
+try:
+    from lmms_eval.api.instance import GenerationResult, Instance
+    from lmms_eval.api.model import lmms
+    from lmms_eval.models.registry_v2 import ModelManifest
+except ModuleNotFoundError as missing:
+    MISSING: ModuleNotFoundError | None = missing
+    lmms = object
+else:
+    MISSING = None
+
 MODEL_NAME = "dualtoken"
+INSTALL = 'pip install -e ".[harness]" and pip install --no-deps lmms-eval==0.7.3 (docs/MLLM.md)'
+
+
+def require_lmms_eval() -> None:
+    """Raise ModuleNotFoundError, saying how to install it, where lmms-eval is missing."""
+    if MISSING is not None:
+        raise ModuleNotFoundError(f"lmms-eval is not installed ({MISSING}); {INSTALL}")
 
 
 class DualTokenLMMS(lmms):
@@ -24,6 +42,7 @@ class DualTokenLMMS(lmms):
     def __init__(
         self, pretrained: str, batch_size: int | str = 8, device: str = "cpu", seed: int | str = 0, **unused
     ) -> None:
+        require_lmms_eval()
         super().__init__()
         self.model = load_mllm(pretrained, device)
         self.batch_size = int(batch_size)
@@ -85,4 +104,31 @@ class DualTokenLMMS(lmms):
 
 def manifest() -> ModelManifest:
     """The entry point's payload: the model name and where its class lives."""
+    require_lmms_eval()
     return ModelManifest(model_id=MODEL_NAME, simple_class_path=f"{__name__}.{DualTokenLMMS.__name__}")
+
+
+def run_tasks(
+    model: str | Path,
+    tasks: list[str],
+    include_path: str | Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    device: str = "cpu",
+) -> dict:
+    """lmms-eval's results dict (``results[task][metric]``) for ``tasks`` on the MLLM folder ``model``.
+    Needs lmms-eval installed (docs/MLLM.md); a bad model folder or a missing image raises the typed error."""
+    require_lmms_eval()
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    adapter = DualTokenLMMS(pretrained=str(model), batch_size=batch_size, device=device)
+    manager = TaskManager("WARNING", include_path=None if include_path is None else str(include_path))
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ConfigError(f"unknown lmms-eval task(s) {unknown}; a local task needs --include-path")
+    out = simple_evaluate(
+        model=adapter, tasks=tasks, task_manager=manager, limit=limit, batch_size=batch_size, log_samples=False,
+        verbosity="WARNING", bootstrap_iters=0,
+    )
+    return out["results"]
