@@ -9,16 +9,19 @@ to be built. The request handling itself is ``dualtoken.mllm.harness``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from ...errors import ConfigError
 from . import Question, generate_until, load_mllm, loglikelihood
 
+if TYPE_CHECKING:
+    from lmms_eval.models.registry_v2 import ModelManifest
+
 try:
     from lmms_eval.api.instance import GenerationResult, Instance
     from lmms_eval.api.model import lmms
-    from lmms_eval.models.registry_v2 import ModelManifest
 except ModuleNotFoundError as missing:
     MISSING: ModuleNotFoundError | None = missing
     lmms = object
@@ -105,6 +108,9 @@ class DualTokenLMMS(lmms):
 def manifest() -> ModelManifest:
     """The entry point's payload: the model name and where its class lives."""
     require_lmms_eval()
+    # imported here: lmms_eval.models loads the entry points, this one included, when it is first imported
+    from lmms_eval.models.registry_v2 import ModelManifest
+
     return ModelManifest(model_id=MODEL_NAME, simple_class_path=f"{__name__}.{DualTokenLMMS.__name__}")
 
 
