@@ -89,3 +89,18 @@ def _mixed_batch(model: DualTokenMLLM, codes):
 def mixed_batch():
     """mixed_batch(model, codes): one understanding conversation about image 0, one generation sample of image 1."""
     return _mixed_batch
+
+
+@pytest.fixture(scope="session")
+def cifar_recipe():
+    """recipes/mllm_cifar/run.py as a module (its stages: extract_split, prepare, ...)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "recipes" / "mllm_cifar" / "run.py"
+    spec = importlib.util.spec_from_file_location("mllm_cifar_run", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
