@@ -21,6 +21,7 @@ from .config import (
     read_json,
 )
 from .errors import CheckpointError, ConfigError
+from .io import replace_with_default_mode
 from .registry import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, is_model, resolve_model_dir
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ def save_pretrained(
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     tmp = path / f".{WEIGHTS_NAME}.tmp{os.getpid()}"
     save_file(state, str(tmp), metadata={"format": "pt", "model": tokenizer.config.name})
-    os.replace(tmp, path / WEIGHTS_NAME)
+    replace_with_default_mode(tmp, path / WEIGHTS_NAME)
     tokenizer.config.save(path / CONFIG_NAME)
     (path / CARD_NAME).write_text(model_card(tokenizer, metrics))
     return path
