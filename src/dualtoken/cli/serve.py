@@ -78,7 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     print(
-        f"dualtoken serve: {tokenizer.config.name} on http://{config.host}:{config.port}/ (API docs at /docs)"
+        f"dualtoken serve: {tokenizer.config.name} on http://{config.host}:{config.port}/ (API reference at /docs, OpenAPI document at /openapi.json)"
     )
     uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level)
     return 0
