@@ -74,7 +74,7 @@ def test_demo_and_reconstruct_write_one_metrics_shape(photos, model_dir, tmp_pat
     assert main(["demo", str(photos), "--model", str(model_dir), "--out", str(tmp_path / "demo")]) == 0
     reconstruct = json.loads((tmp_path / "rec" / "metrics.json").read_text())
     demo = json.loads((tmp_path / "demo" / "metrics.json").read_text())
-    assert set(reconstruct) == set(demo) == {"model", "tokens_per_image", "images", "mean"}
+    assert set(reconstruct) == set(demo) == {"model", "base_model", "tokens_per_image", "images", "mean"}
     assert set(reconstruct["images"][0]) == set(demo["images"][0]) == {"image", "psnr", "ssim", "pixel_depths"}
     assert reconstruct["mean"] == demo["mean"]  # the same model on the same photos
 

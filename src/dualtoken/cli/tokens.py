@@ -163,10 +163,12 @@ def _tokens_per_image(tokenizer: DualTokenizer) -> str:
 
 
 def write_metrics(tokenizer: DualTokenizer, rows: list[dict], out: Path) -> dict:
-    """``metrics.json`` of ``reconstruct`` and ``demo`` (one shape): the model, its tokens per image, one row per
-    image (image, psnr, ssim, pixel_depths) and the means over the images; prints the same."""
+    """``metrics.json`` of ``reconstruct`` and ``demo`` (one shape): the model and what it was fine-tuned from, its
+    tokens per image, one row per image (image, psnr, ssim, pixel_depths) and the means over the images; prints the
+    same."""
     summary = {
         "model": tokenizer.config.name,
+        "base_model": tokenizer.config.base_model,  # what a fine-tuned model started from; null otherwise
         "tokens_per_image": _tokens_per_image(tokenizer),
         "images": rows,
         "mean": {

@@ -35,7 +35,7 @@ async function loadModel() {
   const m = body.models[0];
   state.model = m;
   $("model-info").textContent =
-    `${m.name} · ${m.image_size[0]}×${m.image_size[1]} px · ${m.grid[0]}×${m.grid[1]} tokens · ` +
+    `${m.name}${m.base_model ? ` (fine-tuned from ${m.base_model})` : ""} · ${m.image_size[0]}×${m.image_size[1]} px · ${m.grid[0]}×${m.grid[1]} tokens · ` +
     `pixel ${m.pixel_depth} × ${m.codebook_size.pixel} codes · semantic ${m.semantic_depth} × ${m.codebook_size.semantic} codes`;
   $("mllm").hidden = !body.mllm;
   showLimits(body.limits);
