@@ -102,12 +102,12 @@ def main() -> int:
     pixel, semantic = (c.repeat(reps, 1, 1, 1)[: cfg.eval_batch_size] for c in (codes.pixel, codes.semantic))
     answer_s = timed(lambda: answer(model, [QUESTION] * cfg.eval_batch_size, (pixel, semantic)))
     prompts = ["Draw a dog."] * args.images
-    cached = timed(lambda: generate_images(model, prompts, cfg_scale=cfg.cfg_scale, decode=False))
+    cached = timed(lambda: generate_images(model, prompts, cfg_scale=cfg.sampling.cfg_scale, decode=False))
     plain = timed(
-        lambda: generate_images(model, prompts, cfg_scale=cfg.cfg_scale, decode=False, use_cache=False)
+        lambda: generate_images(model, prompts, cfg_scale=cfg.sampling.cfg_scale, decode=False, use_cache=False)
     )
     batched = timed(
-        lambda: generate_images(model, ["Draw a dog."] * cfg.eval_batch_size, cfg_scale=cfg.cfg_scale)
+        lambda: generate_images(model, ["Draw a dog."] * cfg.eval_batch_size, cfg_scale=cfg.sampling.cfg_scale)
     )
 
     per_image = batched / cfg.eval_batch_size
