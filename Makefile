@@ -20,7 +20,7 @@ demo: install
 	$(BIN)/dualtoken demo --out demo_out
 
 test: install
-	$(BIN)/python -m pytest -q -x --durations=15
+	$(BIN)/python -m pytest -q -x -rs --durations=15
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

@@ -51,7 +51,7 @@ from dualtoken.mllm.data import TokenCache
 from dualtoken.mllm.text_tokenizer import train_bpe_tokenizer
 from dualtoken.mllm.train import train_mllm
 from dualtoken.training.config import CheckpointConfig, LogConfig, OptimizerConfig
-from dualtoken.visualize import hstack, vstack
+from dualtoken.visualize import labelled_grid
 
 MODES = ("both", "semantic", "pixel")
 QUESTION = "What is in this image?"
@@ -102,7 +102,7 @@ class RecipeConfig:
     probe_steps: int = 100  # L-BFGS iterations of the linear probes
     probe_weight_decay: float = 1e-3
     samples_per_class: int = 20  # generated images per class and guidance setting
-    cfg_scale: float = 3.0
+    guidance_scales: tuple[float, ...] = (1.0, 3.0)  # classifier-free guidance scales compared; 1 = none
     grid_columns: int = 10
 
 
@@ -363,7 +363,7 @@ def evaluate(cfg: RecipeConfig) -> dict:
     }
     model = DualTokenMLLM.from_pretrained(work / "runs" / "both" / "final")
     grids = []
-    for scale in (1.0, cfg.cfg_scale):
+    for scale in cfg.guidance_scales:
         requested = torch.arange(len(names)).repeat_interleave(cfg.samples_per_class)
         images = []
         starts = range(0, len(requested), cfg.eval_batch_size)
@@ -383,27 +383,43 @@ def evaluate(cfg: RecipeConfig) -> dict:
             else None
         )
         key = "without_cfg" if scale == 1.0 else f"cfg_{scale:g}"
+        hits = None if judged is None else int((judged == requested).sum())
         results["generation"][key] = {
             "images": len(images),
-            "requested_class_accuracy": None
-            if judged is None
-            else float((judged == requested).float().mean()),
+            "requested_class_accuracy": None if hits is None else hits / len(images),
+            "requested_class_interval_95": None if hits is None else wilson_interval(hits, len(images)),
             "frechet_efficientnet_lite0": frechet_distance(
                 real_features, image_features(features, images, cfg.eval_batch_size, "generated")
             ),
         }
-        rows = [
-            hstack([to_uint8(img) for img in images[requested == c][: cfg.grid_columns]], gap=2)
-            for c in range(len(names))
-        ]
+        cells = [[to_uint8(img) for img in images[requested == c][: cfg.grid_columns]] for c in range(len(names))]
+        judged_text = "" if hits is None else f"; the requested class in {hits} of {len(images)} (token classifier)"
         grid = work / f"samples_{key}.png"
-        save_image(vstack(rows, gap=2), grid)
+        save_image(
+            labelled_grid(
+                cells,
+                [f"Draw {with_article(name)}." for name in names],
+                [f"sample {i + 1}" for i in range(max(len(row) for row in cells))],
+                footer=f"guidance {scale:g}" + (" (none)" if scale == 1.0 else "") + judged_text,
+                gap=2,
+                font_size=11,
+            ),
+            grid,
+        )
         grids.append(str(grid))
     results["generation"]["grids"] = grids
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (work / "results.md").write_text(render(results))
     print(render(results))
     return results
+
+
+def wilson_interval(hits: int, total: int, z: float = 1.96) -> list[float]:
+    """The 95 % Wilson score interval of a binomial rate: how far ``hits / total`` can be trusted."""
+    rate, spread = hits / total, z * z / total
+    centre = (rate + spread / 2) / (1 + spread)
+    half = z * (rate * (1 - rate) / total + spread / (4 * total)) ** 0.5 / (1 + spread)
+    return [centre - half, centre + half]
 
 
 def render(results: dict) -> str:
@@ -421,15 +437,19 @@ def render(results: dict) -> str:
         )
     lines += [
         "",
-        "| generation | images | requested class (token classifier) | Fréchet distance (EfficientNet-Lite0) |",
+        "| generation | images | requested class (token classifier), 95 % interval | Fréchet distance "
+        "(EfficientNet-Lite0) |",
         "|---|---|---|---|",
     ]
     for key, row in results["generation"].items():
         if key == "grids":
             continue
-        accuracy = row.get("requested_class_accuracy")
+        accuracy, interval = row.get("requested_class_accuracy"), row.get("requested_class_interval_95")
+        judged = "-" if accuracy is None else f"{accuracy:.1%}"
+        if interval is not None:
+            judged += f" ({interval[0]:.1%} to {interval[1]:.1%})"
         lines.append(
-            f"| {key.replace('_', ' ')} | {row['images']} | {'-' if accuracy is None else f'{accuracy:.1%}'} | "
+            f"| {key.replace('_', ' ')} | {row['images']} | {judged} | "
             f"{row['frechet_efficientnet_lite0']:.2f} |"
         )
     return "\n".join(lines) + "\n"

@@ -44,6 +44,7 @@ def main() -> int:
     parser.add_argument(
         "--images", type=int, default=4, help="images per generation call (cached and uncached)"
     )
+    parser.add_argument("--train-only", action="store_true", help="time the training step only")
     args = parser.parse_args()
     cfg = apply_overrides(from_dict(RecipeConfig, json.loads(Path(args.config).read_text())), args.set)
 
@@ -97,25 +98,30 @@ def main() -> int:
     model.train()
     step()  # warm-up
     train_s = min(timed(step) for _ in range(args.steps))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if args.train_only:
+        print(f"training step (batch {cfg.batch_size}): {train_s:.2f} s, {trainable:,} trainable parameters, "
+              f"heads.classifier {cfg.heads.classifier}, {torch.get_num_threads()} thread(s)")
+        return 0
     model.eval()
     reps = -(-cfg.eval_batch_size // cfg.batch_size)
     pixel, semantic = (c.repeat(reps, 1, 1, 1)[: cfg.eval_batch_size] for c in (codes.pixel, codes.semantic))
     answer_s = timed(lambda: answer(model, [QUESTION] * cfg.eval_batch_size, (pixel, semantic)))
     prompts = ["Draw a dog."] * args.images
-    cached = timed(lambda: generate_images(model, prompts, cfg_scale=cfg.cfg_scale, decode=False))
+    cached = timed(lambda: generate_images(model, prompts, cfg_scale=cfg.sampling.cfg_scale, decode=False))
     plain = timed(
-        lambda: generate_images(model, prompts, cfg_scale=cfg.cfg_scale, decode=False, use_cache=False)
+        lambda: generate_images(model, prompts, cfg_scale=cfg.sampling.cfg_scale, decode=False, use_cache=False)
     )
     batched = timed(
-        lambda: generate_images(model, ["Draw a dog."] * cfg.eval_batch_size, cfg_scale=cfg.cfg_scale)
+        lambda: generate_images(model, ["Draw a dog."] * cfg.eval_batch_size, cfg_scale=cfg.sampling.cfg_scale)
     )
 
     per_image = batched / cfg.eval_batch_size
     generated = 2 * 10 * cfg.samples_per_class
     tests = cfg.test_limit or 10000
     print(
-        f"sequence {tuple(batch.input_ids.shape)}, {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
-        f"trainable parameters, {torch.get_num_threads()} thread(s)"
+        f"sequence {tuple(batch.input_ids.shape)}, {trainable:,} trainable parameters, "
+        f"{torch.get_num_threads()} thread(s)"
     )
     print(f"training step (batch {cfg.batch_size}): {train_s:.2f} s")
     print(f"answers: {answer_s / cfg.eval_batch_size * 100:.2f} s per 100 images")

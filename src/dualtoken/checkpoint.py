@@ -3,6 +3,7 @@ of the authors' release format is :mod:`dualtoken.reference`."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from pathlib import Path
@@ -12,8 +13,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import TokenizerConfig
+from .config import (
+    TokenizerConfig,
+)
 from .errors import CheckpointError
+from .io import replace_with_default_mode
 from .registry import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, is_model, resolve_model_dir
 
 if TYPE_CHECKING:
@@ -25,28 +29,59 @@ def save_pretrained(
     path: str | Path,
     dtype: torch.dtype | None = None,
     metrics: dict[str, Any] | None = None,
+    name: str | None = None,
 ) -> Path:
     """Write the config, the tokenizer's weights (atomically) and a model card into folder ``path``; ``dtype`` (for
     example ``torch.float16``, half the size) applies to the floating-point tensors; ``metrics`` (name -> value,
-    e.g. the figures of an evaluation) go into the card."""
+    e.g. the figures of an evaluation) go into the card. The saved model is named ``name``, or by
+    :func:`export_name`; a renamed trained model records what it was fine-tuned from (``base_model``)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    config = exported_config(tokenizer, path, name)
     state = {k: v.detach().contiguous().cpu() for k, v in tokenizer.state_dict().items()}
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     tmp = path / f".{WEIGHTS_NAME}.tmp{os.getpid()}"
-    save_file(state, str(tmp), metadata={"format": "pt", "model": tokenizer.config.name})
-    os.replace(tmp, path / WEIGHTS_NAME)
-    tokenizer.config.save(path / CONFIG_NAME)
-    (path / CARD_NAME).write_text(model_card(tokenizer, metrics))
+    save_file(state, str(tmp), metadata={"format": "pt", "model": config.name})
+    replace_with_default_mode(tmp, path / WEIGHTS_NAME)
+    config.save(path / CONFIG_NAME)
+    (path / CARD_NAME).write_text(model_card(tokenizer, metrics, config))
     return path
 
 
-def model_card(tokenizer: DualTokenizer, metrics: dict[str, Any] | None = None) -> str:
-    """The README.md of a model folder: Hub metadata, what the tokens are, the rate, the figures, the config."""
+def export_name(path: Path) -> str:
+    """The name of a model written to folder ``path``: the folder's name; for the trainer's ``RUN/final`` the
+    run's name ``RUN``, for ``RUN/export-00001000`` ``RUN-export-00001000``."""
+    folder = path.resolve()
+    if folder.name == "final":
+        return folder.parent.name
+    if folder.name.startswith("export-"):
+        return f"{folder.parent.name}-{folder.name}"
+    return folder.name
+
+
+def exported_config(tokenizer: DualTokenizer, path: Path, name: str | None) -> TokenizerConfig:
+    """The config to save. Trained weights loaded under one name and saved elsewhere (a fine-tuned model, a copy)
+    take the export's name and record the loaded name as ``base_model``; a model built from an architecture, or
+    renamed in its config, keeps its config's name unless ``name`` is given."""
+    config = tokenizer.config
+    loaded_as = getattr(tokenizer, "pretrained_name", None)  # set by load_pretrained
+    if name is None and loaded_as == config.name:
+        name = export_name(path)
+    if name is None or name == config.name:
+        return config
+    base = config.name if loaded_as is not None else config.base_model
+    return dataclasses.replace(config, name=name, base_model=base)
+
+
+def model_card(
+    tokenizer: DualTokenizer, metrics: dict[str, Any] | None = None, config: TokenizerConfig | None = None
+) -> str:
+    """The README.md of a model folder: Hub metadata, what the tokens are, the rate, the figures, the config
+    (``config``: the one saved, default the tokenizer's)."""
     from huggingface_hub import ModelCardData
 
-    config = tokenizer.config
+    config = config or tokenizer.config
     h, w = tokenizer.grid
     rate = tokenizer.bits_per_pixel()
     data = ModelCardData(library_name="dualtoken", tags=["image-tokenizer", "dualtoken"], license="apache-2.0")
@@ -58,7 +93,8 @@ def model_card(tokenizer: DualTokenizer, metrics: dict[str, Any] | None = None) 
         f"# {config.name}",
         "",
         "A [DualToken](https://arxiv.org/abs/2503.14324) image tokenizer: one backbone, a pixel vocabulary for "
-        "reconstruction and a semantic vocabulary for understanding, both residual-quantized.",
+        "reconstruction and a semantic vocabulary for understanding, both residual-quantized."
+        + (f" Fine-tuned from `{config.base_model}`." if config.base_model else ""),
         "",
         "```python",
         "from dualtoken import DualTokenizer",
@@ -149,5 +185,6 @@ def load_pretrained(
     tokenizer.model_dir = path
     spec = str(path_or_name)
     tokenizer.name_or_path = spec if is_model(spec) or not Path(spec).is_dir() else str(path.resolve())
+    tokenizer.pretrained_name = config.name  # what save_pretrained compares with to name an export
     load_state(tokenizer, read_weights(path / WEIGHTS_NAME), strict, str(path))
     return tokenizer.eval()

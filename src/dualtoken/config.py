@@ -298,6 +298,8 @@ class TokenizerConfig:
     """The whole DualToken tokenizer: backbone taps, two vocabularies, the pixel decoder."""
 
     name: str = "custom"
+    # the trained model these weights were fine-tuned from (set by save_pretrained when it renames an export)
+    base_model: str | None = None
     backbone: BackboneConfig = field(default_factory=SiglipBackboneConfig)
     pixel_layer: int = 6
     shortcut_layer: int | None = 4

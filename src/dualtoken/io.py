@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import BinaryIO
 
@@ -14,6 +15,12 @@ from .errors import ImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 MAX_PIXELS = 16384 * 16384  # decompression-bomb guard: larger images are refused
+UPSCALE_WARNING = 2.0  # load_image warns when it enlarges an image by more than this factor
+
+
+class UpscaledImageWarning(UserWarning):
+    """An image smaller than the model's input was enlarged by more than :data:`UPSCALE_WARNING` times: its
+    reconstruction and codes describe interpolated pixels."""
 
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
@@ -67,9 +74,20 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def load_image(source: str | Path | BinaryIO, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """Read an image file -> float (3, H, W) in [-1, 1], resized and centre-cropped to ``size`` when given."""
+    """Read an image file -> float (3, H, W) in [-1, 1], resized and centre-cropped to ``size`` when given: the
+    shortest side is scaled to the model's side and the centre kept, so a non-square photo loses its edges; an
+    image enlarged by more than 2x gets an :class:`UpscaledImageWarning` naming it."""
     image = open_rgb(source)
     if size is not None:
+        scale = max(size[0] / image.height, size[1] / image.width)
+        if scale > UPSCALE_WARNING:
+            name = str(source) if isinstance(source, (str, Path)) else "upload"
+            warnings.warn(
+                f"{name} ({image.width}x{image.height}) upscaled {scale:.1f}x to {size[1]}x{size[0]}: "
+                "its codes describe interpolated pixels",
+                UpscaledImageWarning,
+                stacklevel=2,
+            )
         image = resize_center_crop(image, size)
     return to_tensor(image)
 
@@ -91,6 +109,16 @@ def save_image(image: torch.Tensor | np.ndarray, path: str | Path) -> Path:
     Image.fromarray(array).save(tmp)
     os.replace(tmp, path)
     return path
+
+
+def replace_with_default_mode(tmp: str | Path, path: str | Path) -> Path:
+    """Move a finished temporary file onto ``path`` (atomic) with the mode a new file gets under the user's umask
+    (safetensors creates its files 0600, unlike every other file a command writes)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+    return Path(path)
 
 
 def list_images(folder: str | Path) -> list[Path]:

@@ -3,9 +3,10 @@
 - LPIPS (Zhang et al. 2018, v0.1; taming's VQGAN losses): the ReLU outputs at five depths of a VGG16 or AlexNet
   trunk, unit-normalised channels, learned 1x1 heads, spatial mean, summed over levels. :class:`LPIPS` is it; the
   training loss ``lpips_vgg16`` (:class:`LPIPSVGG16`) and the evaluation metric (``dualtoken.evaluation.lpips``)
-  both use it. It needs a torchvision weights file for the trunk (``features.{i}.weight/bias`` keys, read by key
-  name, e.g. ``vgg16-397923af.pth`` or ``alexnet-owt-7be5be79.pth``; the trunks are rebuilt here in plain torch
-  with torchvision's layer indices) and the LPIPS v0.1 heads (``lin{0..4}.model.1.weight``): by default the copy
+  both use it. It needs torchvision's weights for the trunk (``features.{i}.weight/bias`` keys, read by key
+  name: ``vgg16-397923af.pth`` or ``alexnet-owt-7be5be79.pth``, from a local file or from torch's hub cache, where
+  ``torch.hub.load_state_dict_from_url`` fetches them once; the trunks are rebuilt here in plain torch with
+  torchvision's layer indices) and the LPIPS v0.1 heads (``lin{0..4}.model.1.weight``): by default the copy
   torchmetrics ships, else a user's ``vgg.pth``/``alex.pth``, or the ``lpips`` wheel itself (the lpips and
   torchvision packages are never imported).
 - ``effnet_lite0``: the same unit-normalised distance, without learned heads, on the five resolution levels of
@@ -63,6 +64,35 @@ def level_distance(
     diff = (unit_normalize(a, eps, in_sqrt) - unit_normalize(b, eps, in_sqrt)).pow(2)  # (B, C, H, W)
     per_position = (diff * head).sum(dim=1) if head is not None else diff.sum(dim=1)  # (B, H, W)
     return per_position.mean(dim=(1, 2))
+
+
+# torchvision's ImageNet trunks: where torchvision downloads them, under the file names it uses, so that a file
+# torchvision (or anyone) put into torch's hub cache ($TORCH_HOME/hub/checkpoints) is found and reused
+TORCHVISION_URLS = {
+    "vgg": "https://download.pytorch.org/models/vgg16-397923af.pth",
+    "alex": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
+}
+
+
+def trunk_state(spec: str | Path | None, net: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The torchvision state dict of an LPIPS trunk and where it came from: a local weights file, or (``spec`` None
+    or a URL) torch's hub cache through ``torch.hub.load_state_dict_from_url``, downloaded there once when missing
+    (the sha256 prefix in torchvision's file name is checked). Needs torch alone, never torchvision."""
+    if spec is not None and "://" not in str(spec):
+        return read_state(spec, f"torchvision {net}"), str(spec)
+    url = str(spec or TORCHVISION_URLS[net])
+    file_name = url.rsplit("/", 1)[-1]
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / file_name
+    try:
+        state = torch.hub.load_state_dict_from_url(
+            url, map_location="cpu", check_hash=True, file_name=file_name, weights_only=True, progress=False
+        )
+    except (OSError, RuntimeError, ValueError) as exc:  # no network (URLError is an OSError), a bad download
+        raise CheckpointError(
+            f"LPIPS-{net} trunk weights: {cached} is not in torch's hub cache and {url} cannot be fetched ({exc}); "
+            f"put torchvision's {file_name} there, or give a local weights file"
+        ) from None
+    return state, str(cached)
 
 
 def read_state(path: str | Path, what: str) -> dict[str, torch.Tensor]:
@@ -211,7 +241,8 @@ def read_lpips_heads(path: str | Path, net: str = "vgg") -> list[torch.Tensor]:
 
 
 class LPIPS(PerceptualLoss):
-    """LPIPS v0.1 on a VGG16 (``net="vgg"``) or AlexNet (``"alex"``) trunk from a torchvision weights file, with
+    """LPIPS v0.1 on a VGG16 (``net="vgg"``) or AlexNet (``"alex"``) trunk from torchvision's weights (a local file,
+    or torch's hub cache: see :func:`trunk_state`), with
     the LPIPS heads from ``heads`` (default: torchmetrics' copy). ``per_image`` -> (B,) for images in [-1, 1];
     ``forward`` -> their mean (differentiable in the images). ``normalization``: "lpips" (the lpips package's)
     or "torchmetrics" (see :func:`unit_normalize`)."""
@@ -221,7 +252,7 @@ class LPIPS(PerceptualLoss):
     def __init__(
         self,
         net: str,
-        trunk_weights: str | Path,
+        trunk_weights: str | Path | None = None,
         heads: str | Path | None = None,
         normalization: str = "lpips",
     ) -> None:
@@ -232,7 +263,7 @@ class LPIPS(PerceptualLoss):
             raise ConfigError(f"LPIPS normalization {normalization!r}: expected one of {NORMALIZATIONS}")
         self.net_name, self.normalization = net, normalization
         self.features = TRUNKS[net]()
-        self.features.load_torchvision(read_state(trunk_weights, f"torchvision {net}"), str(trunk_weights))
+        self.features.load_torchvision(*trunk_state(trunk_weights, net))
         for level, head in enumerate(read_lpips_heads(heads or default_lpips_heads(net), net)):
             self.register_buffer(f"head{level}", head)
         self.register_buffer("shift", torch.tensor(LPIPS_SHIFT).view(1, 3, 1, 1))
@@ -258,7 +289,7 @@ class LPIPSVGG16(LPIPS):
 
     name = "lpips_vgg16"
 
-    def __init__(self, vgg_weights: str | Path, heads: str | Path | None = None) -> None:
+    def __init__(self, vgg_weights: str | Path | None = None, heads: str | Path | None = None) -> None:
         super().__init__("vgg", vgg_weights, heads)
 
 
@@ -287,13 +318,8 @@ def build_perceptual(
     """The perceptual loss a config names: ``lpips_vgg16``, ``effnet_lite0``, or ``none`` (None)."""
     if kind == "none":
         return None
-    if kind == "lpips_vgg16":
-        if not vgg_weights:
-            raise ConfigError(
-                "perceptual 'lpips_vgg16' needs loss.vgg_weights (torchvision's vgg16-*.pth); use 'effnet_lite0' "
-                "where VGG weights are not available"
-            )
-        return LPIPSVGG16(vgg_weights, lpips_heads)
+    if kind == "lpips_vgg16":  # no vgg_weights: torchvision's file through torch's hub cache
+        return LPIPSVGG16(vgg_weights or None, lpips_heads)
     if kind == "effnet_lite0":
         return EfficientNetPerceptual(resize=resize)
     raise ConfigError(f"unknown perceptual loss {kind!r}; expected lpips_vgg16, effnet_lite0 or none")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .config import TokenizerConfig
 from .errors import CheckpointError, ConfigError
+from .hub import download, is_repo_id
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -116,8 +117,8 @@ def resolve_model_dir(name_or_path: str | Path, revision: str | None = None) -> 
     path = Path(spec)
     if path.is_dir():
         return _checked_folder(path, spec)
-    if _is_repo_id(spec):
-        return _checked_folder(_download(spec, revision), spec)
+    if is_repo_id(spec):
+        return _checked_folder(download(spec, revision, MODEL_FILES), spec)
     raise CheckpointError(
         f"no model {spec!r}: not a registered name, not a model folder, not a Hub repo id (org/name); "
         f"{_known(entries)}"
@@ -129,34 +130,3 @@ def _checked_folder(path: Path, spec: str) -> Path:
         if not (path / name).is_file():
             raise CheckpointError(f"{spec}: {path} has no {name} (expected a folder written by save_pretrained)")
     return path
-
-
-def _is_repo_id(spec: str) -> bool:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if spec.count("/") != 1 or spec.startswith((".", "/")):
-        return False
-    try:
-        validate_repo_id(spec)
-    except HFValidationError:
-        return False
-    return True
-
-
-def _download(repo_id: str, revision: str | None) -> Path:
-    """The model files of a Hub repo in the user's Hugging Face cache (fetched when missing and online)."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(MODEL_FILES)))
-    except RepositoryNotFoundError:
-        raise CheckpointError(f"no model folder {repo_id!r} here and no Hub repo {repo_id!r}") from None
-    except LocalEntryNotFoundError:
-        offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
-        raise CheckpointError(
-            f"no model folder {repo_id!r} here, and the Hub repo {repo_id!r} is not in the Hugging Face cache "
-            f"{constants.HF_HUB_CACHE} and cannot be downloaded{offline}"
-        ) from None
-    except (HfHubHTTPError, OSError) as exc:
-        raise CheckpointError(f"cannot download Hub repo {repo_id!r}: {exc}") from None

@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from .errors import DataError
+from .io import replace_with_default_mode
 
 
 @dataclass
@@ -59,8 +60,7 @@ def save_tokens(
         metadata["source"] = source
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    return replace_with_default_mode(tmp, path)
 
 
 def load_tokens(path: str | Path) -> TokenFile:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 import pytest
 
@@ -16,16 +17,21 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
 
 
 @pytest.mark.parametrize("name", sorted(_commands()))
-def test_every_option_has_help_and_shows_its_default(name):
+def test_every_option_has_help_and_shows_its_default_in_one_style(name):
     command = _commands()[name]
     formatter = command._get_formatter()
     for action in command._actions:
         if isinstance(action, argparse._HelpAction):
             continue
-        assert action.help, f"{name} {action.option_strings or action.dest}: no help text"
-        if action.option_strings:
-            shown = formatter._get_help_string(action)
-            assert "default" in shown, f"{name} {action.option_strings}: the help does not show the default"
+        where = f"{name} {action.option_strings or action.dest}"
+        assert action.help, f"{where}: no help text"
+        shown = formatter._get_help_string(action)
+        assert not re.search(r"\(None:|\(default [^:]|default: (None|False|\[\])\)", shown), f"{where}: {shown}"
+        assert shown.count("(default: ") <= 1, f"{where}: {shown}"
+        has_value = action.default not in (None, [], False) and action.nargs != 0
+        if action.option_strings and (has_value or action.nargs == 0 or action.required):
+            assert ("(default: " in shown) == (has_value and not action.required), f"{where}: {shown}"
+    assert "(default: None)" not in command.format_help()
 
 
 def test_model_options_default_to_the_trained_model():

@@ -63,7 +63,7 @@ def test_bad_input_prints_one_line_and_exits_2(args, message, tmp_path):
 def test_corrupt_image_and_bad_depth(tmp_path, model_dir, capsys):
     (tmp_path / "bad.png").write_bytes(b"\x89PNG garbage")
     assert main(["encode", str(tmp_path / "bad.png"), "--model", str(model_dir), "--out", str(tmp_path / "t.safetensors")]) == 2
-    assert "no readable image among the inputs" in capsys.readouterr().err
+    assert f"error: {tmp_path / 'bad.png'}: not a readable image" in capsys.readouterr().err
     Image.new("RGB", (64, 64)).save(tmp_path / "ok.png")
     assert main(["reconstruct", str(tmp_path / "ok.png"), "--model", str(model_dir), "--out", str(tmp_path / "r"), "--depth", "9"]) == 2
     assert "--depth must be in 1..4" in capsys.readouterr().err
@@ -74,7 +74,7 @@ def test_demo_and_reconstruct_write_one_metrics_shape(photos, model_dir, tmp_pat
     assert main(["demo", str(photos), "--model", str(model_dir), "--out", str(tmp_path / "demo")]) == 0
     reconstruct = json.loads((tmp_path / "rec" / "metrics.json").read_text())
     demo = json.loads((tmp_path / "demo" / "metrics.json").read_text())
-    assert set(reconstruct) == set(demo) == {"model", "tokens_per_image", "images", "mean"}
+    assert set(reconstruct) == set(demo) == {"model", "base_model", "tokens_per_image", "images", "mean"}
     assert set(reconstruct["images"][0]) == set(demo["images"][0]) == {"image", "psnr", "ssim", "pixel_depths"}
     assert reconstruct["mean"] == demo["mean"]  # the same model on the same photos
 
@@ -135,7 +135,7 @@ def test_bad_files_are_skipped_named_counted_without_python_warnings(photos, mod
     assert f"skipped unreadable input {tmp_path / 'gone.png'}: no such file or folder" in lines
     assert any(line.startswith(f"skipped unreadable input {tmp_path / 'note.txt'}: not a readable image")
                for line in lines)
-    assert lines[-1] == "dualtoken encode: skipped 2 unreadable input(s)" and len(lines) == 3
+    assert lines[-1] == "dualtoken encode: skipped 2 unreadable inputs" and len(lines) == 3
     assert "Warning" not in result.stderr and "warnings.warn" not in result.stderr
 
     strict = subprocess.run([sys.executable, "-m", "dualtoken", *args, "--strict"], capture_output=True, text=True,
@@ -151,6 +151,47 @@ def test_reconstruct_skips_a_bad_file_and_fails_only_when_nothing_was_readable(p
     args = ["--model", str(model_dir), "--out", str(tmp_path / "r")]
     assert main(["reconstruct", str(photos), str(tmp_path / "note.txt"), *args]) == 0
     assert len(json.loads((tmp_path / "r" / "metrics.json").read_text())["images"]) == 3
-    assert main(["reconstruct", str(tmp_path / "note.txt"), *args]) == 2
-    err = capsys.readouterr().err
-    assert "skipped 1 unreadable input(s)" in err and "no readable image among the inputs" in err
+    capsys.readouterr()
+    assert main(["reconstruct", str(tmp_path / "note.txt"), str(tmp_path / "gone.png"), *args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("dualtoken reconstruct: error: no readable image among the 2 inputs")
+    assert lines[-1].endswith("(skipped 2 unreadable inputs)") and len(lines) == 3  # two per-file lines, one summary
+
+
+def _run(args, cwd, shell=False):
+    command = f"{sys.executable} -m dualtoken {args}" if shell else [sys.executable, "-m", "dualtoken", *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=120, shell=shell)
+
+
+@pytest.mark.parametrize("bad", ["photo_typo.jpg", "folder_typo/", "corrupt.png", "empty_folder"])
+def test_a_single_unreadable_input_is_one_error_line(bad, model_dir, tmp_path):
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG garbage")
+    (tmp_path / "empty_folder").mkdir()
+    result = _run(["reconstruct", bad, "--model", str(model_dir), "--out", "r"], tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"dualtoken reconstruct: error: {bad.rstrip('/')}"), lines
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    result = _run("info --list | head -1", tmp_path, shell=True)
+    assert result.stdout.count("\n") == 1 and result.stderr == "", result.stderr
+
+
+def test_encode_prints_a_sentence_for_both_outputs(photos, model_dir, tmp_path, capsys):
+    assert main(["encode", str(photos), "--model", str(model_dir), "--out", str(tmp_path / "td")]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'td'}: 3 images in 1 token file; 0 skipped"
+    one = str(next(photos.rglob("p0.png")))
+    assert main(["encode", one, "--model", str(model_dir), "--out", str(tmp_path / "t.safetensors")]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 't.safetensors'}: 1 image x (8x8 positions")
+
+
+def test_a_tiny_image_is_named_in_one_warning_line(model_dir, tmp_path):
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "tiny.png")  # 64 px model: 2.1x
+    Image.new("RGB", (40, 64), (30, 30, 200)).save(tmp_path / "narrow.png")  # 1.6x: no warning
+    result = _run(["reconstruct", "tiny.png", "narrow.png", "--model", str(model_dir), "--out", "r"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in re.split(r"[\r\n]", result.stderr) if "warning" in line]
+    assert len(warnings) == 1 and "tiny.png (40x30) upscaled 2.1x to 64x64" in warnings[0]
+    help_text = _run(["reconstruct", "--help"], tmp_path).stdout
+    assert "centre-cropped" in help_text and "2x" in help_text

@@ -34,6 +34,7 @@ SCRIPT = textwrap.dedent(
                     q(data()[rank])
                 result[f"{restart}-{schedule}"] = {k: v.clone() for k, v in q.state_dict().items()}
         torch.save(result, f"{out}/rank{rank}.pt")
+        dist.barrier()  # tear the group down together
         dist.destroy_process_group()
 
     if __name__ == "__main__":

@@ -4,6 +4,7 @@ the model card carries the config, the rate and the figures."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -93,3 +94,91 @@ def test_the_model_card_has_config_rate_and_figures(tiny_tokenizer, tmp_path):
     assert "| psnr | 21.5 |" in card and "| images | 24 |" in card
     config_block = card.split("```json\n", 1)[1].split("```", 1)[0]
     assert json.loads(config_block) == json.loads(tiny_tokenizer.config.to_json())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pretrained towers by their Hub id: the SigLIP vision tower, the teacher and zero-shot's text tower
+# ----------------------------------------------------------------------------------------------------------------
+
+TOWER_ID = "google/siglip-tiny-test"
+
+
+@pytest.fixture
+def offline_tower(tmp_path, monkeypatch):
+    """A tiny random SiglipModel (vision: the dualtoken-tiny tower; a text tower and a word-level tokenizer) saved
+    with transformers' save_pretrained, laid out in an offline Hugging Face cache as TOWER_ID."""
+    from transformers import SiglipConfig, SiglipModel
+
+    from dualtoken import get_config
+    from dualtoken.evaluation.templates import OPENAI_IMAGENET_TEMPLATES
+    from dualtoken.evaluation.zeroshot import canonicalize
+
+    from ..evaluation.conftest import CLASS_NAMES, _word_level_tokenizer
+
+    vision = get_config("dualtoken-tiny").backbone
+    config = SiglipConfig(
+        text_config={"vocab_size": 256, "hidden_size": vision.width, "intermediate_size": 64, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 16},
+        vision_config={"hidden_size": vision.width, "intermediate_size": vision.mlp_width, "image_size":
+                       vision.image_size, "patch_size": vision.patch_size, "num_hidden_layers": vision.num_layers,
+                       "num_attention_heads": vision.num_heads},
+    )
+    torch.manual_seed(5)
+    model = SiglipModel(config)
+    model.save_pretrained(tmp_path / "saved_siglip")
+    words = {w for t in OPENAI_IMAGENET_TEMPLATES for n in CLASS_NAMES for w in canonicalize(t.format(n)).split()}
+    _word_level_tokenizer(tmp_path / "saved_siglip", words)
+    (tmp_path / "classes.txt").write_text("\n".join(CLASS_NAMES) + "\n")
+    cache = tmp_path / "hub"
+    make_hub_cache(cache, TOWER_ID, tmp_path / "saved_siglip")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    return model
+
+
+def test_a_siglip_tower_teacher_and_text_tower_come_by_their_hub_id_offline(offline_tower, tmp_path):
+    from dualtoken.evaluation.config import EvalConfig
+    from dualtoken.evaluation.semantic import build_classifier
+
+    tok = DualTokenizer.from_config("dualtoken-tiny", backbone_path=TOWER_ID)
+    assert tok.config.backbone.pretrained == TOWER_ID  # the config names the Hub id, not a cache path
+    expected = offline_tower.vision_model.state_dict()
+    for key, value in tok.backbone.vision_model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    images = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        reference = offline_tower.vision_model(pixel_values=images).pooler_output
+        teacher = DualTokenizer.from_pretrained(tok.save_pretrained(tmp_path / "model")).teacher()
+        assert torch.allclose(teacher.pool(teacher.forward_all(images)[-1]), reference, atol=1e-5)
+
+    classifier, reason = build_classifier(tok, EvalConfig(classifier_cache=str(tmp_path / "zs")), tmp_path / "classes.txt")
+    assert reason is None and classifier.kind == "zeroshot" and classifier.num_classes == 3
+    assert f"models--{TOWER_ID.replace('/', '--')}" in classifier.description["text_tower"]
+
+    # huggingface_hub's URL form, and a pinned revision
+    by_url = DualTokenizer.from_config("dualtoken-tiny", backbone_path=f"hf://{TOWER_ID}")
+    assert by_url.config.backbone.pretrained == TOWER_ID
+    assert torch.equal(by_url.backbone.vision_model.post_layernorm.weight, expected["post_layernorm.weight"])
+    pinned = dataclasses.replace(tok.config.backbone, pretrained_revision=REVISION)
+    assert torch.equal(type(tok.backbone).teacher(pinned).vision_model.post_layernorm.weight,
+                       expected["post_layernorm.weight"])
+    with pytest.raises(CheckpointError, match="not in the Hugging Face cache"):
+        type(tok.backbone).teacher(dataclasses.replace(pinned, pretrained_revision="f" * 40))
+
+
+def test_a_tower_missing_from_the_cache_offline_is_one_clear_error(offline_tower):
+    with pytest.raises(CheckpointError, match="google/siglip-other.*not in the Hugging Face cache.*HF_HUB_OFFLINE"):
+        DualTokenizer.from_config("dualtoken-tiny", backbone_path="google/siglip-other")
+    with pytest.raises(CheckpointError, match="not a SigLIP folder"):
+        DualTokenizer.from_config("dualtoken-tiny", backbone_path="../no/such/folder")
+
+
+def test_the_paper_recipes_name_the_tower_by_its_hub_id():
+    from dualtoken.training import load_train_config
+
+    repo = Path(__file__).resolve().parents[2]
+    for stage in ("stage0", "stage1"):
+        config = load_train_config(repo / "recipes" / f"paper-{stage}-so400m-384-rvq8.json", [])
+        assert config.backbone_pretrained == "hf://google/siglip2-so400m-patch14-384"  # not taken as a path
+        assert config.loss.vgg_weights is None and config.loss.perceptual_kind == "lpips_vgg16"  # torch's hub cache

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -84,3 +86,33 @@ def test_to_uint8_rounds_and_clamps(tmp_path):
     assert to_uint8(values)[0, :, 0].tolist() == [0, 0, 128, 255, 255]
     save_image(values, tmp_path / "v.png")
     assert np.asarray(Image.open(tmp_path / "v.png")).shape == (1, 5, 3)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_token_files_and_model_weights_follow_the_umask(umask, tiny_tokenizer, tmp_path):
+    import os
+
+    from dualtoken.tokenfile import save_tokens
+
+    codes = torch.zeros(1, 8, 8, 4, dtype=torch.long)
+    previous = os.umask(umask)
+    try:
+        token_file = save_tokens(tmp_path / "t.safetensors", codes, codes, ["a"], "dualtoken-tiny", (256, 256))
+        model = tiny_tokenizer.save_pretrained(tmp_path / "model")
+        save_image(torch.zeros(3, 8, 8), tmp_path / "image.png")
+    finally:
+        os.umask(previous)
+    expected = 0o666 & ~umask
+    for path in (token_file, model / "model.safetensors", model / "config.json", tmp_path / "image.png"):
+        assert path.stat().st_mode & 0o777 == expected, f"{path.name}: {oct(path.stat().st_mode & 0o777)}"
+
+
+def test_an_image_enlarged_more_than_twice_is_named_in_a_warning(tmp_path):
+    from dualtoken.io import UpscaledImageWarning
+
+    Image.new("RGB", (50, 40)).save(tmp_path / "small.png")
+    with pytest.warns(UpscaledImageWarning, match=r"small.png \(50x40\) upscaled 2.5x to 100x100"):
+        assert load_image(tmp_path / "small.png", (100, 100)).shape == (3, 100, 100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_image(tmp_path / "small.png", (80, 80))  # 2x exactly: no warning

@@ -22,6 +22,7 @@ SCRIPT = textwrap.dedent(
     import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
 
     def worker(rank, folder, port):
+        import gc
         import json
         from dualtoken.config import from_dict
         from dualtoken.mllm import MLLMTrainConfig
@@ -41,6 +42,9 @@ SCRIPT = textwrap.dedent(
             if parallel == "ddp":
                 state = {k: v.detach().clone() for k, v in unwrap(engine.model).state_dict().items()}
                 torch.save(state, f"{folder}/ddp-rank{rank}.pt")
+            del trainer
+        gc.collect()  # release the wrapped models, which hold the group, then tear it down together
+        dist.barrier()
         dist.destroy_process_group()
 
     if __name__ == "__main__":

@@ -90,3 +90,36 @@ def test_answers_cached_equal_uncached_and_stop_at_the_end_of_turn(make_mllm, ti
         temperature=1.0,
         seed=5,
     )
+
+
+def test_guidance_above_one_moves_the_sampled_logits_toward_the_condition(make_mllm, monkeypatch):
+    """With l_s = l_u + s (l_c - l_u), the expected "condition direction" l_c - l_u under the sampled
+    distribution grows with s: the generation path must put the prompt in the conditional half and the blank
+    prompt in the unconditional half (swapped halves would move away from the condition)."""
+    from dualtoken.mllm import generation
+
+    model = make_mllm()
+    seen = []
+
+    def recording(logits, *args):
+        seen.append(logits.clone())
+        return sample(logits, *args)
+
+    monkeypatch.setattr(generation, "sample", recording)
+
+    def first_logits(prompt, scale):  # the first pixel depth of the first position
+        seen.clear()
+        generate_images(model, [prompt], cfg_scale=scale, seed=0, decode=False)
+        return seen[0][0].float()
+
+    conditional = first_logits("Draw a cat.", 1.0)
+    unconditional = first_logits(model.config.prompt.blank_prompt, 1.0)
+    direction = conditional - unconditional
+    assert direction.abs().max() > 1e-3  # the prompt matters to this random model
+    pulls = []
+    for scale in (1.0, 2.0, 3.0, 5.0):
+        logits = first_logits("Draw a cat.", scale)
+        torch.testing.assert_close(logits, unconditional + scale * direction, atol=1e-4, rtol=1e-4)
+        pulls.append(float((logits.softmax(-1) * direction).sum()))
+    assert float((unconditional.softmax(-1) * direction).sum()) < pulls[0]
+    assert all(a < b for a, b in zip(pulls, pulls[1:])), pulls

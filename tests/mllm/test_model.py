@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from dualtoken.errors import CheckpointError, DataError
+from dualtoken.errors import CheckpointError, ConfigError, DataError
 from dualtoken.mllm import FusionConfig, LLMConfig
 
 
@@ -142,3 +142,38 @@ def test_sampling_logits_of_the_last_depth_equal_teacher_forcing(make_mllm, tiny
     full = head(states, vectors[:, :-1])  # (5, Q, K)
     for depth in range(4):
         torch.testing.assert_close(head(states, vectors[:, :depth], last_only=True), full[:, depth])
+
+
+def test_a_code_table_classifier_scores_the_code_vectors_and_costs_no_weights_per_code(
+    make_mllm, mllm_config, tiny_codes, mixed_batch
+):
+    heads = dataclasses.replace(mllm_config.heads, classifier="code_table")
+    tied, full = make_mllm(heads=heads), make_mllm()
+    head, table = tied.semantic_head, tied.code_tables.table("semantic").weight  # (K, D)
+    assert head.classifier_weight.shape == (4, table.shape[1], 32)  # depth x code_dim x width: no K rows
+    size = sum(p.numel() for p in head.parameters())
+    assert size < sum(p.numel() for p in full.semantic_head.parameters()) - 4 * 200 * 32
+    states, vectors = torch.randn(3, 64), tied.code_tables.vectors(tiny_codes.semantic[0, 0, :3], "semantic")
+    logits = head.eval()(states, vectors[:, :-1], codebook=table)  # (3, Q, K)
+    x = torch.cat([head.gen_projector(states).unsqueeze(1), head.code_in(vectors[:, :-1].cumsum(1))], 1)
+    x = x + head.depth_embedding
+    for block in head.blocks:
+        x = block(x)
+    x = head.norm(x)
+    expected = torch.einsum("mdw,dcw->mdc", x, head.classifier_weight) @ table.T + head.classifier_bias
+    torch.testing.assert_close(logits, expected)
+    for depth in range(4):  # sampling's last-depth logits are teacher forcing's
+        torch.testing.assert_close(head(states, vectors[:, :depth], last_only=True, codebook=table), logits[:, depth])
+    with pytest.raises(ConfigError, match="codebook"):
+        head(states, vectors[:, :-1])
+    # it learns: both visual losses fall on the tiny overfit set
+    model = tied.train()
+    batch = mixed_batch(model, tiny_codes)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    first = model(batch).scalars()
+    for _ in range(25):
+        optimizer.zero_grad()
+        model(batch).loss.backward()
+        optimizer.step()
+    last = model(batch).scalars()
+    assert last["pixel"] < 0.6 * first["pixel"] and last["semantic"] < 0.6 * first["semantic"]

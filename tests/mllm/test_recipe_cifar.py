@@ -99,11 +99,14 @@ def test_cifar_recipe_runs_every_stage(tmp_path, shared_data, tiny_tokenizer):
     for key in ("without_cfg", "cfg_3"):
         row = results["generation"][key]
         assert row["images"] == 10 and 0.0 <= row["requested_class_accuracy"] <= 1.0
+        low, high = row["requested_class_interval_95"]
+        assert 0.0 <= low <= row["requested_class_accuracy"] <= high <= 1.0 and high - low > 0.2  # 10 images
         assert row["frechet_efficientnet_lite0"] > 0
     for grid in results["generation"]["grids"]:
         width, height = Image.open(grid).size
-        assert height == 10 * 64 + 9 * 2 and width == 64  # one row per class, one sample each
+        assert height > 10 * 64 and width > 64  # one row per class, labelled with its prompt, one sample each
     assert "| semantic + pixel |" in (work / "results.md").read_text()
+    assert "95 % interval" in (work / "results.md").read_text()
 
     # an override given to the train stage reaches the training config (it is built from the recipe, not the
     # prepare stage's files): two more steps resume the same runs

@@ -158,10 +158,21 @@ def test_the_page_and_its_assets(client):
     assert client.get("/static/app.js").headers["content-type"].startswith("text/javascript")
     assert client.get("/static/style.css").headers["content-type"].startswith("text/css")
     assert client.get("/favicon.ico").headers["content-type"] == "image/svg+xml"
-    assert client.get("/docs").status_code == 404  # Swagger UI would need a CDN: not served, not linked
-    assert 'href="/docs"' not in page.text and "https://" not in page.text
+    assert "https://" not in page.text
     for name in ("missing.js", "..%2Fapp.py", "%2Fetc%2Fpasswd"):
         assert client.get(f"/static/{name}").status_code == 404
+
+
+def test_docs_is_an_offline_api_reference_of_every_route(client):
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and docs.headers["content-type"].startswith("text/html")
+    paths = client.get("/openapi.json").json()["paths"]
+    for path, methods in paths.items():
+        for method in methods:
+            assert f"<span class=method>{method.upper()}</span> {path}</h2>" in docs.text
+    assert "<script" not in docs.text and "http://" not in docs.text and "https://" not in docs.text  # no CDN
+    assert "<code>pixel</code> (required)" in docs.text  # the decode request's fields
+    assert 'href="/openapi.json"' in docs.text
 
 
 BAD_UPLOADS = {

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 # runs the given (config file, stop step) jobs one after another in each of the two processes; a job that
 # continues an earlier job's output folder resumes from its checkpoint like a fresh launch would
 WORKER = """
-import json, sys, torch, torch.distributed as dist
+import gc, json, sys, torch, torch.distributed as dist
 from dualtoken.training import load_train_config, tokenizer_engine
 from dualtoken.training.distributed import full_model_state
 torch.set_num_threads(1)
@@ -35,6 +35,9 @@ for config_path, out, stop in json.loads(sys.argv[1]):
     if state:
         torch.save(state, f"{out}/rank{trainer.runtime.rank}-step{trainer.step}.pt")
     trainer.close()
+    del trainer, state
+gc.collect()  # the wrapped models hold the process group: release them before it is destroyed
+dist.barrier()  # no rank tears the group down while another is still in a collective
 dist.destroy_process_group()
 """
 

@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.distributed]
 # do) and once syncing on every micro-step; it counts the gradient collectives of each and compares the result
 # with the gradient of the whole global batch computed in one process
 WORKER = """
-import json, sys, torch, torch.distributed as dist
+import gc, json, sys, torch, torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from dualtoken.training.distributed import gradient_sync
@@ -77,7 +77,12 @@ for parallel in ("ddp", "fsdp"):
         match = all(torch.allclose(g, e, atol=1e-6) for g, e in zip(grads, expected))
         results[f"{parallel}/{mode}"] = {"collectives": count, "matches_one_process": match}
 if rank == 0:
-    open(sys.argv[1], "w").write(json.dumps(results))
+    with open(sys.argv[1], "w") as handle:
+        handle.write(json.dumps(results))
+# a clean exit: release the wrapped models (they hold the group), then tear it down together, none in flight
+del model
+gc.collect()
+dist.barrier()
 dist.destroy_process_group()
 """
 

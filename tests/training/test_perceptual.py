@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dualtoken.errors import CheckpointError, ConfigError
+from dualtoken.errors import CheckpointError
 from dualtoken.perceptual import (
     LPIPS_WHEEL_MEMBER,
     LPIPSVGG16,
@@ -107,8 +107,6 @@ def test_bad_lpips_files_raise(vgg_files, tmp_path: Path):
     broken.write_bytes(b"not a zip")
     with pytest.raises(CheckpointError):
         read_lpips_heads(broken)
-    with pytest.raises(ConfigError, match="vgg_weights"):
-        build_perceptual("lpips_vgg16")
 
 
 def test_efficientnet_perceptual_is_its_own_distance():
@@ -120,3 +118,29 @@ def test_efficientnet_perceptual_is_its_own_distance():
     assert float(loss(x, x)) == pytest.approx(0.0, abs=1e-6)
     near, far = loss.per_image(noisy, x), loss.per_image(-x, x)
     assert torch.all(near > 0) and torch.all(far > near)
+
+
+@pytest.fixture
+def hub_dir(tmp_path, monkeypatch) -> Path:
+    """An empty torch hub directory, and no network: a download attempt fails as it would offline."""
+    from urllib.error import URLError
+
+    def offline(*_args, **_kwargs):
+        raise URLError("no network in this test")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # torch.hub.get_dir() -> $TORCH_HOME/hub
+    return tmp_path / "torch" / "hub"
+
+
+def test_vgg_weights_come_from_torch_hub_cache_under_torchvisions_file_name(vgg_files, hub_dir):
+    vgg, heads, raw = vgg_files
+    with pytest.raises(CheckpointError, match="vgg16-397923af.pth is not in torch's hub cache"):
+        build_perceptual("lpips_vgg16")  # no loss.vgg_weights, nothing cached, no network: one clear error
+    (hub_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (hub_dir / "checkpoints" / "vgg16-397923af.pth").write_bytes(vgg.read_bytes())  # as torchvision leaves it
+    from_cache, from_file = build_perceptual("lpips_vgg16"), LPIPSVGG16(vgg)  # the cache, or a local path
+    for index in VGG16_CONV_INDICES:
+        assert torch.equal(from_cache.features.state_dict()[f"{index}.weight"], raw["state"][f"features.{index}.weight"])
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert torch.equal(from_cache.per_image(x, -x), from_file.per_image(x, -x))

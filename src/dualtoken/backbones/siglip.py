@@ -10,6 +10,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import CheckpointError, ConfigError
+from ..hub import HUB_SCHEME, is_hub_spec, resolve_pretrained_folder
 from .base import Backbone, BackboneConfig, register_backbone
 
 
@@ -26,11 +27,18 @@ class SiglipBackboneConfig(BackboneConfig):
     mlp_width: int = 3072
     layer_norm_eps: float = 1e-6
     hidden_act: str = "gelu_pytorch_tanh"
-    # a local SigLIP folder in save_pretrained format (relative paths are resolved against the model folder):
+    # the pretrained SigLIP: a Hub repo id ("google/siglip2-so400m-patch14-384", fetched into the Hugging Face
+    # cache) or a local folder in save_pretrained format (relative paths are resolved against the model folder):
     # the frozen teacher for training and the text tower for zero-shot evaluation
     pretrained: str | None = None
+    pretrained_revision: str | None = None  # a Hub commit, branch or tag (None: main)
 
     def with_pretrained_folder(self, path: str | Path) -> SiglipBackboneConfig:
+        """This config with its tower from ``path``: a local folder (kept as its absolute path) or a Hub repo id
+        (kept as ``org/name``, resolved on use)."""
+        spec = str(path)
+        if is_hub_spec(spec):
+            return dataclasses.replace(self, pretrained=spec.removeprefix(HUB_SCHEME))
         return dataclasses.replace(self, pretrained=str(Path(path).resolve()))
 
 
@@ -52,20 +60,19 @@ def _hf_config(config: SiglipBackboneConfig):
 
 
 def resolve_pretrained(config: SiglipBackboneConfig, model_dir: str | Path | None) -> Path | None:
-    """The pretrained SigLIP folder of ``config`` (relative paths are taken from the model folder)."""
+    """The pretrained SigLIP folder of ``config``: a local folder (relative paths are taken from the model folder)
+    or a Hub repo id through :func:`dualtoken.registry.resolve_pretrained_folder`; None when none is set."""
     if config.pretrained is None:
         return None
-    path = Path(config.pretrained)
-    if not path.is_absolute() and model_dir is not None:
-        path = Path(model_dir) / path
-    return path
+    return resolve_pretrained_folder(config.pretrained, model_dir, config.pretrained_revision)
 
 
-def config_from_pretrained(path: str | Path) -> SiglipBackboneConfig:
-    """Read the vision-tower numbers of a local SigLIP folder (SiglipModel or SiglipVisionModel format)."""
+def config_from_pretrained(spec: str | Path, revision: str | None = None) -> SiglipBackboneConfig:
+    """Read the vision-tower numbers of a SigLIP (SiglipModel or SiglipVisionModel format): a local folder or a Hub
+    repo id. The config names the tower as it was given (a Hub id stays a Hub id)."""
     from transformers import SiglipVisionConfig
 
-    path = Path(path)
+    path = resolve_pretrained_folder(spec, revision=revision)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} is not a SigLIP folder in save_pretrained format (no config.json)")
     hf = SiglipVisionConfig.from_pretrained(path)
@@ -78,7 +85,8 @@ def config_from_pretrained(path: str | Path) -> SiglipBackboneConfig:
         mlp_width=hf.intermediate_size,
         layer_norm_eps=hf.layer_norm_eps,
         hidden_act=hf.hidden_act,
-        pretrained=str(path),
+        pretrained=str(spec).removeprefix(HUB_SCHEME) if is_hub_spec(str(spec)) else str(path),
+        pretrained_revision=revision,
     )
 
 
@@ -110,7 +118,7 @@ class SiglipBackbone(Backbone):
         path = resolve_pretrained(config, model_dir)
         if path is None:
             raise ConfigError("backbone.pretrained is not set: a frozen teacher needs the pretrained SigLIP folder")
-        found = config_from_pretrained(path)
+        found = config_from_pretrained(path)  # the resolved folder: no second look-up
         if (found.width, found.num_layers, found.patch_size, found.image_size) != (
             config.width,
             config.num_layers,

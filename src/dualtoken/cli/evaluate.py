@@ -34,7 +34,7 @@ def register(subparsers) -> None:
     parser.add_argument("--config", help="EvalConfig JSON file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override an EvalConfig field, e.g. --set kid_subsets=50 (repeatable)")
-    parser.add_argument("--batch-size", type=int, help="images per forward pass (None: the EvalConfig default, 16)")
+    parser.add_argument("--batch-size", type=int, help="images per forward pass (default: the EvalConfig default, 16)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N images")
     parser.add_argument("--classes", help="class names: classes.tsv (index, wnid, name) or one name per line")
     parser.add_argument("--labels", help="labels.tsv (file, class_index) for folders and file lists")

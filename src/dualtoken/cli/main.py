@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import warnings
 
@@ -16,6 +17,7 @@ from tqdm import tqdm
 
 from ..data.images import SkippedImageWarning
 from ..errors import DualTokenError
+from .options import plural
 
 # modules that add sub-commands; each defines register(subparsers) and sets `func` on its parsers
 COMMAND_MODULES = (
@@ -27,12 +29,17 @@ COMMAND_MODULES = (
 )
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends "(default: ...)" to every option's help, unless the help already says what the default is."""
+class _Formatter(argparse.HelpFormatter):
+    """One default style: "(default: X)" after an option's help, unless the help already says "(default: ...)".
+    Nothing is appended to a required option, a flag, or an option that is unset by default (None, [])."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help_text = action.help or ""
-        return help_text if "default" in help_text else super()._get_help_string(action)
+        unset = action.default is None or action.default == [] or action.default is argparse.SUPPRESS
+        flag = action.nargs == 0  # store_true / store_false / help
+        if "(default: " in help_text or action.required or unset or flag or not action.option_strings:
+            return help_text
+        return f"{help_text} (default: {action.default})"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,6 +78,13 @@ class _Console:
         else:
             tqdm.write(f"dualtoken {self.command}: warning: {message}", file=sys.stderr)
 
+    def error(self, message: str) -> int:
+        """The one line of a failed command (the count of skipped inputs folded in), exit code 2."""
+        if self.skipped:
+            message += f" (skipped {plural(self.skipped, 'unreadable input')})"
+        print(f"dualtoken {self.command}: error: {message}", file=sys.stderr)
+        return 2
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -79,24 +93,25 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     console = _Console(args.command)
+    strict = getattr(args, "strict", False)
     with warnings.catch_warnings():
         warnings.showwarning = console.show
         warnings.simplefilter("default")
-        warnings.simplefilter("error" if getattr(args, "strict", False) else "always", SkippedImageWarning)
+        warnings.simplefilter("error" if strict else "always", SkippedImageWarning)
         try:
-            return int(args.func(args) or 0)
+            code = int(args.func(args) or 0)
         except SkippedImageWarning as exc:
-            print(f"dualtoken {args.command}: error: {exc} (--strict)", file=sys.stderr)
-            return 2
+            return console.error(f"{exc}{' (--strict)' if strict else ''}")
         except DualTokenError as exc:
-            print(f"dualtoken {args.command}: error: {exc}", file=sys.stderr)
-            return 2
+            return console.error(str(exc))
         except FileNotFoundError as exc:
-            print(f"dualtoken {args.command}: error: file not found: {exc.filename}", file=sys.stderr)
-            return 2
+            return console.error(f"file not found: {exc.filename}")
+        except BrokenPipeError:  # `dualtoken info --list | head -2`: the reader has gone; not an error of ours
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush goes nowhere
+            return 141  # 128 + SIGPIPE, what a shell tool killed by the closed pipe returns
         except KeyboardInterrupt:
             print(f"dualtoken {args.command}: interrupted", file=sys.stderr)
             return 130
-        finally:
-            if console.skipped:
-                print(f"dualtoken {args.command}: skipped {console.skipped} unreadable input(s)", file=sys.stderr)
+    if console.skipped:
+        print(f"dualtoken {args.command}: skipped {plural(console.skipped, 'unreadable input')}", file=sys.stderr)
+    return code

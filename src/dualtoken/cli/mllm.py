@@ -81,10 +81,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="image file (any PIL-readable format), resized and centre-cropped to the MLLM's input size",
     )
     p.add_argument("--no-image", action="store_true", help="ask without an image (the language model alone)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (None: the model's default)")
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (the default)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (default: the model's default)")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's, greedy)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ...; auto: cuda when available")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto, cuda when available)")
     add_precision_option(p)
     p.set_defaults(func=cmd_chat)
 
@@ -93,14 +93,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="MLLM folder written by save_pretrained / train-mllm")
     p.add_argument("--out", required=True, help="output PNG (with --num N: OUT_0.png ... OUT_{N-1}.png)")
     p.add_argument(
-        "--cfg", type=float, default=None, help="classifier-free guidance scale; 1 = off (default 3)"
+        "--cfg", type=float, default=None, help="classifier-free guidance scale; 1 = off (default: 3)"
     )
     p.add_argument("--num", type=int, default=1, help="images to draw for the prompt")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (None: the model's default)")
-    p.add_argument("--top-k", type=int, default=None, help="top-k sampling, 0 = off (None: the model's default)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, 1 = off (None: the model's default)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the model's default)")
+    p.add_argument("--top-k", type=int, default=None, help="top-k sampling, 0 = off (default: the model's default)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, 1 = off (default: the model's default)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ...; auto: cuda when available")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto, cuda when available)")
     add_precision_option(p)
     p.set_defaults(func=cmd_generate)
 

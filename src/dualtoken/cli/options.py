@@ -2,7 +2,9 @@
 
 Bad files: every command that reads images skips an unreadable one with one line on stderr naming it and why
 (a :class:`~dualtoken.data.SkippedImageWarning`, printed by ``dualtoken.cli.main``), reports the count at the end,
-and fails (exit 2) only when nothing was readable; ``--strict`` turns the first skip into that error.
+and fails (exit 2) only when nothing was readable, with one summary line; ``--strict`` turns the first skip into
+that error. A single image (one input that is one file, or a path that does not exist) has nothing to skip to: its
+failure is the error line itself.
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ from ..precision import INFERENCE_PRECISIONS, check_precision, explain, set_infe
 from ..registry import DEFAULT_MODEL, get_config
 from ..tokenizer import DualTokenizer
 
+# the epilog of every command that reads images
+IMAGE_NOTE = (
+    "Each image is resized so that its shortest side fits the model's input (256x256 for dualtoken-efflite0) and "
+    "centre-cropped: a non-square photo loses its edges. An image enlarged more than 2x is named in a warning."
+)
 MODEL_HELP = "a trained model's name, a save_pretrained folder, or a Hugging Face Hub repo id (org/name)"
 
 
@@ -80,24 +87,34 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
             try:
                 files.extend(list_images(path))
             except ImageError as exc:  # no image files in it
-                warn_skipped(item, str(exc))
+                _skip_or_raise(item, str(exc), len(inputs))
         elif path.is_file():
             files.append(path)
         else:
-            warn_skipped(item, "no such file or folder")
+            _skip_or_raise(item, "no such file or folder", len(inputs))
     return files
 
 
+def _skip_or_raise(item: str, reason: str, count: int) -> None:
+    """Skip a bad input among several; the only input is an error naming it."""
+    if count == 1:
+        raise DataError(f"{item}: {reason.removeprefix(f'{item}: ')}")
+    warn_skipped(item, reason)
+
+
 def image_batches(
-    files: list[Path], size: tuple[int, int], batch_size: int
+    files: list[Path], size: tuple[int, int], batch_size: int, skip: bool = True
 ) -> Iterator[tuple[list[Path], torch.Tensor]]:
-    """(paths, images (B, 3, H, W)) of the readable files, ``batch_size`` at a time; unreadable ones are skipped."""
+    """(paths, images (B, 3, H, W)) of the readable files, ``batch_size`` at a time; unreadable ones are skipped
+    (``skip=False``, for a single input: the ImageError of the only image is the command's error)."""
     paths, images = [], []
     for path in files:
         try:
             images.append(load_image(path, size))
             paths.append(path)
         except ImageError as exc:
+            if not skip and len(files) == 1:
+                raise
             warn_skipped(str(path), str(exc))
         if len(images) == batch_size:
             yield paths, torch.stack(images)
@@ -106,7 +123,13 @@ def image_batches(
         yield paths, torch.stack(images)
 
 
+def plural(count: int, noun: str) -> str:
+    """"1 image", "2 images"."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def require_some(count: int, inputs: list[str]) -> None:
     """The policy's one failure: nothing of the inputs was readable."""
     if count == 0:
-        raise DataError(f"no readable image among the inputs {inputs}")
+        noun = "input" if len(inputs) == 1 else f"{len(inputs)} inputs"
+        raise DataError(f"no readable image among the {noun} {' '.join(inputs)}")

@@ -79,7 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     print(
-        f"dualtoken serve: {tokenizer.config.name} on http://{config.host}:{config.port}/ (API docs at /docs)"
+        f"dualtoken serve: {tokenizer.config.name} on http://{config.host}:{config.port}/ (API reference at /docs, OpenAPI document at /openapi.json)"
     )
     uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level)
     return 0
@@ -90,16 +90,16 @@ def register(subparsers) -> None:
     add_model_options(p)
     add_precision_option(p)
     p.add_argument("--mllm", default=None, help="an MLLM folder: adds /v1/chat and /v1/generate")
-    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    p.add_argument("--host", default=None, help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default: 8000)")
     p.add_argument(
-        "--max-batch", type=int, default=None, help="micro-batch size; 1 turns batching off (default 8)"
+        "--max-batch", type=int, default=None, help="micro-batch size; 1 turns batching off (default: 8)"
     )
     p.add_argument(
-        "--max-wait-ms", type=float, default=None, help="how long a batch waits to fill (default 5)"
+        "--max-wait-ms", type=float, default=None, help="how long a batch waits to fill (default: 5)"
     )
     p.add_argument(
-        "--max-queue", type=int, default=None, help="waiting requests per queue before 503 (default 64)"
+        "--max-queue", type=int, default=None, help="waiting requests per queue before 503 (default: 64)"
     )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--config", default=None, help="JSON file of ServeConfig fields")

@@ -19,12 +19,14 @@ from ..tokenfile import TokenFile, iter_token_files, load_tokens, save_tokens
 from ..tokenizer import DualTokenizer
 from ..visualize import side_by_side, token_figure, vstack
 from .options import (
+    IMAGE_NOTE,
     add_model_options,
     add_precision_option,
     add_strict_option,
     expand_inputs,
     image_batches,
     load_model,
+    plural,
     require_some,
     use_precision,
 )
@@ -46,7 +48,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
     pixel, semantic, ids = [], [], []
     bar = _progress(len(files), "encode")
     with torch.inference_mode():
-        for paths, images in image_batches(files, tokenizer.image_size, args.batch_size):
+        batches = image_batches(files, tokenizer.image_size, args.batch_size, skip=len(args.inputs) > 1)
+        for paths, images in batches:
             tokens = tokenizer.encode(images)
             pixel.append(tokens.pixel)
             semantic.append(tokens.semantic)
@@ -58,7 +61,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     save_tokens(
         out, torch.cat(pixel), torch.cat(semantic), ids, tokenizer.config.name, sizes, tokenizer.name_or_path
     )
-    print(f"wrote {out}: {len(ids)} images x ({_tokens_per_image(tokenizer)}) tokens")
+    print(f"wrote {out}: {plural(len(ids), 'image')} x ({_tokens_per_image(tokenizer)}) tokens")
     return 0
 
 
@@ -79,7 +82,9 @@ def _encode_to_folder(tokenizer: DualTokenizer, inputs: list[str], out: Path, ar
     )
     if summary["units_reused"] == 0:
         require_some(summary["images"], inputs)
-    print(json.dumps({k: summary[k] for k in ("out_dir", "images", "skipped", "units", "units_reused")}))
+    reused = f", {summary['units_reused']} of them already there" if summary["units_reused"] else ""
+    print(f"wrote {summary['out_dir']}: {plural(summary['images'], 'image')} in "
+          f"{plural(summary['units'], 'token file')}{reused}; {summary['skipped']} skipped")
     return 0
 
 
@@ -121,20 +126,20 @@ def cmd_decode(args: argparse.Namespace) -> int:
                     index += 1
                     bar.update(1)
     bar.close()
-    print(f"wrote {index} PNGs to {out}")
+    print(f"wrote {plural(index, 'PNG')} to {out}")
     return 0
 
 
 def reconstruct_files(
-    tokenizer: DualTokenizer, files: list[Path], out: Path, depth: int | None, batch_size: int
+    tokenizer: DualTokenizer, files: list[Path], out: Path, depth: int | None, batch_size: int, skip: bool = True
 ) -> list[dict]:
     """Tokenize and reconstruct the readable files; write side-by-side PNGs and labelled token maps; per-image
-    metrics."""
+    metrics. ``skip``: see :func:`~dualtoken.cli.options.image_batches`."""
     _check_depth(depth, tokenizer.pixel_depth)
     rows = []
     bar = _progress(len(files), "reconstruct")
     with torch.inference_mode():
-        for paths, images in image_batches(files, tokenizer.image_size, batch_size):
+        for paths, images in image_batches(files, tokenizer.image_size, batch_size, skip):
             tokens = tokenizer.encode(images)
             pixel = tokens.pixel if depth is None else tokens.pixel[..., :depth]
             recon = tokenizer.decode(pixel)
@@ -162,10 +167,12 @@ def _tokens_per_image(tokenizer: DualTokenizer) -> str:
 
 
 def write_metrics(tokenizer: DualTokenizer, rows: list[dict], out: Path) -> dict:
-    """``metrics.json`` of ``reconstruct`` and ``demo`` (one shape): the model, its tokens per image, one row per
-    image (image, psnr, ssim, pixel_depths) and the means over the images; prints the same."""
+    """``metrics.json`` of ``reconstruct`` and ``demo`` (one shape): the model and what it was fine-tuned from, its
+    tokens per image, one row per image (image, psnr, ssim, pixel_depths) and the means over the images; prints the
+    same."""
     summary = {
         "model": tokenizer.config.name,
+        "base_model": tokenizer.config.base_model,  # what a fine-tuned model started from; null otherwise
         "tokens_per_image": _tokens_per_image(tokenizer),
         "images": rows,
         "mean": {
@@ -177,7 +184,7 @@ def write_metrics(tokenizer: DualTokenizer, rows: list[dict], out: Path) -> dict
         print(f"{row['image']}: PSNR {row['psnr']:.2f} dB  SSIM {row['ssim']:.4f}")
     if rows:
         mean = summary["mean"]
-        print(f"mean over {len(rows)} images: PSNR {mean['psnr']:.2f} dB  SSIM {mean['ssim']:.4f}")
+        print(f"mean over {plural(len(rows), 'image')}: PSNR {mean['psnr']:.2f} dB  SSIM {mean['ssim']:.4f}")
     return summary
 
 
@@ -185,7 +192,9 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     use_precision(args)
     tokenizer = load_model(args.model, args.random_weights)
     out = Path(args.out)
-    rows = reconstruct_files(tokenizer, expand_inputs(args.inputs), out, args.depth, args.batch_size)
+    rows = reconstruct_files(
+        tokenizer, expand_inputs(args.inputs), out, args.depth, args.batch_size, skip=len(args.inputs) > 1
+    )
     require_some(len(rows), args.inputs)
     write_metrics(tokenizer, rows, out)
     return 0
@@ -245,7 +254,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for name, array in demo_images():
             Image.fromarray(array).save(source / f"{name}.png")
             inputs.append(str(source / f"{name}.png"))
-    rows = reconstruct_files(tokenizer, expand_inputs(inputs), out, None, 4)
+    rows = reconstruct_files(tokenizer, expand_inputs(inputs), out, None, 4, skip=len(inputs) > 1)
     require_some(len(rows), inputs)
     pictures = [np.asarray(Image.open(out / f"{Path(r['image']).stem}_reconstruction.png")) for r in rows]
     save_image(vstack(pictures), out / "demo.png")
@@ -257,7 +266,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("encode", help="images or folders -> a token file, or a sharded token folder")
+    p = subparsers.add_parser("encode", help="images or folders -> a token file, or a sharded token folder", epilog=IMAGE_NOTE)
     p.add_argument("inputs", nargs="+", help="image files and/or folders (one input may also be a file list or "
                    "WebDataset shards when --out is a folder)")
     p.add_argument("--out", required=True, help="FILE.safetensors, or a folder for sharded, resumable output")
@@ -271,17 +280,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("decode", help="a token file or folder -> PNGs from the pixel codes")
     p.add_argument("tokens", help="a token file or a sharded token folder written by `dualtoken encode`")
     p.add_argument("--out", required=True, help="output folder")
-    add_model_options(p, default=None, note="; None: the model recorded in the token file")
-    p.add_argument("--depth", type=int, default=None, help="decode only the first k residual depths (None: all)")
+    add_model_options(p, default=None, note=" (default: the model recorded in the token file)")
+    p.add_argument("--depth", type=int, default=None, help="decode only the first k residual depths (default: all)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
     add_precision_option(p)
     p.set_defaults(func=cmd_decode)
 
-    p = subparsers.add_parser("reconstruct", help="images -> side-by-side PNGs, token maps and PSNR/SSIM")
+    p = subparsers.add_parser("reconstruct", help="images -> side-by-side PNGs, token maps and PSNR/SSIM", epilog=IMAGE_NOTE)
     p.add_argument("inputs", nargs="+", help="image files and/or folders")
     p.add_argument("--out", required=True, help="output folder")
     add_model_options(p)
-    p.add_argument("--depth", type=int, default=None, help="decode only the first k residual depths (None: all)")
+    p.add_argument("--depth", type=int, default=None, help="decode only the first k residual depths (default: all)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     add_strict_option(p)
     add_precision_option(p)
@@ -299,7 +308,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output model folder")
     p.set_defaults(func=cmd_convert)
 
-    p = subparsers.add_parser("demo", help="tokenize and reconstruct real photos with the default model")
+    p = subparsers.add_parser("demo", help="tokenize and reconstruct real photos with the default model", epilog=IMAGE_NOTE)
     p.add_argument("images", nargs="*", help="your own images or folders (default: photos shipped in scikit-image)")
     add_model_options(p)
     p.add_argument("--out", default="demo_out", help="output folder")

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones.base import Backbone
-from ..errors import DualTokenError
+from ..backbones.siglip import resolve_pretrained
+from ..errors import CheckpointError, DualTokenError
 from .config import EvalConfig
 from .templates import OPENAI_IMAGENET_TEMPLATES
 from .zeroshot import cached_text_classifier, has_tokenizer, read_class_names
@@ -63,15 +64,12 @@ class Classifier:
 
 
 def pretrained_folder(tokenizer) -> Path | None:
-    """The model's ``config.backbone.pretrained`` folder (relative paths taken from the model folder)."""
-    pretrained = getattr(tokenizer.config.backbone, "pretrained", None)
-    if pretrained is None:
+    """The model's ``config.backbone.pretrained`` SigLIP (the text tower): a local folder (relative paths taken from
+    the model folder) or a Hub repo id, resolved as the teacher is (CheckpointError when it cannot be)."""
+    backbone = tokenizer.config.backbone
+    if not isinstance(getattr(backbone, "pretrained", None), str):
         return None
-    path = Path(pretrained)
-    model_dir = getattr(tokenizer, "model_dir", None)
-    if not path.is_absolute() and model_dir is not None:
-        path = Path(model_dir) / path
-    return path
+    return resolve_pretrained(backbone, getattr(tokenizer, "model_dir", None))
 
 
 def default_cache_dir() -> Path:
@@ -83,7 +81,10 @@ def build_classifier(tokenizer, config: EvalConfig, classes_path: Path | None) -
     backbone = tokenizer.backbone
     if tokenizer.config.backbone.kind != "siglip" and backbone.pooled_width == IMAGENET_CLASSES:
         return Classifier("head", None, IMAGENET_CLASSES, {"kind": "backbone classifier head (ImageNet-1k)"}), None
-    folder = pretrained_folder(tokenizer)
+    try:
+        folder = pretrained_folder(tokenizer)
+    except CheckpointError as exc:
+        return None, f"no zero-shot classifier: {exc}"
     if folder is None:
         return None, "no zero-shot classifier: the model's backbone.pretrained SigLIP folder is not set"
     if not folder.is_dir() or not has_tokenizer(folder):

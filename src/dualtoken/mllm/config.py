@@ -114,6 +114,10 @@ class DepthHeadConfig:
     num_heads: int = 16
     mlp_ratio: float = 4.0
     dropout: float = 0.1
+    # "per_depth": a K x width weight matrix per depth (VILA-U's heads); "code_table": a width -> code_dim map per
+    # depth, scored against the code vectors themselves (the MLLM's code table), so K costs no weights: what makes
+    # an 8 x 16,384-code semantic vocabulary cheap to train
+    classifier: Literal["per_depth", "code_table"] = "per_depth"
 
     def __post_init__(self) -> None:
         if self.layers < 1 or self.num_heads < 1:

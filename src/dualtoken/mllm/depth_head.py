@@ -2,7 +2,8 @@
 
 Depth inputs: I_1 = gen_projector(h); I_d = W_in·Σ_{d'<d} E[c_d'] for d > 1 (the partial residual
 reconstruction), plus a learned depth embedding. A causal transformer over the Q depths, a final LayerNorm and
-one classifier per depth give the logits of code d from I_1..I_d.
+one classifier per depth give the logits of code d from I_1..I_d: its own K x width weights (``per_depth``), or
+(``code_table``) a map of the state into code space scored against the K code vectors, l_k = <P_d x, e_k> + b_k.
 """
 
 from __future__ import annotations
@@ -59,13 +60,33 @@ class DepthTransformer(nn.Module):
             for _ in range(config.layers)
         )
         self.norm = nn.LayerNorm(width)
-        self.classifier_weight = nn.Parameter(torch.randn(depth, codebook_size, width) * width**-0.5)
+        self.tied = config.classifier == "code_table"
+        rows = code_dim if self.tied else codebook_size  # per depth: into code space, or one row per code
+        self.classifier_weight = nn.Parameter(torch.randn(depth, rows, width) * width**-0.5)
         self.classifier_bias = nn.Parameter(torch.zeros(depth, codebook_size))
 
-    def forward(self, hidden: torch.Tensor, previous: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+    def _classify(self, x: torch.Tensor, first: int, codebook: torch.Tensor | None) -> torch.Tensor:
+        """States (M, d, width) of depths first+1..first+d -> logits (M, d, K)."""
+        weight = self.classifier_weight[first : first + x.shape[1]]  # (d, rows, width)
+        bias = self.classifier_bias[first : first + x.shape[1]]  # (d, K)
+        scores = torch.einsum("mdw,drw->mdr", x, weight)  # (M, d, K), or (M, d, code_dim) when tied
+        if self.tied:
+            if codebook is None:
+                raise ConfigError("a code_table classifier needs the code vectors (codebook=)")
+            scores = scores @ codebook.float().T  # (M, d, K)
+        return scores + bias
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        previous: torch.Tensor,
+        last_only: bool = False,
+        codebook: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Logits (M, d, K) of depths 1..d, given LLM states ``hidden`` (M, llm_width) and the code vectors of
         depths 1..d-1, ``previous`` (M, d-1, code_dim), 0 <= d-1 < Q. Teacher forcing passes all Q-1; sampling
-        asks for depth d only (``last_only``: logits (M, K))."""
+        asks for depth d only (``last_only``: logits (M, K)). ``codebook`` (K, code_dim): the code vectors a
+        ``code_table`` classifier scores against."""
         steps = previous.shape[1] + 1
         first = self.gen_projector(hidden.float()).unsqueeze(1)  # (M, 1, width)
         rest = self.code_in(previous.float().cumsum(dim=1))  # (M, d-1, width)
@@ -74,5 +95,5 @@ class DepthTransformer(nn.Module):
             x = block(x)
         x = self.norm(x)
         if last_only:
-            return x[:, -1] @ self.classifier_weight[steps - 1].T + self.classifier_bias[steps - 1]
-        return torch.einsum("mdw,dkw->mdk", x, self.classifier_weight[:steps]) + self.classifier_bias[:steps]
+            return self._classify(x[:, -1:], steps - 1, codebook)[:, 0]
+        return self._classify(x, 0, codebook)

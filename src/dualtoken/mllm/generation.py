@@ -87,7 +87,7 @@ def _sample_stack(
     previous = states.new_zeros(states.shape[0], 0, table.weight.shape[1])  # (rows, d-1, code_dim)
     chosen = []
     for _ in range(head.depth):
-        logits = head(states, previous, last_only=True)  # (rows, K)
+        logits = head(states, previous, last_only=True, codebook=table.weight)  # (rows, K)
         if scale is not None:
             logits = guide(logits[:rows], logits[rows:], scale)
         code = sample(logits, temperature, top_k, top_p, generator)  # (B,)

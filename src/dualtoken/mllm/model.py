@@ -352,9 +352,10 @@ class DualTokenMLLM(nn.Module):
         for branch in BRANCHES:
             codes = getattr(batch, f"{branch}_codes")[batch.generate].flatten(0, 2)  # (M_gen·N, Q)
             logits = self.head(branch)(
-                states, self.code_tables.vectors(codes[:, :-1], branch)
+                states, self.code_tables.vectors(codes[:, :-1], branch), codebook=self.code_tables.table(branch).weight
             )  # (M_gen·N, Q, K)
-            per_depth = F.cross_entropy(logits.transpose(1, 2), codes, reduction="none").sum(0)
+            # over rows of contiguous logits: the (M, K, Q) view's cross-entropy copies and strides through 16,384 x Q
+            per_depth = F.cross_entropy(logits.flatten(0, 1), codes.flatten(), reduction="none").view_as(codes).sum(0)
             visual[branch] = per_depth / max(codes.shape[0], 1)  # (Q,)
         weights = self.config.loss
         pixel, semantic = visual["pixel"].mean(), visual["semantic"].mean()

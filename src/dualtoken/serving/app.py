@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from ..errors import CodesError, DualTokenError
+from .apidocs import render_api_docs
 from .batcher import QueueFullError
 from .codes import code_usage, codes_from_json
 from .config import ServeConfig
@@ -71,8 +72,8 @@ def create_app(tokenizer, mllm: MultimodalModel | None = None, config: ServeConf
         version=__version__,
         description="DualToken tokenization service: pixel and semantic residual codes of images, and back.",
         lifespan=lifespan,
-        # Swagger UI and ReDoc load their scripts from a CDN, so they would render blank offline: the page links
-        # the OpenAPI document itself instead
+        # Swagger UI and ReDoc load their scripts from a CDN, so they would render blank offline: /docs is rendered
+        # here from the OpenAPI document instead (apidocs.py)
         docs_url=None,
         redoc_url=None,
     )
@@ -241,6 +242,10 @@ def _add_page_routes(app: FastAPI) -> None:
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
         return HTMLResponse(assets["index.html"])
+
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    async def api_docs() -> HTMLResponse:
+        return HTMLResponse(render_api_docs(app.openapi()))
 
     @app.get("/favicon.ico", include_in_schema=False)
     async def favicon() -> Response:

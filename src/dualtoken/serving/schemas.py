@@ -83,6 +83,7 @@ class ReconstructResponse(BaseModel):
 
 class ModelInfo(BaseModel):
     name: str
+    base_model: str | None = Field(None, description="the trained model this one was fine-tuned from, if any")
     image_size: list[int]
     grid: list[int]
     pixel_depth: int

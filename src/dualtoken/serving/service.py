@@ -73,6 +73,7 @@ class TokenizerService:
         tok = self.tokenizer
         return {
             "name": self.name,
+            "base_model": tok.config.base_model,
             "image_size": list(tok.image_size),
             "grid": list(tok.grid),
             "pixel_depth": tok.pixel_depth,

@@ -35,7 +35,7 @@ async function loadModel() {
   const m = body.models[0];
   state.model = m;
   $("model-info").textContent =
-    `${m.name} · ${m.image_size[0]}×${m.image_size[1]} px · ${m.grid[0]}×${m.grid[1]} tokens · ` +
+    `${m.name}${m.base_model ? ` (fine-tuned from ${m.base_model})` : ""} · ${m.image_size[0]}×${m.image_size[1]} px · ${m.grid[0]}×${m.grid[1]} tokens · ` +
     `pixel ${m.pixel_depth} × ${m.codebook_size.pixel} codes · semantic ${m.semantic_depth} × ${m.codebook_size.semantic} codes`;
   $("mllm").hidden = !body.mllm;
   showLimits(body.limits);
@@ -87,41 +87,48 @@ async function reconstruct(file) {
 function renderResult() {
   const r = state.result;
   const depth = r.steps.length;
+  const semanticDepth = r.semantic.token_maps.length;
   $("original-image").src = r.original;
-  const slider = $("depth-slider");
-  slider.max = String(depth);
-  slider.value = String(depth);
+  for (const [id, max] of [["depth-slider", depth], ["semantic-slider", semanticDepth]]) {
+    $(id).max = String(max);
+    $(id).value = String(max);  // both vocabularies start at all their depths
+  }
   renderStrip();
   renderQuality();
   renderUsage("pixel", $("pixel-usage"));
   renderUsage("semantic", $("semantic-usage"));
   document.querySelectorAll(".grid-size").forEach((e) => (e.textContent = `${r.grid[0]}×${r.grid[1]}`));
   document.querySelectorAll(".q-pixel").forEach((e) => (e.textContent = String(r.pixel.token_maps.length)));
-  document.querySelectorAll(".q-semantic").forEach((e) => (e.textContent = String(r.semantic.token_maps.length)));
+  document.querySelectorAll(".q-semantic").forEach((e) => (e.textContent = String(semanticDepth)));
   $("results").hidden = false;
   showDepth(depth);
+  showSemanticDepth(semanticDepth);
 }
 
+// The pixel slider: the reconstruction from the first k pixel depths and the pixel row of the token maps.
 function showDepth(k) {
   const r = state.result;
   const step = r.steps[k - 1];
-  const kSemantic = Math.min(k, r.semantic.token_maps.length);
   $("recon-image").src = step.image;
   $("recon-caption").textContent = `reconstruction, k = ${k}`;
   $("depth-label").textContent = `k = ${k} of ${r.steps.length}`;
   $("depth-metrics").textContent = `PSNR ${formatPsnr(step.psnr)} dB · SSIM ${step.ssim.toFixed(3)}`;
   $("pixel-map").src = r.pixel.token_maps[k - 1];
-  $("semantic-map").src = r.semantic.token_maps[kSemantic - 1];
   $("pixel-codes").src = r.pixel.code_maps[k - 1];
-  $("semantic-codes").src = r.semantic.code_maps[kSemantic - 1];
-  document.querySelectorAll(".k-now").forEach((e) => (e.textContent = `k = ${k}`));
-  document.querySelectorAll(".k-now-number").forEach((e) => (e.textContent = String(k)));
-  renderMeaning(kSemantic);
   document.querySelectorAll(".k-pixel").forEach((e) => (e.textContent = String(k)));
-  document.querySelectorAll(".k-semantic").forEach((e) => (e.textContent = String(kSemantic)));
   document.querySelectorAll("#depth-strip figure").forEach((f, i) => f.classList.toggle("active", i === k - 1));
   document.querySelectorAll("#depth-table tbody tr").forEach((row, i) => row.classList.toggle("active", i === k - 1));
   document.querySelectorAll("#psnr-chart circle").forEach((c, i) => c.classList.toggle("active", i === k - 1));
+}
+
+// The semantic slider: what the first k semantic depths say, and the semantic row of the token maps.
+function showSemanticDepth(k) {
+  const r = state.result;
+  $("semantic-depth-label").textContent = `k = ${k} of ${r.semantic.token_maps.length}`;
+  $("semantic-map").src = r.semantic.token_maps[k - 1];
+  $("semantic-codes").src = r.semantic.code_maps[k - 1];
+  document.querySelectorAll(".k-semantic").forEach((e) => (e.textContent = String(k)));
+  renderMeaning(k);
 }
 
 function renderMeaning(k) {
@@ -360,6 +367,7 @@ function setUp() {
     if (event.dataTransfer.files.length) reconstruct(event.dataTransfer.files[0]);
   });
   $("depth-slider").addEventListener("input", (event) => showDepth(Number(event.target.value)));
+  $("semantic-slider").addEventListener("input", (event) => showSemanticDepth(Number(event.target.value)));
   $("chat-form").addEventListener("submit", ask);
   $("gen-form").addEventListener("submit", generate);
   loadModel().catch((error) => setStatus(`Could not reach the server: ${error}`, true));
