@@ -18,7 +18,8 @@ def _free_port() -> int:
 
 
 def _close(a, b, path=""):
-    """Equal, except floats within 1e-9 relative (feature sums are added in another order)."""
+    """Equal, except floats within 1e-6 relative: features are float32 convolutions of other batch splits and
+    thread counts, and their sums are added in another order."""
     if isinstance(a, dict):
         assert a.keys() == b.keys(), path
         for key in a:
@@ -28,7 +29,7 @@ def _close(a, b, path=""):
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
             _close(x, y, f"{path}[{i}]")
     elif isinstance(a, float):
-        assert a == pytest.approx(b, rel=1e-9, abs=1e-12), path
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-9), path
     else:
         assert a == b, path
 

@@ -42,7 +42,7 @@ SCRIPT = textwrap.dedent(
             if parallel == "ddp":
                 state = {k: v.detach().clone() for k, v in unwrap(engine.model).state_dict().items()}
                 torch.save(state, f"{folder}/ddp-rank{rank}.pt")
-            del trainer
+            del engine
         gc.collect()  # release the wrapped models, which hold the group, then tear it down together
         dist.barrier()
         dist.destroy_process_group()

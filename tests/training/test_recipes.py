@@ -196,7 +196,8 @@ def _runnable(recipe: Path, tmp_path: Path, images: Path, *extra: str):
     ]
     if config.backbone_pretrained and not Path(config.backbone_pretrained).exists():
         overrides += ["backbone_pretrained=null"]
-    if config.loss.perceptual_kind == "lpips_vgg16" and not Path(config.loss.vgg_weights or "").exists():
+    vgg_file = config.loss.vgg_weights  # None: torch's hub cache, empty and offline here
+    if config.loss.perceptual_kind == "lpips_vgg16" and not (vgg_file and Path(vgg_file).is_file()):
         overrides += ["loss.perceptual=0", "loss.perceptual_kind=none"]
     if "so400m" in config.model:  # no SigLIP folder here: a random tower, its initial copy as the teacher
         overrides += ["model_overrides=" + json.dumps(config.model_overrides + SMALL_SO400M)]

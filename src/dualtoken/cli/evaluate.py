@@ -12,7 +12,8 @@ from ..data.images import warn_skipped
 from ..errors import DataError
 from ..evaluation import METRIC_GROUPS, EvalConfig
 from ..evaluation.distributed import init_from_environment, rank_and_world
-from .options import MODEL_HELP, add_precision_option, add_strict_option, use_precision
+from ..tokenizer import DualTokenizer
+from .options import MODEL_HELP, add_precision_option, add_strict_option, announce_precision, use_precision
 
 # command-line flags that map one-to-one onto EvalConfig fields
 FLAG_FIELDS = ("batch_size", "limit", "classes", "labels", "inception_weights", "lpips_weights", "lpips_net",
@@ -63,14 +64,17 @@ def build_config(args: argparse.Namespace) -> EvalConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    use_precision(args)
+    use_precision(args, announce=False)
     config = build_config(args)
     joined = init_from_environment()
     rank = rank_and_world()[0]
     from ..evaluation.api import evaluate  # the metric libraries load only when eval runs
 
     try:
-        report = evaluate(args.model, args.data, args.out, config, device=args.device, progress=not args.no_progress)
+        model = DualTokenizer.from_pretrained(args.model)  # a model that cannot load fails here, before the note
+        if rank == 0:
+            announce_precision()
+        report = evaluate(model, args.data, args.out, config, device=args.device, progress=not args.no_progress)
     finally:
         if joined:
             import torch.distributed as dist

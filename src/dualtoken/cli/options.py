@@ -59,15 +59,29 @@ def add_precision_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def use_precision(args: argparse.Namespace) -> None:
+_pending_note: list[str] = []  # the precision note of use_precision(announce=False), until announce_precision
+
+
+def use_precision(args: argparse.Namespace, announce: bool = True) -> None:
     """Check ``--precision`` on the command's device (``--device``, else CUDA when available, else the CPU), make it
-    the default of every tokenizer the command loads, and print the choice once on stderr (a ``note:`` line)."""
+    the default of every tokenizer the command loads, and print the choice once on stderr (a ``note:`` line).
+
+    ``announce=False`` holds the note back until :func:`announce_precision`, called where the first image is
+    computed: a command that fails on its inputs then prints its error line alone."""
     precision = check_precision(args.precision, INFERENCE_PRECISIONS)
     device = getattr(args, "device", None)
     if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"note: precision: {explain(precision, device)}", file=sys.stderr)
     set_inference_precision(precision)
+    _pending_note[:] = [f"note: precision: {explain(precision, device)}"]
+    if announce:
+        announce_precision()
+
+
+def announce_precision() -> None:
+    """Print the held-back precision note, once."""
+    while _pending_note:
+        print(_pending_note.pop(), file=sys.stderr)
 
 
 def load_model(spec: str, random_weights: bool = False) -> DualTokenizer:
@@ -117,9 +131,11 @@ def image_batches(
                 raise
             warn_skipped(str(path), str(exc))
         if len(images) == batch_size:
+            announce_precision()
             yield paths, torch.stack(images)
             paths, images = [], []
     if images:
+        announce_precision()
         yield paths, torch.stack(images)
 
 

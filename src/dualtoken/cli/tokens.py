@@ -23,6 +23,7 @@ from .options import (
     add_model_options,
     add_precision_option,
     add_strict_option,
+    announce_precision,
     expand_inputs,
     image_batches,
     load_model,
@@ -39,7 +40,7 @@ def _progress(total: int, desc: str) -> tqdm:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    use_precision(args)
+    use_precision(args, announce=False)
     tokenizer = load_model(args.model, args.random_weights)
     out = Path(args.out)
     if out.suffix != ".safetensors":
@@ -77,6 +78,7 @@ def _encode_to_folder(tokenizer: DualTokenizer, inputs: list[str], out: Path, ar
         out.mkdir(parents=True, exist_ok=True)
         source = str(out / INPUT_LIST)
         Path(source).write_text("".join(f"{f.resolve()}\n" for f in files))
+    announce_precision()
     summary = encode_dataset(
         tokenizer, source, str(out), shard_size=args.shard_size, batch_size=args.batch_size, progress=False
     )
@@ -108,7 +110,7 @@ def _recorded_model(tokens: TokenFile, where: Path) -> str:
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
-    use_precision(args)
+    use_precision(args, announce=False)
     path = Path(args.tokens)
     sets = _token_sets(path)
     tokenizer = load_model(args.model or _recorded_model(sets[0], path), args.random_weights)
@@ -116,6 +118,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     out = Path(args.out)
     total = sum(len(t.ids) for t in sets)
     bar, index = _progress(total, "decode"), 0
+    announce_precision()
     with torch.inference_mode():
         for tokens in sets:
             codes = tokens.pixel if args.depth is None else tokens.pixel[..., : args.depth]
@@ -189,7 +192,7 @@ def write_metrics(tokenizer: DualTokenizer, rows: list[dict], out: Path) -> dict
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
-    use_precision(args)
+    use_precision(args, announce=False)
     tokenizer = load_model(args.model, args.random_weights)
     out = Path(args.out)
     rows = reconstruct_files(
@@ -242,7 +245,7 @@ def demo_images() -> list[tuple[str, torch.Tensor]]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    use_precision(args)
+    use_precision(args, announce=False)
     from PIL import Image
 
     out = Path(args.out)

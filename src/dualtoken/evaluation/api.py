@@ -42,7 +42,8 @@ def evaluate(
     config = config or EvalConfig()
     device = torch.device(device) if device is not None else _default_device()
     tokenizer = load_model(model, device)
-    source = str(model) if isinstance(model, (str, Path)) else str(getattr(tokenizer, "model_dir", None) or "in memory")
+    loaded_from = tokenizer.name_or_path or tokenizer.model_dir  # what from_pretrained was given, if it was
+    source = str(model) if isinstance(model, (str, Path)) else str(loaded_from or "in memory")
     partial_dir = Path(out_dir) / PARTIAL_DIR if out_dir is not None else None
     results = run_evaluation(tokenizer, data, config, device, progress, partial_dir)
     report = build_report(results, tokenizer, source, config, str(device))
