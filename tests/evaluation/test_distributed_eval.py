@@ -18,8 +18,9 @@ def _free_port() -> int:
 
 
 def _close(a, b, path=""):
-    """Equal, except floats within 1e-6 relative: features are float32 convolutions of other batch splits and
-    thread counts, and their sums are added in another order."""
+    """Equal, except floats within 1e-4 relative: features are float32 convolutions of other batch splits and
+    thread counts (one-ulp differences, which KID's subset statistics amplify), and their sums are added in another
+    order. A rank's images lost or counted twice moves these figures by percents."""
     if isinstance(a, dict):
         assert a.keys() == b.keys(), path
         for key in a:
@@ -29,7 +30,7 @@ def _close(a, b, path=""):
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
             _close(x, y, f"{path}[{i}]")
     elif isinstance(a, float):
-        assert a == pytest.approx(b, rel=1e-6, abs=1e-9), path
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-7), path
     else:
         assert a == b, path
 
