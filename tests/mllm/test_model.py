@@ -149,7 +149,7 @@ def test_a_code_table_classifier_scores_the_code_vectors_and_costs_no_weights_pe
 ):
     heads = dataclasses.replace(mllm_config.heads, classifier="code_table")
     tied, full = make_mllm(heads=heads), make_mllm()
-    head, table = tied.semantic_head, tied.code_tables.table("semantic").weight  # (K, D)
+    head, table = tied.semantic_head, tied.code_tables.codebook("semantic")  # (K, D)
     assert head.classifier_weight.shape == (4, table.shape[1], 32)  # depth x code_dim x width: no K rows
     size = sum(p.numel() for p in head.parameters())
     assert size < sum(p.numel() for p in full.semantic_head.parameters()) - 4 * 200 * 32
@@ -177,3 +177,38 @@ def test_a_code_table_classifier_scores_the_code_vectors_and_costs_no_weights_pe
         optimizer.step()
     last = model(batch).scalars()
     assert last["pixel"] < 0.6 * first["pixel"] and last["semantic"] < 0.6 * first["semantic"]
+
+
+@pytest.mark.parametrize("classifier", ["per_depth", "code_table"])
+def test_a_tokenizer_with_one_codebook_per_depth_reads_trains_and_generates(
+    mllm_config, tiny_images, mixed_batch, classifier
+):
+    from dualtoken import DualTokenizer
+    from dualtoken.config import apply_overrides
+    from dualtoken.mllm import DualTokenMLLM
+    from dualtoken.mllm.generation import generate_images
+    from dualtoken.registry import get_config
+
+    torch.manual_seed(0)
+    sharing = [f"{b}_quantizer.codebook_sharing=per_depth" for b in ("pixel", "semantic")]
+    tokenizer = DualTokenizer.from_config(apply_overrides(get_config("dualtoken-tiny"), sharing)).eval()
+    codes = tokenizer.encode(tiny_images)
+    heads = dataclasses.replace(mllm_config.heads, classifier=classifier)
+    model = DualTokenMLLM.from_config(dataclasses.replace(mllm_config, heads=heads), visual_tokenizer=tokenizer)
+    for branch in ("pixel", "semantic"):  # depth d reads its own codebook: E_d[c_d], not E_0[c_d]
+        assert model.code_tables.codebook(branch).shape == tokenizer.codebook(branch).shape == (4, 256, 8)
+        torch.testing.assert_close(
+            model.code_tables.sums(getattr(codes, branch), branch),
+            tokenizer.code_embeddings(getattr(codes, branch), branch, per_depth=False),
+        )
+    head, table = model.pixel_head.eval(), model.code_tables.codebook("pixel")
+    states, vectors = torch.randn(3, 64), model.code_tables.vectors(codes.pixel[0, 0, :3], "pixel")
+    logits = head(states, vectors[:, :-1], codebook=table)  # (3, Q, K)
+    for depth in range(4):  # sampling's last-depth logits are teacher forcing's, depth by depth
+        torch.testing.assert_close(head(states, vectors[:, :depth], last_only=True, codebook=table), logits[:, depth])
+    losses = model.train()(mixed_batch(model, codes))
+    losses.loss.backward()
+    assert torch.isfinite(losses.loss) and all(p.grad is not None for p in model.pixel_head.parameters())
+    images = generate_images(model, ["Draw a dog."], cfg_scale=2.0, seed=1)
+    assert images.pixel_codes.shape == (1, 8, 8, 4) and int(images.pixel_codes.max()) < 256
+

@@ -73,7 +73,10 @@ class DepthTransformer(nn.Module):
         if self.tied:
             if codebook is None:
                 raise ConfigError("a code_table classifier needs the code vectors (codebook=)")
-            scores = scores @ codebook.float().T  # (M, d, K)
+            if codebook.dim() == 3:  # one codebook per depth (Q, K, code_dim)
+                scores = torch.einsum("mdc,dkc->mdk", scores, codebook[first : first + x.shape[1]].float())
+            else:
+                scores = scores @ codebook.float().T  # (M, d, K)
         return scores + bias
 
     def forward(
@@ -85,8 +88,8 @@ class DepthTransformer(nn.Module):
     ) -> torch.Tensor:
         """Logits (M, d, K) of depths 1..d, given LLM states ``hidden`` (M, llm_width) and the code vectors of
         depths 1..d-1, ``previous`` (M, d-1, code_dim), 0 <= d-1 < Q. Teacher forcing passes all Q-1; sampling
-        asks for depth d only (``last_only``: logits (M, K)). ``codebook`` (K, code_dim): the code vectors a
-        ``code_table`` classifier scores against."""
+        asks for depth d only (``last_only``: logits (M, K)). ``codebook`` (K, code_dim), or (Q, K, code_dim) with one
+        codebook per depth: the code vectors a ``code_table`` classifier scores against."""
         steps = previous.shape[1] + 1
         first = self.gen_projector(hidden.float()).unsqueeze(1)  # (M, 1, width)
         rest = self.code_in(previous.float().cumsum(dim=1))  # (M, d-1, width)

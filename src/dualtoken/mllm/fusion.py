@@ -22,28 +22,37 @@ def two_layer_mlp(in_width: int, hidden_width: int, out_width: int) -> nn.Sequen
 
 
 class CodeTables(nn.Module):
-    """The MLLM's own embedding tables of both vocabularies, initialised from the tokenizer's codebooks."""
+    """The MLLM's own embedding tables of both vocabularies, initialised from the tokenizer's codebooks.
+
+    A vocabulary with one codebook per depth (``codebook_sharing: per_depth``, codebooks (Q, K, D)) keeps its Q
+    tables stacked as one (Q·K, D) table: code c at depth d is row d·K + c."""
 
     def __init__(
         self, pixel_codebook: torch.Tensor, semantic_codebook: torch.Tensor, trainable: bool
     ) -> None:
         super().__init__()
-        self.pixel = nn.Embedding.from_pretrained(
-            pixel_codebook.detach().clone().float(), freeze=not trainable
-        )
-        self.semantic = nn.Embedding.from_pretrained(
-            semantic_codebook.detach().clone().float(), freeze=not trainable
-        )
+        self.per_depth_rows: dict[str, int] = {}  # K of a per-depth vocabulary (its depth offset); 0 when shared
+        for branch, codebook in zip(BRANCHES, (pixel_codebook, semantic_codebook), strict=True):
+            vectors = codebook.detach().clone().float()  # (K, D) or (Q, K, D)
+            self.per_depth_rows[branch] = vectors.shape[1] if vectors.dim() == 3 else 0
+            self.add_module(branch, nn.Embedding.from_pretrained(vectors.flatten(0, -2), freeze=not trainable))
 
-    def table(self, branch: str) -> nn.Embedding:
-        return self.pixel if branch == "pixel" else self.semantic
+    def codebook(self, branch: str) -> torch.Tensor:
+        """The table's current code vectors: (K, D), or (Q, K, D) for a per-depth vocabulary."""
+        weight = getattr(self, branch).weight
+        rows = self.per_depth_rows[branch]
+        return weight.view(-1, rows, weight.shape[1]) if rows else weight
 
-    def vectors(self, codes: torch.Tensor, branch: str) -> torch.Tensor:
-        """Codes (..., Q) -> code vectors (..., Q, D)."""
-        return self.table(branch)(codes)
+    def vectors(self, codes: torch.Tensor, branch: str, first_depth: int = 0) -> torch.Tensor:
+        """Codes (..., q) of depths first_depth+1..first_depth+q -> code vectors (..., q, D)."""
+        rows = self.per_depth_rows[branch]
+        if rows:
+            depths = torch.arange(first_depth, first_depth + codes.shape[-1], device=codes.device)
+            codes = codes + depths * rows
+        return getattr(self, branch)(codes)
 
     def sums(self, codes: torch.Tensor, branch: str) -> torch.Tensor:
-        """Codes (..., Q) -> the residual reconstruction Σ_d E[c_d] (..., D)."""
+        """Codes (..., Q) -> the residual reconstruction Σ_d E_d[c_d] (..., D)."""
         return self.vectors(codes, branch).sum(dim=-2)
 
 

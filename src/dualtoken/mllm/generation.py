@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .depth_head import DepthTransformer
-from .fusion import BRANCHES
+from .fusion import BRANCHES, CodeTables
 from .sampling import guide, sample
 
 if TYPE_CHECKING:  # the model calls this module for inference; the type only names it
@@ -73,7 +73,8 @@ class GeneratedImages:
 
 def _sample_stack(
     head: DepthTransformer,
-    table: torch.nn.Embedding,
+    tables: CodeTables,
+    branch: str,
     states: torch.Tensor,
     scale: float | None,
     temperature: float,
@@ -84,15 +85,16 @@ def _sample_stack(
     """The Q codes of one position per row, depth by depth. With guidance, ``states`` is [conditional;
     unconditional] (2B rows), the logits are guided per depth and each chosen code is fed to both halves."""
     rows = states.shape[0] // 2 if scale is not None else states.shape[0]
-    previous = states.new_zeros(states.shape[0], 0, table.weight.shape[1])  # (rows, d-1, code_dim)
+    codebook = tables.codebook(branch)  # (K, code_dim), or (Q, K, code_dim) with one codebook per depth
+    previous = states.new_zeros(states.shape[0], 0, codebook.shape[-1])  # (rows, d-1, code_dim)
     chosen = []
-    for _ in range(head.depth):
-        logits = head(states, previous, last_only=True, codebook=table.weight)  # (rows, K)
+    for depth in range(head.depth):
+        logits = head(states, previous, last_only=True, codebook=codebook)  # (rows, K)
         if scale is not None:
             logits = guide(logits[:rows], logits[rows:], scale)
         code = sample(logits, temperature, top_k, top_p, generator)  # (B,)
         chosen.append(code)
-        vector = table(code)
+        vector = tables.vectors(code.unsqueeze(-1), branch, first_depth=depth)[:, 0]  # (B, code_dim)
         if scale is not None:
             vector = torch.cat([vector, vector])
         previous = torch.cat([previous, vector.unsqueeze(1).to(previous.dtype)], dim=1)
@@ -140,7 +142,8 @@ def generate_images(
         step = {
             branch: _sample_stack(
                 model.head(branch),
-                model.code_tables.table(branch),
+                model.code_tables,
+                branch,
                 states,
                 scale,
                 generator=generator,

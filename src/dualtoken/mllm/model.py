@@ -147,7 +147,7 @@ class DualTokenMLLM(nn.Module):
             visual_tokenizer.codebook("semantic"),
             config.fusion.train_code_embeddings,
         )
-        code_dims = {b: self.code_tables.table(b).weight.shape[1] for b in BRANCHES}
+        code_dims = {b: self.code_tables.codebook(b).shape[-1] for b in BRANCHES}
         self.fusion = VisualInputFusion(config.fusion, code_dims, width)
         self.pixel_head = DepthTransformer(
             width,
@@ -352,7 +352,7 @@ class DualTokenMLLM(nn.Module):
         for branch in BRANCHES:
             codes = getattr(batch, f"{branch}_codes")[batch.generate].flatten(0, 2)  # (M_gen·N, Q)
             logits = self.head(branch)(
-                states, self.code_tables.vectors(codes[:, :-1], branch), codebook=self.code_tables.table(branch).weight
+                states, self.code_tables.vectors(codes[:, :-1], branch), codebook=self.code_tables.codebook(branch)
             )  # (M_gen·N, Q, K)
             # over rows of contiguous logits: the (M, K, Q) view's cross-entropy copies and strides through 16,384 x Q
             per_depth = F.cross_entropy(logits.flatten(0, 1), codes.flatten(), reduction="none").view_as(codes).sum(0)
