@@ -18,12 +18,6 @@ def rank_and_world() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def is_mine(index: int) -> bool:
-    """Whether image ``index`` (position in the data) is evaluated by this process."""
-    rank, world = rank_and_world()
-    return index % world == rank
-
-
 def gather_rows(indices: torch.Tensor, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-image rows (first dimension = the images of ``indices``) of all processes, sorted by data index."""
     parts = gather_objects((indices.cpu(), {name: value.cpu() for name, value in rows.items()}))
