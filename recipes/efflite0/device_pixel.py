@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     t.add_argument("--set", action="append", default=[], help="key.sub=value on the recipe (repeatable)")
     t.add_argument("--no-device-defaults", dest="device_defaults", action="store_false",
-                   help="use the recipe as it is, without DEVICE_DEFAULTS")
+                   help="use the recipe as it is, without DEVICE_DEFAULTS (its init_from too: name a model that travels)")
     r = commands.add_parser("resume", help="turn the device's files into a CPU run folder")
     r.add_argument("files")
     r.add_argument("run")
