@@ -15,9 +15,14 @@ stays behind) and has PyTorch but not this project's other dependencies:
                        at most 15 MiB (checkpoint.part*), rewritten at every checkpoint.every steps
   resume  (CPU)     python recipes/efflite0/device_pixel.py resume FILES_DIR runs/efflite0-pixel
                     -> runs/efflite0-pixel/checkpoints/step-N.pt, the training engine's own format (the whole model: the
-                       parts the device trained over the ones pixel.json starts from), and runs/efflite0-pixel/final,
-                       a save_pretrained folder; `dualtoken train --config recipes/efflite0/pixel.json
-                       --set output_dir=runs/efflite0-pixel` then continues on the CPU.
+                       parts the device trained over the ones the device run started from), and
+                       runs/efflite0-pixel/final, a save_pretrained folder; `dualtoken train --config
+                       recipes/efflite0/pixel.json --set output_dir=runs/efflite0-pixel --set init_from=dualtoken-efflite0`
+                       then continues on the CPU.
+
+pixel.json starts from the semantic stages' export (runs/efflite0-semantic-16k/final), which does not travel to the
+device; the shipped dualtoken-efflite0 (its float16 copy, in the package) does, so the device run starts from that
+(DEVICE_DEFAULTS), and ``resume`` rebuilds the model the device run started from (its checkpoint names it).
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ TRAINED = PART_PREFIXES["pixel"] + PART_PREFIXES["decoder"]
 # the wall clock (not max_steps) ends the run; once a run has shown the steps a budget buys, pass
 # --set max_steps=N --set optimizer.schedule=cosine for a schedule that decays to its end
 DEVICE_DEFAULTS = [
+    "init_from=dualtoken-efflite0",  # runs/ stays here; the shipped model travels with the package
     "max_steps=1000000",
     "data.batch_size=64",
     "optimizer.schedule=constant",
@@ -220,7 +226,8 @@ def resume(args: argparse.Namespace) -> Path:
     if not parts:
         raise SystemExit(f"no checkpoint.part* in {files}")
     state = torch.load(io.BytesIO(b"".join(p.read_bytes() for p in parts)), map_location="cpu", weights_only=True)
-    config = load_train_config(args.config, [f"output_dir={run}"])
+    started_from = json.dumps(state["config"]["init_from"])  # what the device run built its model from
+    config = load_train_config(args.config, [f"output_dir={run}", f"init_from={started_from}"])
     torch.manual_seed(config.seed)
     tokenizer = build_tokenizer(config)
     tokenizer.load_state_dict(state["model"], strict=False)
@@ -256,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     t.add_argument("--set", action="append", default=[], help="key.sub=value on the recipe (repeatable)")
     t.add_argument("--no-device-defaults", dest="device_defaults", action="store_false",
-                   help="use the recipe as it is, without DEVICE_DEFAULTS")
+                   help="use the recipe as it is, without DEVICE_DEFAULTS (its init_from too: name a model that travels)")
     r = commands.add_parser("resume", help="turn the device's files into a CPU run folder")
     r.add_argument("files")
     r.add_argument("run")

@@ -1,7 +1,7 @@
 """The semantic-vocabulary capacity sweep of docs/RESULTS.md, on the fast path (``branch: "semantic"``).
 
-Every variant is recipes/efflite0/semantic.json with a few overrides and the same short budget; all of them read one
-feature cache, so the tower runs once for the whole sweep. Per variant the table gives bits per position, held-out
+Every variant is recipes/efflite0/semantic.json with a few overrides and the same short budget, its pixel side taken
+from the shipped dualtoken-efflite0 (so the sweep needs no earlier run); all of them read one feature cache, so the tower runs once for the whole sweep. Per variant the table gives bits per position, held-out
 top-1 / top-5 through the quantized path, token cosine to the teacher at every depth, code usage per depth and the
 time of its training loop (from the ``samples_per_s`` of its metrics.jsonl, so a resumed variant counts every process
 that trained it).
@@ -60,6 +60,7 @@ def run_variant(name: str, steps: int, out: Path, extra: list[str]) -> dict:
             f"output_dir={folder}",
             f"max_steps={steps}",
             f"model_overrides={json.dumps(base.model_overrides + model_overrides)}",
+            "init_from=dualtoken-efflite0",  # only the pixel side comes from it, which the sweep does not score
             "log.eval_every=0",
             "log.progress=false",
             *overrides,

@@ -48,11 +48,13 @@ def test_pack_train_and_resume_on_the_cpu(tmp_path: Path, device_pixel, monkeypa
     monkeypatch.setattr(device_pixel, "PART_BYTES", 2**20)  # several parts at tiny size too
     device_pixel.main(["train", "--data", str(data), "--out", str(out), "--work", str(tmp_path / "work"),
                        "--config", str(recipe), "--device", "cpu", "--workers", "2", "--budget-seconds", "2",
-                       "--set", "data.batch_size=2", "--set", "checkpoint.every=2", "--set", "log.eval_every=2"])
+                       "--set", "data.batch_size=2", "--set", "checkpoint.every=2", "--set", "log.eval_every=2",
+                       "--set", "init_from=null"])  # the tiny model starts fresh; resume must rebuild the same
     summary = json.loads((out / "summary.json").read_text())
     assert summary["out_of_time"] and summary["step"] >= 1 and summary["images"] == 6
     used = json.loads((out / "train_config.json").read_text())
     assert used["optimizer"]["schedule"] == "constant" and used["data"]["batch_size"] == 2  # DEVICE_DEFAULTS, then --set
+    assert used["init_from"] is None
     parts = sorted(out.glob("checkpoint.part*"))
     assert len(parts) >= 2 and all(p.stat().st_size <= 2**20 for p in parts)
     evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"]

@@ -211,6 +211,31 @@ def _runnable(recipe: Path, tmp_path: Path, images: Path, *extra: str):
     return apply_overrides(config, [f"init_from={_artifact(config.init_from, tmp_path, images)}"]) if config.init_from else config
 
 
+def test_efflite0_stages_start_from_the_export_of_the_stage_before():
+    """The stage graph of recipes/efflite0/README.md: no stage starts from the embedded model that ship.py
+    overwrites."""
+    recipes = sorted((RECIPES_DIR / "efflite0").glob("*.json"))
+    written_by = {Path(load_train_config(r).output_dir) / "final": r.name for r in recipes}
+    starts = {r.name: load_train_config(r).init_from for r in recipes}
+    assert {name: written_by.get(Path(start)) for name, start in starts.items() if start} == {
+        "semantic.json": "cpu.json",
+        "semantic_tail.json": "semantic.json",
+        "semantic_16k.json": "semantic_tail.json",
+        "pixel.json": "semantic_16k.json",
+        "pixel_cpu.json": "semantic_16k.json",
+    }
+
+
+@pytest.mark.parametrize("recipe", ["semantic.json", "pixel.json", "pixel_cpu.json"])
+def test_efflite0_stages_also_start_from_the_shipped_model_with_one_flag(recipe: str):
+    from dualtoken.factory import build_tokenizer
+
+    config = load_train_config(RECIPES_DIR / "efflite0" / recipe, ["init_from=dualtoken-efflite0"])
+    started, shipped = build_tokenizer(config).state_dict(), DualTokenizer.from_pretrained("dualtoken-efflite0").state_dict()
+    decoder = [name for name in shipped if name.startswith("decoder.")]
+    assert decoder and all(torch.equal(started[name], shipped[name]) for name in decoder)
+
+
 @pytest.mark.parametrize("recipe", ALL_RECIPES, ids=lambda p: str(p.relative_to(RECIPES_DIR)))
 def test_every_recipe_builds_its_model_and_takes_a_step(recipe: Path, tmp_path: Path):
     from dualtoken.training import train

@@ -11,7 +11,8 @@ from ..config import apply_overrides, load_config_file
 from ..data.images import warn_skipped
 from ..errors import DataError
 from ..evaluation import METRIC_GROUPS, EvalConfig
-from ..evaluation.distributed import init_from_environment, rank_and_world
+from ..evaluation.distributed import rank_and_world
+from ..process_group import join_process_group
 from ..tokenizer import DualTokenizer
 from .options import MODEL_HELP, add_precision_option, add_strict_option, announce_precision, use_precision
 
@@ -66,7 +67,7 @@ def build_config(args: argparse.Namespace) -> EvalConfig:
 def run(args: argparse.Namespace) -> int:
     use_precision(args, announce=False)
     config = build_config(args)
-    joined = init_from_environment()
+    joined = join_process_group()
     rank = rank_and_world()[0]
     from ..evaluation.api import evaluate  # the metric libraries load only when eval runs
 

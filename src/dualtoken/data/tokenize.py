@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from ..errors import DataError, ImageError
-from ..process_group import join_process_group
+from ..process_group import in_process_group, join_process_group
 from ..tokenfile import save_tokens
 from .images import decode_record, warn_skipped
 from .sources import IndexedSource, Record, RecordSource, ShardSource, resolve_source
@@ -79,10 +79,6 @@ class _UnitBatches(IterableDataset):
                     images, ids, skipped = [], [], []
             batch = torch.stack(images) if images else None
             yield {"unit": unit, "images": batch, "ids": ids, "skipped": skipped, "last": True}
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 def _done_path(out_dir: Path, unit: int) -> Path:
@@ -172,7 +168,7 @@ def encode_dataset(
     out.mkdir(parents=True, exist_ok=True)
     device = next(tokenizer.parameters()).device
     owns_group = join_process_group(device)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if in_process_group() else (0, 1)
     readers = _unit_records(records, shard_size)
     mine = {u: r for u, r in enumerate(readers) if u % world == rank}
     reused = [u for u in mine if resume and _done_path(out, u).is_file()]
@@ -217,7 +213,7 @@ def encode_dataset(
             len(reused),
         ]
     )
-    if _distributed():
+    if in_process_group():
         if dist.get_backend() == "nccl":
             counts = counts.to(device)
         dist.all_reduce(counts)

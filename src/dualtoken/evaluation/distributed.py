@@ -9,21 +9,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..process_group import gather_objects, in_process_group, join_process_group
-
-is_distributed = in_process_group
+from ..process_group import gather_objects, in_process_group
 
 
 def rank_and_world() -> tuple[int, int]:
-    if not is_distributed():
+    if not in_process_group():
         return 0, 1
     return dist.get_rank(), dist.get_world_size()
-
-
-def is_mine(index: int) -> bool:
-    """Whether image ``index`` (position in the data) is evaluated by this process."""
-    rank, world = rank_and_world()
-    return index % world == rank
 
 
 def gather_rows(indices: torch.Tensor, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -37,12 +29,6 @@ def gather_rows(indices: torch.Tensor, rows: dict[str, torch.Tensor]) -> tuple[t
 
 def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
     """Element-wise sum over processes (exact for integer counts)."""
-    if not is_distributed():
+    if not in_process_group():
         return tensor
     return sum(part for part in gather_objects(tensor.cpu()))
-
-
-def init_from_environment() -> bool:
-    """Join the process group torchrun describes (WORLD_SIZE > 1), once; returns whether this call joined it
-    (:func:`dualtoken.process_group.join_process_group`: NCCL on GPUs, each process on cuda:LOCAL_RANK; gloo on CPUs)."""
-    return join_process_group()

@@ -91,7 +91,8 @@ def shard(model: DualTokenMLLM, runtime: Runtime) -> DualTokenMLLM:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
-    layer_classes = set(getattr(unwrap_peft(model.llm), "_no_split_modules", None) or [])
+    llm = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm  # under LoRA: peft's
+    layer_classes = set(getattr(llm, "_no_split_modules", None) or [])
     for module in model.llm.modules():
         if type(module).__name__ in layer_classes:
             fully_shard(module, mesh=mesh)
@@ -99,10 +100,6 @@ def shard(model: DualTokenMLLM, runtime: Runtime) -> DualTokenMLLM:
     fully_shard(model.semantic_head, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
-
-
-def unwrap_peft(llm: torch.nn.Module) -> torch.nn.Module:
-    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
 
 
 class MLLMTask(Task):

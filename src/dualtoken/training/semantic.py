@@ -39,7 +39,7 @@ from ..evaluation.codebook_stats import code_histogram, usage_stats
 from ..evaluation.samples import labels_from_tsv
 from ..factory import build_tokenizer
 from ..io import open_rgb
-from ..losses import DualTokenObjective, TeacherTargets
+from ..losses import DualTokenObjective, TeacherTargets, teacher_targets
 from ..tokenizer import DualTokenizer
 from . import checkpoints
 from .config import TrainConfig
@@ -82,10 +82,7 @@ def tap_features(
     """The tokenizer's tower tokens at the semantic tap (B, h*w, W) and the teacher's targets for ``images``.
     ``shared_tower``: the tokenizer's tower below the tap is the teacher's, so the teacher's run gives both."""
     layer = tokenizer.config.semantic_layer
-    teacher_states = teacher.forward_all(images)
-    targets = TeacherTargets(
-        tokens=teacher.to_tokens(layer, teacher_states[layer]), pooled=teacher.pool(teacher_states[-1])
-    )
+    targets = teacher_targets(teacher, images, layer)
     if shared_tower:
         return targets.tokens, targets
     states = tokenizer.backbone.forward_all(images, stop=layer)

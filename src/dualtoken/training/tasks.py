@@ -150,10 +150,6 @@ class TokenizerTask(TokenizerModelTask):
             self.usage.update("semantic", out.semantic_codes)
         return total, {name: float(value) for name, value in terms.items() if name != "total"}
 
-    def evaluate(self) -> dict[str, float]:
-        """PSNR and pixel MSE of the held-out images (``data.eval``), reconstructed in eval mode."""
-        return self.heldout.evaluate() if self.heldout is not None else {}
-
 
 class GanStep(Callback):
     """The adversarial part: from ``loss.gan.start_step`` on, the generator's objective gets the adversarial term
@@ -164,12 +160,8 @@ class GanStep(Callback):
         config, runtime = engine.config, engine.runtime
         self.config, self.objective = config, objective
         self.discriminator = PatchDiscriminator(config.loss.gan.discriminator).to(runtime.device)
-        self.disc_model: nn.Module = self.discriminator
-        if runtime.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [runtime.device] if runtime.device.type == "cuda" else None
-            self.disc_model = DistributedDataParallel(self.discriminator, device_ids=ids)
+        # DDP under torchrun (every parameter is used; no buffers to broadcast), the module itself otherwise
+        self.disc_model = wrap_model(self.discriminator, runtime, "ddp", find_unused=False)
         self.optimizer = build_optimizer(self.discriminator, config.disc_optimizer)
         gan_steps = max(1, config.max_steps - config.loss.gan.start_step)
         self.scheduler = build_scheduler(self.optimizer, gan_steps, config.disc_optimizer)
