@@ -22,10 +22,12 @@ import dataclasses
 import io
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
@@ -35,7 +37,7 @@ from dualtoken.config import apply_overrides, from_dict, to_dict
 from dualtoken.data.tokenize import encode_dataset
 from dualtoken.evaluation.distribution import frechet_distance
 from dualtoken.features import EfficientNetFeatures
-from dualtoken.io import load_image, save_image, to_uint8
+from dualtoken.io import UpscaledImageWarning, load_image, save_image, to_uint8
 from dualtoken.mllm import (
     DepthHeadConfig,
     DualTokenMLLM,
@@ -104,6 +106,7 @@ class RecipeConfig:
     samples_per_class: int = 20  # generated images per class and guidance setting
     guidance_scales: tuple[float, ...] = (1.0, 3.0)  # classifier-free guidance scales compared; 1 = none
     grid_columns: int = 10
+    comparison_columns: int = 3  # samples per class and scale in samples_by_guidance.png
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -362,7 +365,7 @@ def evaluate(cfg: RecipeConfig) -> dict:
         }
     }
     model = DualTokenMLLM.from_pretrained(work / "runs" / "both" / "final")
-    grids = []
+    grids, cells_by_scale, footers = [], [], []
     for scale in cfg.guidance_scales:
         requested = torch.arange(len(names)).repeat_interleave(cfg.samples_per_class)
         images = []
@@ -393,6 +396,8 @@ def evaluate(cfg: RecipeConfig) -> dict:
             ),
         }
         cells = [[to_uint8(img) for img in images[requested == c][: cfg.grid_columns]] for c in range(len(names))]
+        cells_by_scale.append(cells)
+        footers.append(f"{scale:g}: " + ("-" if hits is None else f"{hits}/{len(images)}"))
         judged_text = "" if hits is None else f"; the requested class in {hits} of {len(images)} (token classifier)"
         grid = work / f"samples_{key}.png"
         save_image(
@@ -407,11 +412,34 @@ def evaluate(cfg: RecipeConfig) -> dict:
             grid,
         )
         grids.append(str(grid))
-    results["generation"]["grids"] = grids
+    comparison = work / "samples_by_guidance.png"
+    footer = "requested class by guidance scale (token classifier): " + ", ".join(footers)
+    save_image(
+        guidance_comparison(cells_by_scale, cfg.guidance_scales, names, cfg.comparison_columns, footer),
+        comparison,
+    )
+    results["generation"]["grids"] = grids + [str(comparison)]
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (work / "results.md").write_text(render(results))
     print(render(results))
     return results
+
+
+def guidance_comparison(
+    cells_by_scale: list[list[list[np.ndarray]]],
+    scales: tuple[float, ...],
+    names: list[str],
+    columns: int,
+    footer: str,
+) -> np.ndarray:
+    """One labelled grid of the samples side by side: a row per requested class, the first ``columns`` samples of
+    each guidance scale next to each other (the same seeds at every scale), the scale above each column."""
+    columns = min(columns, *(len(row) for cells in cells_by_scale for row in cells))
+    rows = [[cell for cells in cells_by_scale for cell in cells[c][:columns]] for c in range(len(names))]
+    labels = [f"guidance {s:g}" for s in scales for _ in range(columns)]
+    return labelled_grid(
+        rows, [f"Draw {with_article(n)}." for n in names], labels, footer=footer, gap=2, font_size=11
+    )
 
 
 def wilson_interval(hits: int, total: int, z: float = 1.96) -> list[float]:
@@ -466,6 +494,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = apply_overrides(from_dict(RecipeConfig, json.loads(Path(args.config).read_text())), args.set)
     Path(cfg.work).mkdir(parents=True, exist_ok=True)
+    # CIFAR-10's 32 px images are enlarged to the tokenizer's size on purpose: said once here, not once per image
+    warnings.filterwarnings("ignore", category=UpscaledImageWarning)
+    print("note: CIFAR-10's 32x32 images are upscaled to the tokenizer's input size (image_size)")
     (Path(cfg.work) / "recipe_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     for stage, run in (("prepare", prepare), ("train", train), ("evaluate", evaluate)):
         if args.stage in (stage, "all"):

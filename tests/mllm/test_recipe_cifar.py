@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -102,6 +103,11 @@ def test_cifar_recipe_runs_every_stage(tmp_path, shared_data, tiny_tokenizer):
         low, high = row["requested_class_interval_95"]
         assert 0.0 <= low <= row["requested_class_accuracy"] <= high <= 1.0 and high - low > 0.2  # 10 images
         assert row["frechet_efficientnet_lite0"] > 0
+    assert [Path(g).name for g in results["generation"]["grids"]] == [
+        "samples_without_cfg.png",
+        "samples_cfg_3.png",
+        "samples_by_guidance.png",
+    ]
     for grid in results["generation"]["grids"]:
         width, height = Image.open(grid).size
         assert height > 10 * 64 and width > 64  # one row per class, labelled with its prompt, one sample each
@@ -118,3 +124,26 @@ def test_cifar_recipe_runs_every_stage(tmp_path, shared_data, tiny_tokenizer):
     assert load_config(MLLMTrainConfig, work / "train_both.json").max_steps == 4
     steps = [json.loads(line)["step"] for line in (work / "runs" / "both" / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 4
+
+
+def test_guidance_comparison_puts_each_scale_side_by_side_per_class():
+    recipe = _recipe_module()
+    names = ["cat", "dog"]
+    scales = (1.0, 3.0)
+
+    def colour(scale: int, cls: int, sample: int) -> np.ndarray:  # a distinct flat 16x16 picture per cell
+        return np.full((16, 16, 3), (40 + 100 * scale, 40 + 100 * cls, 30 * sample), dtype=np.uint8)
+
+    cells_by_scale = [[[colour(s, c, i) for i in range(4)] for c in range(2)] for s in range(2)]
+    grid = recipe.guidance_comparison(cells_by_scale, scales, names, 2, "footer")
+
+    def columns_of(scale: int, cls: int, sample: int) -> np.ndarray:
+        return np.nonzero((grid == colour(scale, cls, sample)[0, 0]).all(-1).any(0))[0]
+
+    for cls in range(2):
+        order = [columns_of(s, cls, i) for s in range(2) for i in range(2)]
+        assert all(len(x) == 16 for x in order)  # each of the first two samples of each scale, once
+        assert all(a.max() < b.min() for a, b in zip(order, order[1:]))  # scale 1's samples, then scale 3's
+        assert len(columns_of(0, cls, 2)) == 0  # only ``columns`` samples per scale
+    one_sample = [[[colour(s, c, 0)] for c in range(2)] for s in range(2)]  # fewer samples than columns
+    assert recipe.guidance_comparison(one_sample, scales, names, 3, "").shape[1] < grid.shape[1]
