@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
 import torch
+from timing import time_it  # benchmarks/timing.py (the script's folder is on sys.path)
 
 from dualtoken import DualTokenizer
 from dualtoken.config import QuantizerConfig
@@ -32,17 +32,6 @@ from dualtoken.precision import cpu_bf16_flags, explain, inference_autocast
 from dualtoken.quantizer import ResidualQuantizer, nearest_codes, residual_codes
 
 KODAK = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kodak"
-
-
-def time_it(fn, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def textbook_codes(x: torch.Tensor, codebook: torch.Tensor, depth: int) -> torch.Tensor:

@@ -13,10 +13,9 @@ Prints seconds per batch, ratios, and the fraction of this CPU's measured fp32 m
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from timing import time_it  # benchmarks/timing.py (the script's folder is on sys.path)
 
 from dualtoken.config import QuantizerConfig
 from dualtoken.quantizer import ResidualQuantizer
@@ -46,16 +45,6 @@ def previous_residual_codes(x: torch.Tensor, codebook: torch.Tensor, depth: int,
         codes.append(torch.cat(code))
         residual.sub_(codebook[codes[-1]])
     return torch.stack(codes, -1)
-
-
-def time_it(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def matmul_rate(size: int = 2048, repeats: int = 5) -> float:

@@ -107,27 +107,9 @@ TOWER_ID = "google/siglip-tiny-test"
 def offline_tower(tmp_path, monkeypatch):
     """A tiny random SiglipModel (vision: the dualtoken-tiny tower; a text tower and a word-level tokenizer) saved
     with transformers' save_pretrained, laid out in an offline Hugging Face cache as TOWER_ID."""
-    from transformers import SiglipConfig, SiglipModel
+    from ..evaluation.conftest import CLASS_NAMES, save_tiny_siglip
 
-    from dualtoken import get_config
-    from dualtoken.evaluation.templates import OPENAI_IMAGENET_TEMPLATES
-    from dualtoken.evaluation.zeroshot import canonicalize
-
-    from ..evaluation.conftest import CLASS_NAMES, _word_level_tokenizer
-
-    vision = get_config("dualtoken-tiny").backbone
-    config = SiglipConfig(
-        text_config={"vocab_size": 256, "hidden_size": vision.width, "intermediate_size": 64, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "max_position_embeddings": 16},
-        vision_config={"hidden_size": vision.width, "intermediate_size": vision.mlp_width, "image_size":
-                       vision.image_size, "patch_size": vision.patch_size, "num_hidden_layers": vision.num_layers,
-                       "num_attention_heads": vision.num_heads},
-    )
-    torch.manual_seed(5)
-    model = SiglipModel(config)
-    model.save_pretrained(tmp_path / "saved_siglip")
-    words = {w for t in OPENAI_IMAGENET_TEMPLATES for n in CLASS_NAMES for w in canonicalize(t.format(n)).split()}
-    _word_level_tokenizer(tmp_path / "saved_siglip", words)
+    model = save_tiny_siglip(tmp_path / "saved_siglip", seed=5)
     (tmp_path / "classes.txt").write_text("\n".join(CLASS_NAMES) + "\n")
     cache = tmp_path / "hub"
     make_hub_cache(cache, TOWER_ID, tmp_path / "saved_siglip")

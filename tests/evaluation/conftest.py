@@ -43,16 +43,14 @@ def _word_level_tokenizer(folder: Path, words: set[str]) -> None:
     PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(folder)
 
 
-@pytest.fixture(scope="session")
-def tiny_siglip_dir(tmp_path_factory) -> Path:
-    """A random SiglipModel (vision = the dualtoken-tiny tower, text tower projecting to the same width) with a
-    word-level tokenizer, in save_pretrained format: a model's ``backbone.pretrained`` folder."""
+def save_tiny_siglip(folder: Path, seed: int):
+    """Save a random SiglipModel (vision = the dualtoken-tiny tower, text tower projecting to the same width) with a
+    word-level tokenizer of the zero-shot prompts into ``folder`` (save_pretrained format); returns the model."""
     from transformers import SiglipConfig, SiglipModel
 
     from dualtoken.evaluation.templates import OPENAI_IMAGENET_TEMPLATES
     from dualtoken.evaluation.zeroshot import canonicalize
 
-    folder = tmp_path_factory.mktemp("siglip")
     vision = get_config("dualtoken-tiny").backbone
     config = SiglipConfig(
         text_config={"vocab_size": 256, "hidden_size": vision.width, "intermediate_size": 64, "num_hidden_layers": 1,
@@ -61,10 +59,20 @@ def tiny_siglip_dir(tmp_path_factory) -> Path:
                        vision.image_size, "patch_size": vision.patch_size, "num_hidden_layers": vision.num_layers,
                        "num_attention_heads": vision.num_heads},
     )
-    torch.manual_seed(3)
-    SiglipModel(config).save_pretrained(folder)
+    torch.manual_seed(seed)
+    model = SiglipModel(config)
+    model.save_pretrained(folder)
     words = {w for t in OPENAI_IMAGENET_TEMPLATES for name in CLASS_NAMES for w in canonicalize(t.format(name)).split()}
     _word_level_tokenizer(folder, words)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_siglip_dir(tmp_path_factory) -> Path:
+    """A tiny random SigLIP in save_pretrained format (:func:`save_tiny_siglip`): a model's ``backbone.pretrained``
+    folder."""
+    folder = tmp_path_factory.mktemp("siglip")
+    save_tiny_siglip(folder, seed=3)
     return folder
 
 
