@@ -10,8 +10,8 @@ import argparse
 import json
 import multiprocessing as mp
 import resource
-import statistics
-import time
+
+from timing import time_it  # benchmarks/timing.py (the script's folder is on sys.path)
 
 
 def _measure(config: str, operation: str, batch: int, repeats: int, queue) -> None:
@@ -26,14 +26,9 @@ def _measure(config: str, operation: str, batch: int, repeats: int, queue) -> No
         codes = tokenizer.encode(images).pixel
         run = (lambda: tokenizer.encode(images)) if operation == "encode" else (lambda: tokenizer.decode(codes))
         baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        run()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
+        seconds = time_it(run, repeats)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    queue.put({"config": config, "operation": operation, "images_per_s": batch / statistics.median(times),
+    queue.put({"config": config, "operation": operation, "images_per_s": batch / seconds,
                "peak_rss_mib": peak / 1024, "model_rss_mib": baseline / 1024})
 
 
