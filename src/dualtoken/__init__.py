@@ -4,6 +4,7 @@ from .config import DecoderConfig, QuantizerConfig, TokenizerConfig
 from .errors import CheckpointError, CodesError, ConfigError, DataError, DualTokenError, ImageError
 from .registry import get_config, list_models
 from .tokenizer import DualTokenizer, DualTokenizerOutput, DualTokens
+from .tokenizer_pair import TokenizerPair, load_visual_tokenizer
 
 __version__ = "0.1.0"
 
@@ -11,6 +12,8 @@ __all__ = [
     "DualTokenizer",
     "DualTokens",
     "DualTokenizerOutput",
+    "TokenizerPair",
+    "load_visual_tokenizer",
     "TokenizerConfig",
     "QuantizerConfig",
     "DecoderConfig",

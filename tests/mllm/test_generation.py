@@ -30,6 +30,16 @@ def test_sample_rules():
     assert guide(cond, uncond, 3.0).tolist() == [4.0, -2.0]
 
 
+def test_sampling_draws_each_token_at_its_probability_and_never_a_filtered_one():
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().repeat(40_000, 1)
+    draws = sample(logits, 1.0, 0, 1.0, torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(draws, minlength=4) / len(draws)
+    torch.testing.assert_close(frequencies, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.01, rtol=0)
+    nucleus = sample(logits, 1.0, 0, 0.8, torch.Generator().manual_seed(0))  # {0.5, 0.3}, renormalised
+    assert set(nucleus.tolist()) == {0, 1}
+    assert abs(float((nucleus == 0).float().mean()) - 0.5 / 0.8) < 0.01
+
+
 def test_generation_is_deterministic_for_a_seed(make_mllm):
     model = make_mllm()
     first = generate_images(model, ["Draw a cat.", "Draw a dog."], cfg_scale=3.0, seed=7)

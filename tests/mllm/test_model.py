@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dualtoken.errors import CheckpointError, ConfigError, DataError
 from dualtoken.mllm import FusionConfig, LLMConfig
@@ -144,6 +145,50 @@ def test_sampling_logits_of_the_last_depth_equal_teacher_forcing(make_mllm, tiny
         torch.testing.assert_close(head(states, vectors[:, :depth], last_only=True), full[:, depth])
 
 
+@pytest.mark.parametrize("chunk_rows", [1, 7, 256])
+def test_the_chunked_cross_entropy_equals_the_plain_one_in_value_and_gradient(chunk_rows):
+    from dualtoken.mllm.depth_head import linear_cross_entropy
+
+    torch.manual_seed(0)
+    leaves = [torch.randn(30, 12), torch.randn(50, 12), torch.randn(50)]
+    targets = torch.randint(0, 50, (30,))
+    results = []
+    for fused in (True, False):
+        x, table, bias = (t.clone().requires_grad_() for t in leaves)
+        if fused:
+            loss = linear_cross_entropy(x, table, bias, targets, chunk_rows=chunk_rows)
+        else:
+            loss = F.cross_entropy(x @ table.T + bias, targets, reduction="sum")
+        (0.3 * loss).backward()
+        results.append((loss.detach(), x.grad, table.grad, bias.grad))
+    for fused, plain in zip(*results, strict=True):
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    frozen = linear_cross_entropy(leaves[0].clone().requires_grad_(), leaves[1], leaves[2], targets)
+    frozen.backward()  # a frozen table (and bias) gets no gradient and costs none
+    assert leaves[1].grad is None and leaves[2].grad is None
+
+
+@pytest.mark.parametrize("classifier", ["per_depth", "code_table"])
+@pytest.mark.parametrize("sharing", ["shared", "per_depth"])
+def test_the_heads_training_losses_are_the_cross_entropy_of_their_logits(mllm_config, tiny_images, classifier, sharing):
+    from dualtoken import DualTokenizer
+    from dualtoken.config import apply_overrides
+    from dualtoken.mllm import DualTokenMLLM
+    from dualtoken.registry import get_config
+
+    torch.manual_seed(0)
+    overrides = [f"{b}_quantizer.codebook_sharing={sharing}" for b in ("pixel", "semantic")]
+    tokenizer = DualTokenizer.from_config(apply_overrides(get_config("dualtoken-tiny"), overrides)).eval()
+    codes = tokenizer.encode(tiny_images).semantic.flatten(0, 2)[:40]  # (M, Q)
+    heads = dataclasses.replace(mllm_config.heads, classifier=classifier, dropout=0.0)
+    model = DualTokenMLLM.from_config(dataclasses.replace(mllm_config, heads=heads), visual_tokenizer=tokenizer)
+    head, table = model.semantic_head, model.code_tables.codebook("semantic")
+    states, vectors = torch.randn(40, 64), model.code_tables.vectors(codes[:, :-1], "semantic")
+    logits = head(states, vectors, codebook=table)  # (M, Q, K)
+    expected = F.cross_entropy(logits.flatten(0, 1), codes.flatten(), reduction="none").view_as(codes).sum(0)
+    torch.testing.assert_close(head.losses(states, codes, vectors, table), expected, rtol=1e-5, atol=1e-4)
+
+
 def test_a_code_table_classifier_scores_the_code_vectors_and_costs_no_weights_per_code(
     make_mllm, mllm_config, tiny_codes, mixed_batch
 ):
@@ -212,3 +257,31 @@ def test_a_tokenizer_with_one_codebook_per_depth_reads_trains_and_generates(
     images = generate_images(model, ["Draw a dog."], cfg_scale=2.0, seed=1)
     assert images.pixel_codes.shape == (1, 8, 8, 4) and int(images.pixel_codes.max()) < 256
 
+
+def test_the_mllm_trains_saves_and_draws_on_a_tokenizer_pair(mllm_config, tiny_images, mixed_batch, tmp_path):
+    """A naive pair (pixel vocabulary of one model, semantic of another, different depths and sizes) in the MLLM."""
+    from dualtoken import DualTokenizer, TokenizerPair
+    from dualtoken.config import apply_overrides
+    from dualtoken.registry import get_config
+
+    members = []
+    for seed, depth, codes in ((0, 3, 64), (1, 5, 128)):
+        torch.manual_seed(seed)
+        overrides = ["pixel_quantizer=null", "shortcut_layer=null", f"semantic_quantizer.depth={depth}", f"semantic_quantizer.codebook_size={codes}"]
+        members.append(DualTokenizer.from_config(apply_overrides(get_config("dualtoken-tiny"), overrides)).eval())
+    from dualtoken.mllm import DualTokenMLLM
+    from dualtoken.mllm.generation import generate_images
+
+    pair = TokenizerPair(*members)
+    model = DualTokenMLLM.from_config(mllm_config, visual_tokenizer=pair)
+    assert model.pixel_head.depth == 3 and model.semantic_head.depth == 5
+    codes = pair.encode(tiny_images)
+    losses = model.train()(mixed_batch(model, codes))
+    losses.loss.backward()
+    assert torch.isfinite(losses.loss) and losses.pixel_per_depth.shape == (3,)
+    model.save_pretrained(tmp_path / "mllm")
+    loaded = DualTokenMLLM.from_pretrained(tmp_path / "mllm")
+    assert isinstance(loaded.visual_tokenizer, TokenizerPair)
+    drawn = generate_images(loaded, ["Draw a dog."], cfg_scale=2.0, seed=1)
+    assert drawn.pixel_codes.shape == (1, 8, 8, 3) and drawn.semantic_codes.shape == (1, 8, 8, 5)
+    assert drawn.images.shape == (1, 3, 64, 64)

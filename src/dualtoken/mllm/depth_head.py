@@ -4,6 +4,10 @@ Depth inputs: I_1 = gen_projector(h); I_d = W_in·Σ_{d'<d} E[c_d'] for d > 1 (t
 reconstruction), plus a learned depth embedding. A causal transformer over the Q depths, a final LayerNorm and
 one classifier per depth give the logits of code d from I_1..I_d: its own K x width weights (``per_depth``), or
 (``code_table``) a map of the state into code space scored against the K code vectors, l_k = <P_d x, e_k> + b_k.
+
+Training never holds the (M, Q, K) logits: :func:`linear_cross_entropy` forms each depth's loss and its gradients a
+chunk of rows at a time (with K = 16,384 codes the whole tensor is hundreds of MB a step, and on a CPU allocating it
+costs more than the arithmetic).
 """
 
 from __future__ import annotations
@@ -15,6 +19,50 @@ from torch import nn
 from ..errors import ConfigError
 from .config import DepthHeadConfig
 from .fusion import two_layer_mlp
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_n CE(x_n · tableᵀ + bias, t_n), the logits one chunk of rows at a time.
+
+    The loss is a plain sum, so its gradient is one scalar times the gradients of the sum: those are formed in the
+    forward pass, chunk by chunk (softmax - one-hot, then two matmuls), and only scaled in ``backward``."""
+
+    @staticmethod
+    def forward(ctx, features, table, bias, targets, chunk_rows):  # noqa: ANN001, ANN205 (autograd's signature)
+        need_features, need_table, need_bias = ctx.needs_input_grad[:3]
+        grad_features = torch.zeros_like(features) if need_features else None  # (N, C)
+        grad_table = torch.zeros_like(table) if need_table else None  # (K, C)
+        grad_bias = torch.zeros_like(bias) if need_bias else None  # (K,)
+        total = features.new_zeros(())
+        for start in range(0, features.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            x, t = features[rows], targets[rows, None]
+            logits = torch.addmm(bias, x, table.T)  # (n, K)
+            lse = logits.logsumexp(dim=-1, keepdim=True)  # (n, 1)
+            total += (lse - logits.gather(1, t)).sum()
+            grad_logits = logits.sub_(lse).exp_().scatter_add_(1, t, torch.full_like(lse, -1.0))  # softmax - onehot
+            if need_features:
+                grad_features[rows] = grad_logits @ table
+            if need_table:
+                grad_table.addmm_(grad_logits.T, x)
+            if need_bias:
+                grad_bias += grad_logits.sum(0)
+        ctx.save_for_backward(grad_features, grad_table, grad_bias)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):  # noqa: ANN001, ANN205
+        scaled = [None if g is None else g * grad_total for g in ctx.saved_tensors]
+        return *scaled, None, None
+
+
+def linear_cross_entropy(
+    features: torch.Tensor, table: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 256
+) -> torch.Tensor:
+    """The summed cross-entropy of the logits ``features @ table.T + bias`` against ``targets``, without holding
+    the logits: features (N, C), table (K, C), bias (K,), targets (N,) long -> a scalar. Same value and gradients as
+    ``F.cross_entropy(features @ table.T + bias, targets, reduction="sum")`` (tests/mllm/test_model.py)."""
+    return _LinearCrossEntropy.apply(features, table, bias, targets, chunk_rows)
 
 
 class DepthBlock(nn.Module):
@@ -65,19 +113,35 @@ class DepthTransformer(nn.Module):
         self.classifier_weight = nn.Parameter(torch.randn(depth, rows, width) * width**-0.5)
         self.classifier_bias = nn.Parameter(torch.zeros(depth, codebook_size))
 
+    def _code_space(
+        self, x: torch.Tensor, depth: int, codebook: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """States (M, width) at one depth -> (features (M, C), table (K, C)): logits = features @ table.T + bias."""
+        weight = self.classifier_weight[depth]  # (rows, width)
+        if not self.tied:
+            return x, weight
+        if codebook is None:
+            raise ConfigError("a code_table classifier needs the code vectors (codebook=)")
+        table = codebook[depth] if codebook.dim() == 3 else codebook  # one codebook per depth (Q, K, C), or shared
+        return x @ weight.T, table.float()
+
     def _classify(self, x: torch.Tensor, first: int, codebook: torch.Tensor | None) -> torch.Tensor:
         """States (M, d, width) of depths first+1..first+d -> logits (M, d, K)."""
-        weight = self.classifier_weight[first : first + x.shape[1]]  # (d, rows, width)
-        bias = self.classifier_bias[first : first + x.shape[1]]  # (d, K)
-        scores = torch.einsum("mdw,drw->mdr", x, weight)  # (M, d, K), or (M, d, code_dim) when tied
-        if self.tied:
-            if codebook is None:
-                raise ConfigError("a code_table classifier needs the code vectors (codebook=)")
-            if codebook.dim() == 3:  # one codebook per depth (Q, K, code_dim)
-                scores = torch.einsum("mdc,dkc->mdk", scores, codebook[first : first + x.shape[1]].float())
-            else:
-                scores = scores @ codebook.float().T  # (M, d, K)
-        return scores + bias
+        logits = []
+        for step in range(x.shape[1]):
+            features, table = self._code_space(x[:, step], first + step, codebook)
+            logits.append(torch.addmm(self.classifier_bias[first + step], features, table.T))  # (M, K)
+        return torch.stack(logits, dim=1)
+
+    def _states(self, hidden: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        """The depth transformer's output (M, d, width) at depths 1..d, d = previous.shape[1] + 1."""
+        steps = previous.shape[1] + 1
+        first = self.gen_projector(hidden.float()).unsqueeze(1)  # (M, 1, width)
+        rest = self.code_in(previous.float().cumsum(dim=1))  # (M, d-1, width)
+        x = torch.cat([first, rest], dim=1) + self.depth_embedding[:steps]
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
 
     def forward(
         self,
@@ -87,16 +151,22 @@ class DepthTransformer(nn.Module):
         codebook: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (M, d, K) of depths 1..d, given LLM states ``hidden`` (M, llm_width) and the code vectors of
-        depths 1..d-1, ``previous`` (M, d-1, code_dim), 0 <= d-1 < Q. Teacher forcing passes all Q-1; sampling
-        asks for depth d only (``last_only``: logits (M, K)). ``codebook`` (K, code_dim), or (Q, K, code_dim) with one
-        codebook per depth: the code vectors a ``code_table`` classifier scores against."""
-        steps = previous.shape[1] + 1
-        first = self.gen_projector(hidden.float()).unsqueeze(1)  # (M, 1, width)
-        rest = self.code_in(previous.float().cumsum(dim=1))  # (M, d-1, width)
-        x = torch.cat([first, rest], dim=1) + self.depth_embedding[:steps]
-        for block in self.blocks:
-            x = block(x)
-        x = self.norm(x)
+        depths 1..d-1, ``previous`` (M, d-1, code_dim), 0 <= d-1 < Q. Sampling asks for depth d only
+        (``last_only``: logits (M, K)). ``codebook`` (K, code_dim), or (Q, K, code_dim) with one codebook per depth:
+        the code vectors a ``code_table`` classifier scores against. Training uses :meth:`losses` instead."""
+        x = self._states(hidden, previous)
         if last_only:
-            return self._classify(x[:, -1:], steps - 1, codebook)[:, 0]
+            return self._classify(x[:, -1:], x.shape[1] - 1, codebook)[:, 0]
         return self._classify(x, 0, codebook)
+
+    def losses(
+        self, hidden: torch.Tensor, codes: torch.Tensor, vectors: torch.Tensor, codebook: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Teacher-forced cross-entropy of every depth, summed over the M rows: (Q,). ``codes`` (M, Q) are the
+        targets, ``vectors`` (M, Q-1, code_dim) the code vectors of depths 1..Q-1; no (M, Q, K) logits are held."""
+        x = self._states(hidden, vectors)  # (M, Q, width)
+        per_depth = []
+        for depth in range(x.shape[1]):
+            features, table = self._code_space(x[:, depth], depth, codebook)
+            per_depth.append(linear_cross_entropy(features, table, self.classifier_bias[depth], codes[:, depth]))
+        return torch.stack(per_depth)

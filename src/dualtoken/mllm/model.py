@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError, DataError
 from ..tokenizer import DualTokenizer
+from ..tokenizer_pair import TokenizerPair, load_visual_tokenizer
 from .config import LoraSettings, MLLMConfig, load_config, locate, save_config
 from .depth_head import DepthTransformer
 from .fusion import BRANCHES, CodeTables, VisualInputFusion
@@ -130,7 +131,7 @@ class DualTokenMLLM(nn.Module):
     """The unified MLLM. Build with :meth:`from_config`, load with :meth:`from_pretrained`."""
 
     def __init__(
-        self, config: MLLMConfig, llm: nn.Module, text_tokenizer, visual_tokenizer: DualTokenizer
+        self, config: MLLMConfig, llm: nn.Module, text_tokenizer, visual_tokenizer: DualTokenizer | TokenizerPair
     ) -> None:
         super().__init__()
         self.config = config
@@ -173,12 +174,12 @@ class DualTokenMLLM(nn.Module):
         cls,
         config: MLLMConfig,
         base_dir: str | Path | None = None,
-        visual_tokenizer: DualTokenizer | None = None,
+        visual_tokenizer: DualTokenizer | TokenizerPair | None = None,
     ) -> DualTokenMLLM:
         """A new MLLM: the LLM and both tokenizers from ``config`` (paths relative to ``base_dir``), fresh
         projectors and heads, code tables copied from the visual tokenizer's codebooks."""
         if visual_tokenizer is None:
-            visual_tokenizer = DualTokenizer.from_pretrained(locate(config.tokenizer, base_dir))
+            visual_tokenizer = load_visual_tokenizer(locate(config.tokenizer, base_dir))
         return cls(
             config, build_llm(config, base_dir), load_text_tokenizer(config, base_dir), visual_tokenizer
         )
@@ -351,12 +352,10 @@ class DualTokenMLLM(nn.Module):
         visual = {}
         for branch in BRANCHES:
             codes = getattr(batch, f"{branch}_codes")[batch.generate].flatten(0, 2)  # (M_gen·N, Q)
-            logits = self.head(branch)(
-                states, self.code_tables.vectors(codes[:, :-1], branch), codebook=self.code_tables.codebook(branch)
-            )  # (M_gen·N, Q, K)
-            # over rows of contiguous logits: the (M, K, Q) view's cross-entropy copies and strides through 16,384 x Q
-            per_depth = F.cross_entropy(logits.flatten(0, 1), codes.flatten(), reduction="none").view_as(codes).sum(0)
-            visual[branch] = per_depth / max(codes.shape[0], 1)  # (Q,)
+            per_depth = self.head(branch).losses(
+                states, codes, self.code_tables.vectors(codes[:, :-1], branch), self.code_tables.codebook(branch)
+            )  # (Q,) summed over the M_gen·N positions
+            visual[branch] = per_depth / max(codes.shape[0], 1)
         weights = self.config.loss
         pixel, semantic = visual["pixel"].mean(), visual["semantic"].mean()
         total = weights.text * text + weights.pixel * pixel + weights.semantic * semantic

@@ -86,9 +86,9 @@ def build_model(config: MLLMTrainConfig, base_dir: str | Path | None) -> DualTok
 
 def shard(model: DualTokenMLLM, runtime: Runtime) -> DualTokenMLLM:
     """FSDP2: one unit per LLM decoder layer (the classes transformers lists in ``_no_split_modules``), one per
-    visual head, then the root (embeddings, LM head, input fusion, code tables, the frozen tokenizer)."""
+    visual head (its ``losses`` method unshards like ``forward``), then the root (embeddings, LM head, input fusion, code tables, the frozen tokenizer)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
     llm = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm  # under LoRA: peft's
@@ -96,8 +96,9 @@ def shard(model: DualTokenMLLM, runtime: Runtime) -> DualTokenMLLM:
     for module in model.llm.modules():
         if type(module).__name__ in layer_classes:
             fully_shard(module, mesh=mesh)
-    fully_shard(model.pixel_head, mesh=mesh)
-    fully_shard(model.semantic_head, mesh=mesh)
+    for head in (model.pixel_head, model.semantic_head):
+        fully_shard(head, mesh=mesh)
+        register_fsdp_forward_method(head, "losses")  # training calls head.losses, not forward
     fully_shard(model, mesh=mesh)
     return model
 
