@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import io
 import json
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from tqdm import tqdm
 from dualtoken import DualTokenizer
 from dualtoken.config import apply_overrides, from_dict, to_dict
 from dualtoken.data.tokenize import encode_dataset
+from dualtoken.errors import ConfigError, DualTokenError
 from dualtoken.evaluation.distribution import frechet_distance
 from dualtoken.features import EfficientNetFeatures
 from dualtoken.io import UpscaledImageWarning, load_image, save_image, to_uint8
@@ -52,6 +54,7 @@ from dualtoken.mllm import (
 from dualtoken.mllm.data import TokenCache
 from dualtoken.mllm.text_tokenizer import train_bpe_tokenizer
 from dualtoken.mllm.train import train_mllm
+from dualtoken.tokenizer_pair import TokenizerPair, is_tokenizer_pair, load_visual_tokenizer
 from dualtoken.training.config import CheckpointConfig, LogConfig, OptimizerConfig
 from dualtoken.visualize import labelled_grid
 
@@ -63,7 +66,7 @@ QUESTION = "What is in this image?"
 class RecipeConfig:
     """The whole demonstration; relative paths are relative to the working directory."""
 
-    tokenizer: str = "dualtoken-efflite0"  # an embedded DualToken model's name or a folder
+    tokenizer: str = "dualtoken-efflite0"  # an embedded DualToken model's name, a folder, or a tokenizer pair folder
     # tokenize at this size (convolutional tokenizers only): 128 px gives 8x8 positions, a 4x shorter sequence
     # than the default model's 256 px; None keeps the tokenizer's own size
     image_size: int | None = 128
@@ -105,6 +108,9 @@ class RecipeConfig:
     probe_weight_decay: float = 1e-3
     samples_per_class: int = 20  # generated images per class and guidance setting
     guidance_scales: tuple[float, ...] = (1.0, 3.0)  # classifier-free guidance scales compared; 1 = none
+    # the input modes whose models draw (each of them must be in ``modes``); results keys of modes other than
+    # "both" are prefixed with the mode ("pixel_cfg_3")
+    generation_modes: tuple[Literal["both", "semantic", "pixel"], ...] = ("both",)
     grid_columns: int = 10
     comparison_columns: int = 3  # samples per class and scale in samples_by_guidance.png
 
@@ -142,17 +148,17 @@ def extract_split(cfg: RecipeConfig, split: str, limit: int | None, out: Path) -
     return labels
 
 
-def visual_tokenizer(cfg: RecipeConfig) -> tuple[DualTokenizer, str]:
+def visual_tokenizer(cfg: RecipeConfig) -> tuple[DualTokenizer | TokenizerPair, str]:
     """The tokenizer at the recipe's image size and a reference to it for the MLLM configs (a name or a folder;
     a resized tokenizer is written once to ``<work>/tokenizer``)."""
-    tokenizer = DualTokenizer.from_pretrained(cfg.tokenizer)
+    tokenizer = load_visual_tokenizer(cfg.tokenizer)
     if cfg.image_size is None or tokenizer.image_size == (cfg.image_size, cfg.image_size):
         reference = str(Path(cfg.tokenizer).resolve()) if Path(cfg.tokenizer).is_dir() else cfg.tokenizer
         return tokenizer, reference
     folder = Path(cfg.work) / "tokenizer"
-    if not (folder / "model.safetensors").is_file():
+    if not (folder / "model.safetensors").is_file() and not is_tokenizer_pair(folder):
         tokenizer.at_resolution(cfg.image_size).save_pretrained(folder)
-    return DualTokenizer.from_pretrained(folder), str(folder.resolve())
+    return load_visual_tokenizer(folder), str(folder.resolve())
 
 
 def prepare(cfg: RecipeConfig) -> None:
@@ -248,7 +254,7 @@ def train(cfg: RecipeConfig) -> None:
 
 
 def token_features(
-    tokenizer: DualTokenizer, pixel: torch.Tensor, semantic: torch.Tensor, mode: str
+    tokenizer: DualTokenizer | TokenizerPair, pixel: torch.Tensor, semantic: torch.Tensor, mode: str
 ) -> torch.Tensor:
     """The linear probe's input: per position, the depth-summed code vectors of the mode's vocabularies,
     flattened (B, h·w·D·branches)."""
@@ -303,6 +309,9 @@ def image_features(net: EfficientNetFeatures, images: torch.Tensor, batch: int, 
 
 
 def evaluate(cfg: RecipeConfig) -> dict:
+    missing = [m for m in cfg.generation_modes if m not in cfg.modes]
+    if missing:
+        raise ConfigError(f"generation_modes {missing} are not among the trained modes {list(cfg.modes)}")
     torch.manual_seed(cfg.seed)
     work = Path(cfg.work)
     names = class_names(cfg)
@@ -315,6 +324,8 @@ def evaluate(cfg: RecipeConfig) -> dict:
         "understanding": {},
     }
 
+    # per image, for intervals (recipes/mllm_cifar/pair_study.py): answers right or wrong, drawn images' features
+    per_image: dict[str, Any] = {"test_labels": test_labels, "understanding": {}, "generation": {}}
     probes = {}
     for mode in cfg.modes:
         probe = LinearProbe(
@@ -336,6 +347,7 @@ def evaluate(cfg: RecipeConfig) -> dict:
             predictions += [parse_answer(t, names) for t in texts]
             exact += sum(t == f"It is {with_article(names[int(y)])}." for t, y in zip(texts, test_labels[rows]))
         correct = torch.tensor(predictions) == test_labels
+        per_image["understanding"][mode] = correct
         results["understanding"][mode] = {
             "mllm_accuracy": float(correct.float().mean()),
             "exact_answers": exact / len(test_ids),
@@ -348,6 +360,7 @@ def evaluate(cfg: RecipeConfig) -> dict:
         [load_image(work / "images" / "test" / f"{i}.png", tokenizer.image_size) for i in test_ids]
     )
     real_features = image_features(features, real_test, cfg.eval_batch_size, "real test")
+    per_image["real_test_features"] = real_features
     train_ids = sorted(json.loads((work / "images" / "train" / "labels.json").read_text()))
     reference_count = min(len(train_ids), cfg.samples_per_class * len(names))
     real_train = torch.stack(
@@ -364,7 +377,33 @@ def evaluate(cfg: RecipeConfig) -> dict:
             ),
         }
     }
-    model = DualTokenMLLM.from_pretrained(work / "runs" / "both" / "final")
+    grids = []
+    for generation_mode in cfg.generation_modes:
+        grids += draw(cfg, generation_mode, tokenizer, probes, features, real_features, results, per_image)
+    results["generation"]["grids"] = grids
+    torch.save(per_image, work / "per_image.pt")
+    (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (work / "results.md").write_text(render(results))
+    print(render(results))
+    return results
+
+
+def draw(
+    cfg: RecipeConfig,
+    mode: str,
+    tokenizer: DualTokenizer | TokenizerPair,
+    probes: dict[str, LinearProbe],
+    features: EfficientNetFeatures,
+    real_features: torch.Tensor,
+    results: dict[str, Any],
+    per_image: dict[str, Any],
+) -> list[str]:
+    """The prompts "Draw a {class}." drawn by the ``mode`` model at every guidance scale: the images judged by the token classifier
+    (the semantic + pixel linear probe, when that mode was trained) and by the Fréchet distance to the real test
+    images; a labelled grid per scale and one side by side. Fills ``results`` and ``per_image``; returns the grids."""
+    work, names = Path(cfg.work), class_names(cfg)
+    model = DualTokenMLLM.from_pretrained(work / "runs" / mode / "final")
+    prefix = "" if mode == "both" else f"{mode}_"
     grids, cells_by_scale, footers = [], [], []
     for scale in cfg.guidance_scales:
         requested = torch.arange(len(names)).repeat_interleave(cfg.samples_per_class)
@@ -385,15 +424,15 @@ def evaluate(cfg: RecipeConfig) -> dict:
             if "both" in probes
             else None
         )
-        key = "without_cfg" if scale == 1.0 else f"cfg_{scale:g}"
+        key = prefix + ("without_cfg" if scale == 1.0 else f"cfg_{scale:g}")
         hits = None if judged is None else int((judged == requested).sum())
+        drawn_features = image_features(features, images, cfg.eval_batch_size, "generated")
+        per_image["generation"][key] = {"requested": requested, "features": drawn_features}
         results["generation"][key] = {
             "images": len(images),
             "requested_class_accuracy": None if hits is None else hits / len(images),
             "requested_class_interval_95": None if hits is None else wilson_interval(hits, len(images)),
-            "frechet_efficientnet_lite0": frechet_distance(
-                real_features, image_features(features, images, cfg.eval_batch_size, "generated")
-            ),
+            "frechet_efficientnet_lite0": frechet_distance(real_features, drawn_features),
         }
         cells = [[to_uint8(img) for img in images[requested == c][: cfg.grid_columns]] for c in range(len(names))]
         cells_by_scale.append(cells)
@@ -412,17 +451,13 @@ def evaluate(cfg: RecipeConfig) -> dict:
             grid,
         )
         grids.append(str(grid))
-    comparison = work / "samples_by_guidance.png"
+    comparison = work / f"{prefix}samples_by_guidance.png"
     footer = "requested class by guidance scale (token classifier): " + ", ".join(footers)
     save_image(
         guidance_comparison(cells_by_scale, cfg.guidance_scales, names, cfg.comparison_columns, footer),
         comparison,
     )
-    results["generation"]["grids"] = grids + [str(comparison)]
-    (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (work / "results.md").write_text(render(results))
-    print(render(results))
-    return results
+    return [*grids, str(comparison)]
 
 
 def guidance_comparison(
@@ -498,9 +533,13 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=UpscaledImageWarning)
     print("note: CIFAR-10's 32x32 images are upscaled to the tokenizer's input size (image_size)")
     (Path(cfg.work) / "recipe_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-    for stage, run in (("prepare", prepare), ("train", train), ("evaluate", evaluate)):
-        if args.stage in (stage, "all"):
-            run(cfg)
+    try:
+        for stage, run in (("prepare", prepare), ("train", train), ("evaluate", evaluate)):
+            if args.stage in (stage, "all"):
+                run(cfg)
+    except DualTokenError as error:
+        print(f"run.py: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

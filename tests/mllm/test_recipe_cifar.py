@@ -111,6 +111,10 @@ def test_cifar_recipe_runs_every_stage(tmp_path, shared_data, tiny_tokenizer):
     for grid in results["generation"]["grids"]:
         width, height = Image.open(grid).size
         assert height > 10 * 64 and width > 64  # one row per class, labelled with its prompt, one sample each
+    per_image = torch.load(work / "per_image.pt", weights_only=False)  # what pair_study.py bootstraps
+    assert set(per_image["understanding"]) == {"both", "semantic", "pixel"}
+    assert per_image["understanding"]["both"].shape == (10,) and per_image["real_test_features"].shape[0] == 10
+    assert per_image["generation"]["cfg_3"]["features"].shape[0] == 10
     assert "| semantic + pixel |" in (work / "results.md").read_text()
     assert "95 % interval" in (work / "results.md").read_text()
 
@@ -147,3 +151,17 @@ def test_guidance_comparison_puts_each_scale_side_by_side_per_class():
         assert len(columns_of(0, cls, 2)) == 0  # only ``columns`` samples per scale
     one_sample = [[[colour(s, c, 0)] for c in range(2)] for s in range(2)]  # fewer samples than columns
     assert recipe.guidance_comparison(one_sample, scales, names, 3, "").shape[1] < grid.shape[1]
+
+
+def test_drawing_with_a_mode_that_was_not_trained_is_refused_before_anything_runs(tmp_path):
+    from dualtoken.errors import ConfigError
+
+    recipe = _recipe_module()
+    cfg = recipe.RecipeConfig(work=str(tmp_path / "none"), modes=("semantic",), generation_modes=("both",))
+    with pytest.raises(ConfigError, match="generation_modes"):
+        recipe.evaluate(cfg)
+    done = subprocess.run(
+        [sys.executable, str(RECIPE), "evaluate", "--set", f"work={tmp_path / 'none'}", "--set", 'modes=["semantic"]'],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "generation_modes" in done.stderr
