@@ -40,6 +40,7 @@ import torch
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 import run as recipe  # noqa: E402  (the CIFAR recipe's stages)
+from timing import timed  # noqa: E402  (the recipe's timer)
 
 from dualtoken import TokenizerPair  # noqa: E402
 from dualtoken.config import apply_overrides, from_dict  # noqa: E402
@@ -190,12 +191,8 @@ def judge(work: Path, cfg: recipe.RecipeConfig, size: tuple[int, int]) -> recipe
 def encode_seconds(tokenizer, images: torch.Tensor, repeats: int = 3) -> float:
     """Median seconds per image of ``tokenizer.encode`` on ``images`` (after one warm-up call)."""
     tokenizer.encode(images)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        tokenizer.encode(images)
-        times.append(time.perf_counter() - started)
-    return sorted(times)[len(times) // 2] / len(images)
+    times = sorted(timed(lambda: tokenizer.encode(images)) for _ in range(repeats))
+    return times[len(times) // 2] / len(images)
 
 
 def frechet_bootstrap(real: torch.Tensor, drawn: torch.Tensor, resamples: int, seed: int = 0) -> dict[str, float]:
@@ -226,9 +223,9 @@ def score(args: argparse.Namespace) -> dict:
     loaded = {arm: load_visual_tokenizer(folder) for arm, folder in tokenizers.items()}
     size = loaded["dualtoken"].image_size
     referee = judge(Path(configs[0].work), configs[0], size)
-    rows, hits_of, judge_hits = [], {}, None
+    rows, hits_of, judge_hits, per_run = [], {}, None, {}
     for run, cfg in zip(plan, configs, strict=True):
-        per_image = torch.load(Path(cfg.work) / "per_image.pt", weights_only=False)
+        per_image = per_run[(run["arm"], run["seed"])] = torch.load(Path(cfg.work) / "per_image.pt", weights_only=False)
         if judge_hits is None:  # how well the judge names real test images: the ceiling of a drawn image's score
             judge_hits = (referee.predict(per_image["real_test_features"]) == per_image["test_labels"]).float()
         for mode in run["modes"]:
@@ -253,7 +250,7 @@ def score(args: argparse.Namespace) -> dict:
                           depth * math.log2(tokenizer.codebook_size(b)) for b, depth in
                           (("pixel", tokenizer.pixel_depth), ("semantic", tokenizer.semantic_depth)))),
                       "encode_ms_per_image": 1e3 * encode_seconds(tokenizer, images)}
-    differences = arm_differences(plan, configs, hits_of, args)
+    differences = arm_differences(per_run, hits_of, args)
     result = {"rows": rows, "costs": costs, "differences": differences, "threads": torch.get_num_threads(),
               "judge_on_real_test_images": ablation.bootstrap(judge_hits, args.bootstrap)}
     out = Path(args.out)
@@ -263,14 +260,13 @@ def score(args: argparse.Namespace) -> dict:
     return result
 
 
-def arm_differences(plan: list[dict], configs: list, hits_of: dict, args: argparse.Namespace) -> list[dict]:
+def arm_differences(per_run: dict, hits_of: dict, args: argparse.Namespace) -> list[dict]:
     """DualToken - pair per seed: answers paired over the same test images; the drawn images' requested-class rate
-    as the difference of two independent bootstrap means (each arm draws its own images)."""
-    loaded = {(run["arm"], run["seed"]): torch.load(Path(cfg.work) / "per_image.pt", weights_only=False)
-              for run, cfg in zip(plan, configs, strict=True)}
+    as the difference of two independent bootstrap means (each arm draws its own images). ``per_run``: each run's
+    per-image results by (arm, seed); ``hits_of``: the judge's hits on each run's drawn images by (arm, seed, mode)."""
     out = []
     for seed in args.seeds:
-        ours, theirs = loaded[("dualtoken", seed)], loaded[("pair", seed)]
+        ours, theirs = per_run[("dualtoken", seed)], per_run[("pair", seed)]
         delta = ours["understanding"]["both"].float() - theirs["understanding"]["both"].float()
         entry = ablation.bootstrap(delta, args.bootstrap)
         out.append({"seed": seed, "axis": "answer accuracy", **entry, "verdict": ablation.verdict(entry)})
