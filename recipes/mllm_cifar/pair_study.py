@@ -255,8 +255,8 @@ def score(args: argparse.Namespace) -> dict:
               "judge_on_real_test_images": ablation.bootstrap(judge_hits, args.bootstrap)}
     out = Path(args.out)
     (out / "pair_study.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "pair_study.md").write_text(render(result, args))
-    print(render(result, args))
+    (out / "pair_study.md").write_text(render(result))
+    print(render(result))
     return result
 
 
@@ -286,12 +286,11 @@ def independent_difference(a: torch.Tensor, b: torch.Tensor, resamples: int, see
 
 
 def _cell(entry: dict | None, scale: float = 100.0, digits: int = 1) -> str:
-    if entry is None:
-        return "-"
-    return f"{entry['mean'] * scale:.{digits}f} [{entry['low'] * scale:.{digits}f}, {entry['high'] * scale:.{digits}f}]"
+    """"mean [low, high]" as the ablation's tables write it; "-" where there is nothing (no drawn images)."""
+    return "-" if entry is None else ablation._cell(entry, scale, digits)
 
 
-def render(result: dict, args: argparse.Namespace) -> str:
+def render(result: dict) -> str:
     labels = {"both": "semantic + pixel", "semantic": "semantic only", "pixel": "pixel only"}
     lines = [
         "| arm | MLLM seed | input | answer accuracy % | requested class % (drawn, guidance 3) | Fréchet distance |",

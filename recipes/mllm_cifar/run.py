@@ -398,9 +398,10 @@ def draw(
     results: dict[str, Any],
     per_image: dict[str, Any],
 ) -> list[str]:
-    """The prompts "Draw a {class}." drawn by the ``mode`` model at every guidance scale: the images judged by the token classifier
-    (the semantic + pixel linear probe, when that mode was trained) and by the Fréchet distance to the real test
-    images; a labelled grid per scale and one side by side. Fills ``results`` and ``per_image``; returns the grids."""
+    """The prompts "Draw a {class}." drawn by the ``mode`` model at every guidance scale: the images judged by the
+    token classifier (the semantic + pixel linear probe, when that mode was trained) and by the Fréchet distance to
+    the real test images; a labelled grid per scale and one side by side. Fills ``results`` and ``per_image``;
+    returns the grids."""
     work, names = Path(cfg.work), class_names(cfg)
     model = DualTokenMLLM.from_pretrained(work / "runs" / mode / "final")
     prefix = "" if mode == "both" else f"{mode}_"

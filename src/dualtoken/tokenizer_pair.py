@@ -77,11 +77,11 @@ class TokenizerPair(nn.Module):
 
     @property
     def pixel_depth(self) -> int:
-        return self.pixel_source.quantizer("pixel").depth
+        return self.pixel_source.pixel_depth
 
     @property
     def semantic_depth(self) -> int:
-        return self.semantic_source.quantizer("semantic").depth
+        return self.semantic_source.semantic_depth
 
     def codebook_size(self, branch: str) -> int:
         return self.source(branch).codebook_size(branch)

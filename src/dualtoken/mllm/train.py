@@ -86,7 +86,8 @@ def build_model(config: MLLMTrainConfig, base_dir: str | Path | None) -> DualTok
 
 def shard(model: DualTokenMLLM, runtime: Runtime) -> DualTokenMLLM:
     """FSDP2: one unit per LLM decoder layer (the classes transformers lists in ``_no_split_modules``), one per
-    visual head (its ``losses`` method unshards like ``forward``), then the root (embeddings, LM head, input fusion, code tables, the frozen tokenizer)."""
+    visual head (its ``losses`` method unshards like ``forward``), then the root (embeddings, LM head, input
+    fusion, code tables, the frozen tokenizer)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
