@@ -1,17 +1,23 @@
 """Learning curves of training runs: a held-out metric against training images seen, as a table and a PNG.
 
 Reads the ``eval`` records of each run's ``metrics.jsonl`` (``samples_seen`` and, by default, Kodak ``psnr``),
-prints a markdown table (one row per evaluation) and draws one line per run.
+prints a markdown table (one row per evaluation) and draws one line per run. ``--target`` extrapolates each
+run: a straight line through its later points (the last half, images seen > 0) against log10(images seen), and the
+images seen at which that line reaches the target. A log-linear trend is what these curves show once past their
+first fast rise; a curve that flattens faster than that (a model at its capacity) will need more, so read the
+figure as a lower bound.
 
     python recipes/efflite0/learning_curve.py runs/efflite0-pixel-cpu --out docs/images/efflite0_pixel_cpu_learning_curve.png \
         --y-label "Kodak-24 PSNR at 256 px (dB)"
     python recipes/efflite0/learning_curve.py "cpu=runs/a" "device=runs/b" --metric psnr --out curve.png
+    python recipes/efflite0/learning_curve.py runs/efflite0-pixel-stable --target 24
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from dualtoken.evaluation.figures import learning_curve_figure
@@ -37,18 +43,46 @@ def table(curves: dict[str, list[tuple[int, int, float]]], metric: str) -> str:
     return "\n".join(lines)
 
 
+def log_linear_trend(points: list[tuple[int, int, float]]) -> tuple[float, float]:
+    """``(intercept, slope)`` of a least-squares line of the metric against log10(images seen), through the last
+    half of the points that have seen images (at least two)."""
+    seen = [(math.log10(n), value) for _, n, value in points if n > 0]
+    later = seen[len(seen) // 2 :] if len(seen) >= 4 else seen
+    if len(later) < 2:
+        raise SystemExit("--target needs at least two evaluations after the start of a run")
+    mean_x = sum(x for x, _ in later) / len(later)
+    mean_y = sum(y for _, y in later) / len(later)
+    spread = sum((x - mean_x) ** 2 for x, _ in later)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in later) / spread
+    return mean_y - slope * mean_x, slope
+
+
+def extrapolation(label: str, points: list[tuple[int, int, float]], target: float) -> str:
+    """One line: the trend per tenfold of images and the images seen at which it reaches ``target``."""
+    intercept, slope = log_linear_trend(points)
+    line = f"{label}: {slope:+.2f} per tenfold images seen (fit through the later points)"
+    if slope <= 0:
+        return line + f"; the trend does not rise, so it never reaches {target:g}"
+    needed = 10 ** ((target - intercept) / slope)
+    return line + f"; reaches {target:g} at about {needed:,.3g} images seen ({needed / points[-1][1]:,.3g}x this run)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="training output folders, optionally as label=folder")
     parser.add_argument("--metric", default="psnr", help="the eval record's field to plot (default: %(default)s)")
     parser.add_argument("--out", default=None, help="write the figure to this PNG")
     parser.add_argument("--y-label", default=None, help="the figure's y axis (default: the metric's name)")
+    parser.add_argument("--target", type=float, default=None, help="extrapolate each run to this metric value")
     args = parser.parse_args(argv)
     curves = {}
     for spec in args.runs:
         label, _, folder = spec.rpartition("=") if "=" in spec else (Path(spec).name, "", spec)
         curves[label] = eval_points(Path(folder), args.metric)
     print(table(curves, args.metric))
+    if args.target is not None:
+        for label, points in curves.items():
+            print(extrapolation(label, points, args.target))
     if args.out:
         points = {label: [(seen, value) for _, seen, value in rows] for label, rows in curves.items()}
         learning_curve_figure(points, "training images seen", args.y_label or args.metric, Path(args.out))

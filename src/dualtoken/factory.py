@@ -58,7 +58,9 @@ def init_parts_from(
     ``grow_codebooks``: a quantizer of this model may have more codes (same code width) than the trained one's; its
     first codes are then the trained ones, and the codes added start as copies of them (so the quantized vectors,
     and the model's output, are the trained model's) with no cluster size, so the first training update restarts
-    them from the batch's residuals.
+    them from the batch's residuals. A shared codebook (K, D) starts per-depth codebooks (Q, K, D) of the same K
+    and width as Q copies of itself (``codebook_sharing`` shared -> per_depth): every depth searches the codes it
+    searched before, so the quantized vectors are the trained model's.
     """
     prefixes = tuple(prefix for part in parts for prefix in PART_PREFIXES[part])
     source = trained.state_dict()
@@ -69,6 +71,8 @@ def init_parts_from(
             continue
         if grow_codebooks and _grows(name, value, target):
             value = _grown(name, value, target[name].shape[0])
+        if _splits_per_depth(name, value, target):
+            value = value.expand(target[name].shape).clone()  # (K, ...) -> (Q, K, ...)
         if name not in target or target[name].shape != value.shape:
             hint = "drop its part from init_parts"
             if _grows(name, value, target):
@@ -93,6 +97,11 @@ def _grows(name: str, value: torch.Tensor, target: dict[str, torch.Tensor]) -> b
         and target[name].shape[1:] == value.shape[1:]
         and target[name].shape[0] > value.shape[0]
     )
+
+
+def _splits_per_depth(name: str, value: torch.Tensor, target: dict[str, torch.Tensor]) -> bool:
+    """Whether a shared codebook buffer (K, ...) meets the per-depth one (Q, K, ...) of this model."""
+    return name.endswith(CODEBOOK_BUFFERS) and name in target and target[name].shape[1:] == value.shape
 
 
 def _grown(name: str, value: torch.Tensor, codebook_size: int) -> torch.Tensor:

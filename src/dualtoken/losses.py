@@ -5,9 +5,14 @@
                             + pooled_kl*tau^2*KL(softmax(T_pool/tau) || softmax(pool/tau)) ]
         + pixel_commitment*commit_pix + semantic_commitment*commit_sem
         + pixel_mse*MSE(recon, x) + pixel_l1*L1(recon, x) + perceptual*P(recon, x)
+        + reencode * MSE(E(clamp(recon)), sg(z)) / Var(sg(z))
         + lambda * gan.weight * L_G,        L_G = -mean(D(recon))
     lambda = clamp(||grad_W (MSE + perceptual*P)|| / (||grad_W L_G|| + eps), min, max), W = the decoder's last conv
 
+z is the pixel latent the quantizer received and E the same path (tower to the pixel tap, projection) run on the
+reconstruction: the re-encoding term asks the decoder for images whose features land where the original's did,
+so that encoding a reconstruction gives back its codes (token stability); dividing by the latent's variance makes
+it blind to the latent's scale, which the projection could otherwise shrink to please it.
 T_mid is the frozen teacher's output of layer ``semantic_layer`` and T_pool its pooled output; the teacher is
 passed in, never trained and never saved with the model. The discriminator is trained on the leaky hinge
 ``0.5 * (mean(leaky_relu(1 - D(x))) + mean(leaky_relu(1 + D(recon))))``. The release's stage-1 weights are the
@@ -88,6 +93,8 @@ class LossConfig:
         None  # lpips' weights/v0.1/vgg.pth or the lpips wheel; default: torchmetrics' copy
     )
     perceptual_resize: int | None = 224  # effnet_lite0 input size (the network's training size)
+    # re-encoding consistency: the reconstruction's pixel latent against the original's (scale-free); 0 = off
+    reencode: float = 0.0
     gan: GanConfig = field(default_factory=GanConfig)
 
     def __post_init__(self) -> None:
@@ -95,6 +102,8 @@ class LossConfig:
             raise ConfigError(f"loss.pooled_kl_temperature must be > 0, got {self.pooled_kl_temperature}")
         if self.perceptual and self.perceptual_kind == "none":
             raise ConfigError("loss.perceptual is non-zero but loss.perceptual_kind is 'none'")
+        if self.reencode < 0:
+            raise ConfigError(f"loss.reencode must be >= 0 (0 = off), got {self.reencode}")
 
     @property
     def needs_teacher(self) -> bool:
@@ -127,6 +136,13 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature**2
+
+
+def reencoding_loss(latent_again: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+    """MSE between the reconstruction's latent (B, N, D) and the original's, over the original's variance; the
+    original's side is a constant (no gradient), so only the way back is trained."""
+    target = latent.detach().float()
+    return F.mse_loss(latent_again.float(), target) / target.var().clamp_min(1e-12)
 
 
 def discriminator_hinge_loss(
@@ -224,10 +240,12 @@ class DualTokenObjective:
         targets: TeacherTargets | None = None,
         discriminator: Callable[[torch.Tensor], torch.Tensor] | None = None,
         last_layer: torch.Tensor | None = None,
+        reencoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The tokenizer's loss for one forward output ``out`` (a DualTokenizerOutput) of ``images``.
 
         ``discriminator`` (with ``last_layer``, the decoder's last conv weight) turns the adversarial term on.
+        ``reencoder`` (images -> pixel latents, differentiable) is needed when ``loss.reencode`` is non-zero.
         """
         cfg = self.config
         terms: dict[str, torch.Tensor] = {}
@@ -255,6 +273,11 @@ class DualTokenObjective:
             terms[name] = self.perceptual(recon, images)
             reconstruction_loss = reconstruction_loss + cfg.perceptual * terms[name]
             total = total + cfg.perceptual * terms[name]
+        if cfg.reencode:
+            if reencoder is None:
+                raise ConfigError("loss.reencode is non-zero but no re-encoder (images -> pixel latents) was given")
+            terms["reencode"] = reencoding_loss(reencoder(recon.clamp(-1.0, 1.0)), out.pixel_latent)
+            total = total + cfg.reencode * terms["reencode"]
 
         if discriminator is not None:
             if last_layer is None:

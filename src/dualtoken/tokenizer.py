@@ -385,9 +385,9 @@ class DualTokenizer(
                 pixel = self.pixel.quantizer(taps.pixel_latent, update=False)
         return DualTokens(self._grid_codes(pixel.codes), self._grid_codes(semantic.codes))
 
-    @torch.no_grad()
     def pixel_latents(self, images: torch.Tensor) -> torch.Tensor:
-        """What the pixel quantizer receives for ``images``: (B, h*w, D), the tower run only up to the pixel tap."""
+        """What the pixel quantizer receives for ``images``: (B, h*w, D), the tower run only up to the pixel tap.
+        Differentiable (the re-encoding loss trains through it); call it under ``torch.no_grad()`` to only read."""
         return self._run_to_taps(images, pixel_only=True).pixel_latent
 
     def decode(self, pixel_codes: torch.Tensor, precision: str | None = None) -> torch.Tensor:
@@ -427,7 +427,7 @@ class DualTokenizer(
             raise ImageError(f"images must be {expected}, got shape {tuple(images.shape)}")
         if images.numel() == 0:
             raise ImageError(f"images must be {expected}, got an empty batch")
-        low, high = float(images.min()), float(images.max())
+        low, high = float(images.detach().min()), float(images.detach().max())
         if not (low >= -1.01 and high <= 1.01):
             raise ImageError(
                 f"images must be {expected}, got values in [{low:.3g}, {high:.3g}] "

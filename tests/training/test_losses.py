@@ -18,6 +18,7 @@ from dualtoken.losses import (
     discriminator_hinge_loss,
     generator_adversarial_loss,
     mean_cosine,
+    reencoding_loss,
     teacher_targets,
 )
 
@@ -51,6 +52,7 @@ def _fake_output(batch: int = 2, generator: torch.Generator | None = None):
         "semantic_features": torch.randn(batch, 16, 8, generator=g, requires_grad=True),
         "pooled": torch.randn(batch, 8, generator=g, requires_grad=True),
         "reconstruction": torch.randn(batch, 3, 16, 16, generator=g, requires_grad=True),
+        "pixel_latent": torch.randn(batch, 16, 4, generator=g, requires_grad=True),
         "pixel_commitment": torch.tensor(0.2),
         "semantic_commitment": torch.tensor(0.3),
     }
@@ -118,6 +120,32 @@ def test_gan_term_uses_adaptive_weight_on_last_layer():
     no_gan, _ = DualTokenObjective(config).generator(out, images)
     gan_part = float(terms["gan_weight"]) * 0.75 * float(terms["gan_generator"])
     assert float(total.detach()) == pytest.approx(float(no_gan.detach()) + gan_part, rel=1e-5)
+
+
+def _reencoder(images: torch.Tensor) -> torch.Tensor:
+    """A stand-in for tower + projection: 4x4 patches of the clamped image, 4 channels each -> (B, 16, 4)."""
+    patches = F.avg_pool2d(images, 4).flatten(2).transpose(1, 2)  # (B, 16, 3)
+    return torch.cat([patches, patches.sum(-1, keepdim=True)], dim=-1)
+
+
+def test_the_reencoding_term_trains_the_way_back_and_is_blind_to_the_latent_scale():
+    config = LossConfig(perceptual=0.0, perceptual_kind="none", semantic_weight=0.0, reencode=2.0)
+    out = _fake_output()
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    total, terms = DualTokenObjective(config).generator(out, images, reencoder=_reencoder)
+    latent = out.pixel_latent.detach()
+    again = _reencoder(out.reconstruction.detach().clamp(-1, 1))
+    assert float(terms["reencode"]) == pytest.approx(float(F.mse_loss(again, latent) / latent.var()), rel=1e-5)
+    without, _ = DualTokenObjective(dataclasses.replace(config, reencode=0.0)).generator(out, images)
+    assert float(total.detach()) == pytest.approx(float(without.detach()) + 2 * float(terms["reencode"]), rel=1e-5)
+    total.backward()
+    assert out.reconstruction.grad.abs().sum() > 0 and out.pixel_latent.grad is None  # the original is the target
+    assert float(reencoding_loss(10 * again, 10 * latent)) == pytest.approx(float(reencoding_loss(again, latent)))
+    assert float(reencoding_loss(latent, latent)) == 0.0
+    with pytest.raises(ConfigError, match="re-encoder"):
+        DualTokenObjective(config).generator(_fake_output(), images)
+    with pytest.raises(ConfigError, match="loss.reencode"):
+        LossConfig(reencode=-1.0)
 
 
 def test_discriminator_loss_scale_follows_the_schedule():

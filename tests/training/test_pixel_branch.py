@@ -100,12 +100,27 @@ def test_the_wall_clock_budget_ends_the_run_with_a_checkpoint_and_an_export(tmp_
     assert again["resumed_from"] and again["step"] == 3 and not again["out_of_time"]
 
 
+def test_the_reencoding_term_trains_the_decoder_towards_stable_codes(tmp_path: Path, train_images: Path):
+    """loss.reencode adds its logged term, and its gradient reaches the decoder: the same run with and without it
+    ends with different decoders but the same frozen tower."""
+    runs = {}
+    for weight in (0.0, 5.0):
+        config = tiny_config(tmp_path / f"w{weight}", train_images, *PIXEL, f"loss.reencode={weight}", "max_steps=2")
+        runs[weight] = train(config)
+    assert "reencode" in runs[5.0]["metrics"] and "reencode" not in runs[0.0]["metrics"]
+    assert runs[5.0]["metrics"]["reencode"] > 0
+    plain, stable = (DualTokenizer.from_pretrained(runs[w]["export"]).state_dict() for w in (0.0, 5.0))
+    assert any(not torch.equal(plain[k], stable[k]) for k in plain if k.startswith("decoder."))
+    assert all(torch.equal(plain[k], stable[k]) for k in plain if k.startswith("backbone."))
+
+
 def test_eval_records_count_the_samples_seen(tmp_path: Path, train_images: Path):
     config = tiny_config(tmp_path / "run", train_images, *PIXEL, f"data.eval={train_images}", "data.eval_images=2", "log.eval_every=2")
     train(config)
     evals = train_records(tmp_path / "run", "eval")
     assert [(r["step"], r["samples_seen"]) for r in evals] == [(0, 0), (2, 4), (4, 8)]
     assert all(r["psnr"] > 0 for r in evals)
+    assert all(0 < r["pixel_usage@1"] <= 1 and 0 <= r["pixel_stability@1"] <= 1 for r in evals)
 
 
 def test_the_held_out_images_are_scored_at_the_evaluation_size(tmp_path: Path, train_images: Path):

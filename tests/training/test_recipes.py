@@ -140,6 +140,19 @@ def test_learning_curve_reads_eval_records_and_draws_them(tmp_path: Path, capsys
         curve.eval_points(tmp_path, "psnr")
 
 
+def test_learning_curve_extrapolates_a_log_linear_trend():
+    curve = load_recipe_script("learning_curve")
+    # 1 dB per tenfold after a fast start: the later half of the points lies on 20 + log10(n / 1000)
+    points = [(0, 0, 12.0), (1, 100, 15.0), (2, 1000, 20.0), (3, 10_000, 21.0), (4, 100_000, 22.0)]
+    intercept, slope = curve.log_linear_trend(points)
+    assert slope == pytest.approx(1.0) and intercept == pytest.approx(17.0)
+    line = curve.extrapolation("cpu", points, 24.0)
+    assert "+1.00 per tenfold" in line and "1e+07 images seen (100x this run)" in line
+    assert "never reaches" in curve.extrapolation("flat", [(0, 0, 1.0), (1, 10, 2.0), (2, 100, 2.0)], 24.0)
+    with pytest.raises(SystemExit, match="two evaluations"):
+        curve.log_linear_trend([(0, 0, 1.0), (1, 10, 2.0)])
+
+
 def test_ship_joins_parts_of_two_runs(tmp_path: Path):
     ship = load_recipe_script("ship")
     torch.manual_seed(0)
@@ -244,3 +257,27 @@ def test_every_recipe_builds_its_model_and_takes_a_step(recipe: Path, tmp_path: 
     summary = train(_runnable(recipe, tmp_path, images))
     assert summary["step"] == 1 and summary["metrics"]["loss"] > 0
     assert (Path(summary["export"]) / "model.safetensors").is_file()
+
+
+def test_stability_probe_measures_the_reencoding_error_and_the_fidelity_a_target_needs(
+    tmp_path: Path, train_images: Path, capsys
+):
+    probe = load_recipe_script("stability_probe")
+    torch.manual_seed(0)
+    tok = DualTokenizer.from_config("dualtoken-tiny")
+    model = tok.save_pretrained(tmp_path / "tiny")
+    size = str(tok.image_size[0])
+    args = ["--model", str(model), "--data", str(train_images), "--images", "6", "--image-size", size]
+    assert probe.main([*args, "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "probe.json").read_text())
+    assert result["images"] == 6 and result["reencode_error"] > 0 and result["quantization_error"] > 0
+    assert 0 <= result["stability@1"] <= 1 and 0 < result["usage@1"] <= 1
+    noise = [row["stability@1"] for row in result["isotropic_noise"]]
+    assert noise[0] >= noise[-1]  # more noise, fewer codes come back
+    assert (tmp_path / "out" / "stability_vs_error.png").stat().st_size > 1000
+    assert "re-encoding error" in capsys.readouterr().out
+    # the level is interpolated on a log scale between the measured levels that bracket the target
+    assert probe.needed_level([(0.01, 0.9), (0.1, 0.5)], 0.7) == pytest.approx(0.01**0.5 * 0.1**0.5)
+    assert probe.needed_level([(0.01, 0.5), (0.1, 0.4)], 0.6) is None
+    assert probe.main([*args, "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+    assert "not found" in capsys.readouterr().err and not (tmp_path / "x").exists()

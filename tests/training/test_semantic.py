@@ -182,6 +182,21 @@ def test_a_larger_codebook_starts_from_a_trained_one():
         assert "init_grow_codebooks" not in str(caught.value)
 
 
+def test_a_shared_codebook_starts_per_depth_codebooks_with_the_same_output():
+    trained = _tiny_with()
+    with torch.no_grad():
+        trained.pixel.quantizer.cluster_size.uniform_(0.5, 3.0)
+    per_depth = _tiny_with("pixel_quantizer.codebook_sharing=per_depth")
+    init_parts_from(per_depth, trained, ["pixel"])
+    shared, split = trained.pixel.quantizer, per_depth.pixel.quantizer
+    assert split.codebook.shape == (split.depth, *shared.codebook.shape)
+    assert all(torch.equal(split.codebook[q], shared.codebook) for q in range(split.depth))
+    assert all(torch.equal(split.cluster_size[q], shared.cluster_size) for q in range(split.depth))
+    latents = torch.randn(3, 64, shared.config.code_dim)
+    before, after = shared(latents, update=False), split(latents, update=False)
+    assert torch.equal(before.codes, after.codes) and torch.allclose(before.quantized, after.quantized)
+
+
 def test_the_cache_depends_on_the_tower_below_the_tap_only(tmp_path: Path, train_images: Path):
     config = _config(tmp_path / "run", train_images)
     tokenizer = build_tokenizer(config)

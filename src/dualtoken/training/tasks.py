@@ -23,6 +23,7 @@ from torch import nn
 from ..data import SkippedImageWarning, TrainLoader, open_image_source, resolve_source
 from ..discriminator import PatchDiscriminator
 from ..errors import ConfigError
+from ..evaluation.protocol import to_uint8_levels
 from ..factory import build_tokenizer
 from ..io import save_image
 from ..losses import DualTokenObjective, teacher_targets
@@ -93,6 +94,8 @@ class TokenizerTask(TokenizerModelTask):
         self.frozen = freeze_outside_pixel_branch(tok) if self.pixel_only else apply_freeze(tok, config.freeze)
         if config.data.eval_image_size and runtime.distributed and config.parallel == "fsdp":
             raise ConfigError("data.eval_image_size needs the whole model in one process: use parallel=ddp")
+        if config.loss.reencode and runtime.distributed and config.parallel == "fsdp":
+            raise ConfigError("loss.reencode runs the tower outside the model's forward: use parallel=ddp")
         tok.backbone.set_gradient_checkpointing(config.gradient_checkpointing)
         self.model = self.tokenizer = tok.to(device)
         perceptual = None
@@ -141,7 +144,8 @@ class TokenizerTask(TokenizerModelTask):
             targets = teacher_targets(self.teacher, images, self.tokenizer.config.semantic_layer)
         discriminator = self.gan.discriminator if self.gan is not None and self.gan.on else None
         total, terms = self.objective.generator(
-            out, images, targets, discriminator=discriminator, last_layer=self.tokenizer.decoder.conv_out.weight
+            out, images, targets, discriminator=discriminator, last_layer=self.tokenizer.decoder.conv_out.weight,
+            reencoder=self.tokenizer.pixel_latents,
         )
         if discriminator is not None:
             self.gan.micro_batches.append((images, out.reconstruction.detach()))
@@ -255,8 +259,10 @@ class KMeansInit(Callback):
 
 
 class HeldOutImages(Callback):
-    """A fixed batch of held-out images (``data.eval``; identical on every rank): PSNR and pixel MSE at step 0,
-    every ``log.eval_every`` steps and at the last (with ``samples_seen``, the learning curve's x), and a grid of
+    """A fixed batch of held-out images (``data.eval``; identical on every rank): PSNR, pixel MSE, the first pixel
+    depth's usage (share of its codes the images use) and stability (share of positions whose first code comes back
+    when the 8-bit reconstruction is encoded again, as ``dualtoken eval`` counts it) at step 0, every
+    ``log.eval_every`` steps and at the last (with ``samples_seen``, the learning curve's x), and a grid of
     reconstructions every ``log.grid_every`` steps and at the last."""
 
     def __init__(self, task: TokenizerTask) -> None:
@@ -275,24 +281,33 @@ class HeldOutImages(Callback):
         self._eval_model: DualTokenizer | None = None  # the model at data.eval_image_size, built at first use
 
     @torch.no_grad()
-    def reconstruct(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``count`` held-out images and their reconstructions in eval mode (no codebook update)."""
+    def reconstruct(self, count: int, stability: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """The first ``count`` held-out images, their reconstructions in eval mode (no codebook update) and, with
+        ``stability``, the first pixel depth's usage and stability on them."""
         task = self.task
         tok = unwrap(task.engine.model)
         tok.eval()
         images = self.images[:count].to(task.engine.runtime.device)
+        codes: dict[str, float] = {}
         with task.engine.autocast():
-            out = self._at_eval_size(tok)(images, pixel_only=task.pixel_only)  # every rank runs it (FSDP gathers)
+            model = self._at_eval_size(tok)
+            out = model(images, pixel_only=task.pixel_only)  # every rank runs it (FSDP gathers)
+            if stability:
+                first = out.pixel_codes[..., 0]  # (B, h, w)
+                again = model(to_uint8_levels(out.reconstruction.float()), pixel_only=task.pixel_only)
+                codes["pixel_usage@1"] = first.unique().numel() / tok.codebook_size("pixel")
+                codes["pixel_stability@1"] = float((again.pixel_codes[..., 0] == first).float().mean())
         task.train_mode()
-        return images, out.reconstruction.float()
+        return images, out.reconstruction.float(), codes
 
     def evaluate(self) -> dict[str, float]:
         if self.images is None:
             return {}
-        images, reconstruction = self.reconstruct(self.task.config.data.eval_images)
+        images, reconstruction, codes = self.reconstruct(self.task.config.data.eval_images, stability=True)
         return {
             "psnr": float(psnr(reconstruction, images).mean()),
             "pixel_mse": float(torch.mean((reconstruction - images) ** 2)),
+            **codes,
         }
 
     def _at_eval_size(self, tok: DualTokenizer) -> DualTokenizer:
@@ -316,7 +331,7 @@ class HeldOutImages(Callback):
         if (log.eval_every and engine.step % log.eval_every == 0) or last:
             engine.log_eval(self.evaluate())
         if self.images is not None and ((log.grid_every and engine.step % log.grid_every == 0) or last):
-            images, reconstruction = self.reconstruct(log.grid_images)
+            images, reconstruction, _ = self.reconstruct(log.grid_images)
             if engine.runtime.is_main:
                 grid = reconstruction_grid(images.cpu(), reconstruction.cpu())
                 save_image(grid, engine.out_dir / "grids" / f"step-{engine.step:08d}.png")

@@ -1,0 +1,148 @@
+"""How far a model's token stability is from a target, and what re-encoding fidelity the target needs.
+
+Token stability (``dualtoken eval --metrics stability``) is the share of positions whose first pixel code comes back
+when an image is encoded, decoded, rounded to 8 bits and encoded again. It depends on how far the reconstruction's
+pixel latent lands from the original's, relative to the size of the first depth's cells. This script measures,
+on a set of photos:
+
+- the **re-encoding error**: MSE between the reconstruction's latent and the original's, over the latent's variance
+  (the quantity ``loss.reencode`` trains down), and the stability it gives;
+- the **quantization error** of the same latents (all depths), on the same scale;
+- the stability the same codebook would have if the re-encoded latent were the original plus isotropic Gaussian
+  noise of a given relative variance, for a few levels, and (interpolated) the level at which it reaches
+  ``--target``: the re-encoding fidelity a decoder must reach for that stability with this codebook.
+
+    python recipes/efflite0/stability_probe.py --model dualtoken-efflite0 --out runs/stability-probe
+
+Writes ``probe.json`` and ``stability_vs_error.png`` into ``--out`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from dualtoken import DualTokenizer
+from dualtoken.data.images import open_image_source
+from dualtoken.errors import DualTokenError
+from dualtoken.evaluation.figures import learning_curve_figure
+from dualtoken.evaluation.protocol import to_uint8_levels
+
+HERE = Path(__file__).resolve().parent
+NOISE_LEVELS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+
+
+def relative_error(estimate: torch.Tensor, latent: torch.Tensor) -> float:
+    """MSE of ``estimate`` against ``latent`` over the variance of ``latent`` (every element)."""
+    return float((estimate - latent).pow(2).mean() / latent.var())
+
+
+@torch.no_grad()
+def first_codes(tok: DualTokenizer, latents: torch.Tensor) -> torch.Tensor:
+    """The first pixel depth's codes of latents (N, h*w, D) -> (N, h*w)."""
+    return tok.quantizer("pixel")(latents, update=False).codes[..., 0]
+
+
+@torch.no_grad()
+def latents_and_reencoded(tok: DualTokenizer, images: torch.Tensor, batch: int = 8) -> tuple[torch.Tensor, ...]:
+    """Per image batch: the pixel latents (N, h*w, D), their quantized values, and the latents of the 8-bit
+    reconstructions, as ``dualtoken eval`` makes them."""
+    latents, quantized, again = [], [], []
+    for start in range(0, len(images), batch):
+        latent = tok.pixel_latents(images[start : start + batch])
+        out = tok.quantizer("pixel")(latent, update=False)
+        reconstruction = tok.decode(out.codes.view(latent.shape[0], *tok.grid, -1))
+        latents.append(latent)
+        quantized.append(out.quantized)
+        again.append(tok.pixel_latents(to_uint8_levels(reconstruction)))
+    return torch.cat(latents), torch.cat(quantized), torch.cat(again)
+
+
+def needed_level(curve: list[tuple[float, float]], target: float) -> float | None:
+    """The noise level at which stability reaches ``target``, interpolated on log(level) between the measured
+    levels; None when the curve never reaches it (or is already above it at the largest level)."""
+    for (low, above), (high, below) in zip(curve, curve[1:], strict=False):
+        if above >= target >= below:
+            weight = (above - target) / max(above - below, 1e-12)
+            return math.exp(math.log(low) * (1 - weight) + math.log(high) * weight)
+    return None
+
+
+@torch.no_grad()
+def probe(tok: DualTokenizer, images: torch.Tensor, target: float, seed: int = 0) -> dict:
+    """The figures above for ``images`` (B, 3, H, W) at the model's size."""
+    latents, quantized, again = latents_and_reencoded(tok, images)
+    codes = first_codes(tok, latents)
+    generator = torch.Generator().manual_seed(seed)
+    scale = latents.var().sqrt()
+    curve = []
+    for level in NOISE_LEVELS:
+        noisy = latents + torch.randn(latents.shape, generator=generator) * scale * level**0.5
+        curve.append((level, float((first_codes(tok, noisy) == codes).float().mean())))
+    return {
+        "images": len(images),
+        "reencode_error": relative_error(again, latents),
+        "quantization_error": relative_error(quantized, latents),
+        "stability@1": float((first_codes(tok, again) == codes).float().mean()),
+        "usage@1": codes.unique().numel() / tok.codebook_size("pixel"),
+        "isotropic_noise": [{"level": level, "stability@1": value} for level, value in curve],
+        "target": target,
+        "level_for_target": needed_level(curve, target),
+    }
+
+
+def render(result: dict) -> str:
+    lines = [
+        f"| re-encoding error | quantization error | stability@1 | usage@1 | noise level for {result['target']:.0%} |",
+        "|---|---|---|---|---|",
+    ]
+    level = result["level_for_target"]
+    lines.append(
+        f"| {result['reencode_error']:.4f} | {result['quantization_error']:.4f} | {result['stability@1']:.1%} | "
+        f"{result['usage@1']:.1%} | {'not reached' if level is None else f'{level:.4f}'} |"
+    )
+    noise = ", ".join(f"{row['level']:g}: {row['stability@1']:.1%}" for row in result["isotropic_noise"])
+    return "\n".join(lines) + f"\n\nstability@1 under isotropic noise (level: stability): {noise}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="dualtoken-efflite0", help="a model name or save_pretrained folder")
+    parser.add_argument("--data", default=str(HERE / "../../../shared/data/kodak"), help="photos: a folder or list")
+    parser.add_argument("--images", type=int, default=24)
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--target", type=float, default=0.6)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    try:
+        tok = DualTokenizer.from_pretrained(args.model).eval()
+        if tok.image_size != (args.image_size,) * 2:
+            tok = tok.at_resolution(args.image_size).eval()
+        images = [image for image, _ in open_image_source(args.data, tok.image_size)][: args.images]
+        if not images:
+            raise DualTokenError(f"--data {args.data}: no readable images (expected a folder or a list of photos)")
+        result = probe(tok, torch.stack(images), args.target)
+    except DualTokenError as error:
+        print(f"stability_probe: {error}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "probe.json").write_text(json.dumps({"model": args.model, **result}, indent=2) + "\n")
+    curves = {
+        "isotropic noise": [(row["level"], row["stability@1"]) for row in result["isotropic_noise"]],
+        "this decoder": [(result["reencode_error"], result["stability@1"])],
+    }
+    learning_curve_figure(
+        curves, "relative error of the re-encoded latent", "first-depth stability", args.out / "stability_vs_error.png",
+        title=f"{args.model}: stability against re-encoding error",
+    )
+    print(render(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
