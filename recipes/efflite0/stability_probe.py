@@ -10,7 +10,11 @@ on a set of photos:
 - the **quantization error** of the same latents (all depths), on the same scale;
 - the stability the same codebook would have if the re-encoded latent were the original plus isotropic Gaussian
   noise of a given relative variance, for a few levels, and (interpolated) the level at which it reaches
-  ``--target``: the re-encoding fidelity a decoder must reach for that stability with this codebook.
+  ``--target``: the re-encoding fidelity a decoder must reach for that stability with this codebook;
+- the best any linear down-projection could do with this decoder's reconstructions: the tower's tokens at the
+  pixel tap for the originals (signal) and the reconstructions (error = their difference) give, by a generalized
+  eigenproblem, the m directions of largest signal-to-error variance ratio; the relative error of the latent they
+  span, for a few widths m. The learned down-projection is not linear, so this is a yardstick, not a bound.
 
     python recipes/efflite0/stability_probe.py --model dualtoken-efflite0 --out runs/stability-probe
 
@@ -50,17 +54,48 @@ def first_codes(tok: DualTokenizer, latents: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def latents_and_reencoded(tok: DualTokenizer, images: torch.Tensor, batch: int = 8) -> tuple[torch.Tensor, ...]:
-    """Per image batch: the pixel latents (N, h*w, D), their quantized values, and the latents of the 8-bit
-    reconstructions, as ``dualtoken eval`` makes them."""
-    latents, quantized, again = [], [], []
+    """The pixel latents (N, h*w, D), their quantized values, the 8-bit reconstructions (N, 3, H, W) as
+    ``dualtoken eval`` makes them, and those reconstructions' latents."""
+    latents, quantized, reconstructions, again = [], [], [], []
     for start in range(0, len(images), batch):
         latent = tok.pixel_latents(images[start : start + batch])
         out = tok.quantizer("pixel")(latent, update=False)
-        reconstruction = tok.decode(out.codes.view(latent.shape[0], *tok.grid, -1))
+        reconstruction = to_uint8_levels(tok.decode(out.codes.view(latent.shape[0], *tok.grid, -1)))
         latents.append(latent)
         quantized.append(out.quantized)
-        again.append(tok.pixel_latents(to_uint8_levels(reconstruction)))
-    return torch.cat(latents), torch.cat(quantized), torch.cat(again)
+        reconstructions.append(reconstruction)
+        again.append(tok.pixel_latents(reconstruction))
+    return torch.cat(latents), torch.cat(quantized), torch.cat(reconstructions), torch.cat(again)
+
+
+@torch.no_grad()
+def tap_tokens(tok: DualTokenizer, images: torch.Tensor, batch: int = 8) -> torch.Tensor:
+    """The tower's tokens at the pixel tap (N, h*w, C): what the down-projection reads."""
+    backbone, layer, out = tok.backbone, tok.config.pixel_layer, []
+    for start in range(0, len(images), batch):
+        state = backbone.embed(images[start : start + batch])
+        for index in range(1, layer + 1):
+            state = backbone.run_layer(index, state)
+        out.append(backbone.to_tokens(layer, state))
+    return torch.cat(out)
+
+
+def best_linear_errors(tokens: torch.Tensor, tokens_again: torch.Tensor, widths: tuple[int, ...]) -> dict[int, float]:
+    """Relative re-encoding error of the best m linear directions of the tap's tokens, per width m: the leading
+    generalized eigenvectors of (signal covariance, error covariance)."""
+    signal = tokens.flatten(0, 1).double()
+    error = tokens_again.flatten(0, 1).double() - signal
+    centred = signal - signal.mean(0)
+    signal_cov = centred.T @ centred / len(centred)  # (C, C)
+    error_cov = error.T @ error / len(error) + 1e-6 * torch.eye(signal.shape[1], dtype=torch.float64)
+    whiten = torch.linalg.inv(torch.linalg.cholesky(error_cov))  # error_cov^-1/2 (lower-triangular form)
+    _, vectors = torch.linalg.eigh(whiten @ signal_cov @ whiten.T)  # ascending ratios
+    directions = whiten.T @ vectors.flip(1)  # (C, C), best first
+    errors = {}
+    for width in widths:
+        latent, shift = centred @ directions[:, :width], error @ directions[:, :width]
+        errors[width] = float(shift.pow(2).mean() / latent.var())
+    return errors
 
 
 def needed_level(curve: list[tuple[float, float]], target: float) -> float | None:
@@ -76,8 +111,10 @@ def needed_level(curve: list[tuple[float, float]], target: float) -> float | Non
 @torch.no_grad()
 def probe(tok: DualTokenizer, images: torch.Tensor, target: float, seed: int = 0) -> dict:
     """The figures above for ``images`` (B, 3, H, W) at the model's size."""
-    latents, quantized, again = latents_and_reencoded(tok, images)
+    latents, quantized, reconstructions, again = latents_and_reencoded(tok, images)
     codes = first_codes(tok, latents)
+    widths = (4, latents.shape[-1] // 2, latents.shape[-1])
+    linear = best_linear_errors(tap_tokens(tok, images), tap_tokens(tok, reconstructions), widths)
     generator = torch.Generator().manual_seed(seed)
     scale = latents.var().sqrt()
     curve = []
@@ -93,6 +130,7 @@ def probe(tok: DualTokenizer, images: torch.Tensor, target: float, seed: int = 0
         "isotropic_noise": [{"level": level, "stability@1": value} for level, value in curve],
         "target": target,
         "level_for_target": needed_level(curve, target),
+        "best_linear_projection_error": {str(width): value for width, value in linear.items()},
     }
 
 
@@ -107,7 +145,11 @@ def render(result: dict) -> str:
         f"{result['usage@1']:.1%} | {'not reached' if level is None else f'{level:.4f}'} |"
     )
     noise = ", ".join(f"{row['level']:g}: {row['stability@1']:.1%}" for row in result["isotropic_noise"])
-    return "\n".join(lines) + f"\n\nstability@1 under isotropic noise (level: stability): {noise}"
+    linear = ", ".join(f"{width}: {value:.4f}" for width, value in result["best_linear_projection_error"].items())
+    return "\n".join(lines) + (
+        f"\n\nstability@1 under isotropic noise (level: stability): {noise}"
+        f"\nbest linear projection of the tap, re-encoding error by width: {linear}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

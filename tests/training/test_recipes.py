@@ -276,6 +276,10 @@ def test_stability_probe_measures_the_reencoding_error_and_the_fidelity_a_target
     assert noise[0] >= noise[-1]  # more noise, fewer codes come back
     assert (tmp_path / "out" / "stability_vs_error.png").stat().st_size > 1000
     assert "re-encoding error" in capsys.readouterr().out
+    linear = result["best_linear_projection_error"]
+    width = tok.config.pixel_quantizer.code_dim
+    assert list(linear) == list(dict.fromkeys(str(w) for w in (4, width // 2, width)))
+    assert all(value > 0 for value in linear.values())
     # the level is interpolated on a log scale between the measured levels that bracket the target
     assert probe.needed_level([(0.01, 0.9), (0.1, 0.5)], 0.7) == pytest.approx(0.01**0.5 * 0.1**0.5)
     assert probe.needed_level([(0.01, 0.5), (0.1, 0.4)], 0.6) is None
