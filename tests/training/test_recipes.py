@@ -236,10 +236,11 @@ def test_efflite0_stages_start_from_the_export_of_the_stage_before():
         "semantic_16k.json": "semantic_tail.json",
         "pixel.json": "semantic_16k.json",
         "pixel_cpu.json": "semantic_16k.json",
+        "pixel_stable.json": "semantic_16k.json",
     }
 
 
-@pytest.mark.parametrize("recipe", ["semantic.json", "pixel.json", "pixel_cpu.json"])
+@pytest.mark.parametrize("recipe", ["semantic.json", "pixel.json", "pixel_cpu.json", "pixel_stable.json"])
 def test_efflite0_stages_also_start_from_the_shipped_model_with_one_flag(recipe: str):
     from dualtoken.factory import build_tokenizer
 
