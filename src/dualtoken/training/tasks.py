@@ -292,11 +292,12 @@ class HeldOutImages(Callback):
         with task.engine.autocast():
             model = self._at_eval_size(tok)
             out = model(images, pixel_only=task.pixel_only)  # every rank runs it (FSDP gathers)
-            if stability:
-                first = out.pixel_codes[..., 0]  # (B, h, w)
-                again = model(to_uint8_levels(out.reconstruction.float()), pixel_only=task.pixel_only)
+            if stability:  # the reconstruction goes only as far as the pixel quantizer (eval mode: no update)
+                first = out.pixel_codes[..., 0].flatten(1)  # (B, h*w)
+                latents = model.pixel_latents(to_uint8_levels(out.reconstruction.float()))
+                again = model.quantizer("pixel")(latents, update=False).codes[..., 0]  # (B, h*w)
                 codes["pixel_usage@1"] = first.unique().numel() / tok.codebook_size("pixel")
-                codes["pixel_stability@1"] = float((again.pixel_codes[..., 0] == first).float().mean())
+                codes["pixel_stability@1"] = float((again == first).float().mean())
         task.train_mode()
         return images, out.reconstruction.float(), codes
 
