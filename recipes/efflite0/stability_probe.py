@@ -14,9 +14,14 @@ on a set of photos:
 - the best any linear down-projection could do with this decoder's reconstructions: the tower's tokens at the
   pixel tap for the originals (signal) and the reconstructions (error = their difference) give, by a generalized
   eigenproblem, the m directions of largest signal-to-error variance ratio; the relative error of the latent they
-  span, for a few widths m. The learned down-projection is not linear, so this is a yardstick, not a bound.
+  span, for a few widths m. The learned down-projection is not linear, so this is a yardstick, not a bound;
+- with ``--fit-data``, whether another first-depth codebook would do better with the same reconstructions: k-means
+  codebooks of each of ``--codebook-sizes`` codes fitted to the latents of training photos (never the probe's), and
+  of the largest size looked up in the leading principal directions of those latents (``--lookup-widths``, the factorised
+  low-width lookup), each scored for the stability and usage of its codes on the probe images.
 
-    python recipes/efflite0/stability_probe.py --model dualtoken-efflite0 --out runs/stability-probe
+    python recipes/efflite0/stability_probe.py --model dualtoken-efflite0 --out runs/stability-probe \
+        --fit-data recipes/efflite0/train_all.txt
 
 Writes ``probe.json`` and ``stability_vs_error.png`` into ``--out`` and prints a table.
 """
@@ -36,6 +41,7 @@ from dualtoken.data.images import open_image_source
 from dualtoken.errors import DualTokenError
 from dualtoken.evaluation.figures import learning_curve_figure
 from dualtoken.evaluation.protocol import to_uint8_levels
+from dualtoken.quantizer import kmeans, nearest_codes
 
 HERE = Path(__file__).resolve().parent
 NOISE_LEVELS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
@@ -98,6 +104,31 @@ def best_linear_errors(tokens: torch.Tensor, tokens_again: torch.Tensor, widths:
     return errors
 
 
+def other_first_depths(
+    fit: torch.Tensor, latents: torch.Tensor, again: torch.Tensor, sizes: tuple[int, ...], widths: tuple[int, ...],
+    seed: int = 0,
+) -> list[dict[str, float]]:
+    """Stability and usage of first-depth codebooks fitted by k-means to ``fit`` (M, D), scored on ``latents`` and
+    their re-encoded ``again`` (N, D): ``sizes`` codes at the full width, then the largest size looked up in the
+    leading ``widths`` principal directions of ``fit``."""
+    mean = fit.mean(0)
+    directions = torch.linalg.eigh(torch.cov((fit - mean).T.double()))[1].flip(1).float()  # (D, D), largest first
+    settings = [(size, fit.shape[1]) for size in sizes] + [(max(sizes), width) for width in widths]
+    rows = []
+    for size, width in dict.fromkeys(settings):
+        def lookup(vectors: torch.Tensor, width: int = width) -> torch.Tensor:
+            return (vectors - mean) @ directions[:, :width]  # (N, width)
+
+        codebook, _ = kmeans(lookup(fit), size, iterations=15, generator=torch.Generator().manual_seed(seed))
+        codes, codes_again = nearest_codes(lookup(latents), codebook), nearest_codes(lookup(again), codebook)
+        rows.append({
+            "codebook_size": size, "lookup_width": width,
+            "stability@1": float((codes == codes_again).float().mean()),
+            "usage@1": codes.unique().numel() / size,
+        })
+    return rows
+
+
 def needed_level(curve: list[tuple[float, float]], target: float) -> float | None:
     """The noise level at which stability reaches ``target``, interpolated on log(level) between the measured
     levels; None when the curve never reaches it (or is already above it at the largest level)."""
@@ -109,8 +140,12 @@ def needed_level(curve: list[tuple[float, float]], target: float) -> float | Non
 
 
 @torch.no_grad()
-def probe(tok: DualTokenizer, images: torch.Tensor, target: float, seed: int = 0) -> dict:
-    """The figures above for ``images`` (B, 3, H, W) at the model's size."""
+def probe(
+    tok: DualTokenizer, images: torch.Tensor, target: float, seed: int = 0, fit: torch.Tensor | None = None,
+    codebook_sizes: tuple[int, ...] = (1024,), lookup_widths: tuple[int, ...] = (),
+) -> dict:
+    """The figures above for ``images`` (B, 3, H, W) at the model's size; the other first depths only with ``fit``
+    photos (M, 3, H, W)."""
     latents, quantized, reconstructions, again = latents_and_reencoded(tok, images)
     codes = first_codes(tok, latents)
     widths = (4, latents.shape[-1] // 2, latents.shape[-1])
@@ -131,6 +166,10 @@ def probe(tok: DualTokenizer, images: torch.Tensor, target: float, seed: int = 0
         "target": target,
         "level_for_target": needed_level(curve, target),
         "best_linear_projection_error": {str(width): value for width, value in linear.items()},
+        "other_first_depths": [] if fit is None else other_first_depths(
+            torch.cat([tok.pixel_latents(fit[start : start + 8]) for start in range(0, len(fit), 8)]).flatten(0, 1),
+            latents.flatten(0, 1), again.flatten(0, 1), codebook_sizes, lookup_widths, seed,
+        ),
     }
 
 
@@ -146,10 +185,15 @@ def render(result: dict) -> str:
     )
     noise = ", ".join(f"{row['level']:g}: {row['stability@1']:.1%}" for row in result["isotropic_noise"])
     linear = ", ".join(f"{width}: {value:.4f}" for width, value in result["best_linear_projection_error"].items())
+    others = "".join(
+        f"\n| {row['codebook_size']} | {row['lookup_width']} | {row['stability@1']:.1%} | {row['usage@1']:.1%} |"
+        for row in result["other_first_depths"]
+    )
     return "\n".join(lines) + (
         f"\n\nstability@1 under isotropic noise (level: stability): {noise}"
         f"\nbest linear projection of the tap, re-encoding error by width: {linear}"
-    )
+    ) + (others and "\n\nk-means first depths, same reconstructions:\n\n"
+         "| codes | lookup width | stability@1 | usage@1 |\n|---|---|---|---|" + others)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--target", type=float, default=0.6)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--fit-data", help="training photos (never the probe's) for the k-means first depths")
+    parser.add_argument("--fit-images", type=int, default=128)
+    parser.add_argument("--codebook-sizes", type=int, nargs="+", default=[32, 64, 128, 256, 512, 1024])
+    parser.add_argument("--lookup-widths", type=int, nargs="+", default=[2, 4, 8])
     args = parser.parse_args(argv)
     try:
         tok = DualTokenizer.from_pretrained(args.model).eval()
@@ -168,7 +216,18 @@ def main(argv: list[str] | None = None) -> int:
         images = [image for image, _ in open_image_source(args.data, tok.image_size)][: args.images]
         if not images:
             raise DualTokenError(f"--data {args.data}: no readable images (expected a folder or a list of photos)")
-        result = probe(tok, torch.stack(images), args.target)
+        fit, width = None, tok.config.pixel_quantizer.code_dim
+        if min(args.codebook_sizes) < 1 or not all(1 <= w <= width for w in args.lookup_widths):
+            raise DualTokenError(f"--codebook-sizes must be >= 1 and --lookup-widths between 1 and the code width "
+                                 f"{width}, got {args.codebook_sizes} and {args.lookup_widths}")
+        if args.fit_data:
+            fit = [image for image, _ in open_image_source(args.fit_data, tok.image_size)][: args.fit_images]
+            if len(fit) < max(args.codebook_sizes) // 16:
+                raise DualTokenError(f"--fit-data {args.fit_data}: {len(fit)} images are too few to fit "
+                                     f"{max(args.codebook_sizes)} codes (expected at least one per 16 codes)")
+            fit = torch.stack(fit)
+        result = probe(tok, torch.stack(images), args.target, fit=fit, codebook_sizes=tuple(args.codebook_sizes),
+                       lookup_widths=tuple(args.lookup_widths))
     except DualTokenError as error:
         print(f"stability_probe: {error}", file=sys.stderr)
         return 2

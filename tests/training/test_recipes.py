@@ -286,3 +286,15 @@ def test_stability_probe_measures_the_reencoding_error_and_the_fidelity_a_target
     assert probe.needed_level([(0.01, 0.5), (0.1, 0.4)], 0.6) is None
     assert probe.main([*args, "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
     assert "not found" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    # other first depths: k-means codebooks of other sizes, and low-width lookups, on the same reconstructions
+    fitted = ["--fit-data", str(train_images), "--codebook-sizes", "4", "8", "--lookup-widths", "2", str(width)]
+    assert probe.main([*args, *fitted, "--out", str(tmp_path / "fit")]) == 0
+    rows = json.loads((tmp_path / "fit" / "probe.json").read_text())["other_first_depths"]
+    assert [(row["codebook_size"], row["lookup_width"]) for row in rows] == [(4, width), (8, width), (8, 2)]
+    assert all(0 <= row["stability@1"] <= 1 and 0 < row["usage@1"] <= 1 for row in rows)
+    assert "| 8 | 2 |" in capsys.readouterr().out
+    assert result["other_first_depths"] == []  # none without --fit-data
+    for bad in (["--lookup-widths", str(width + 1)], ["--codebook-sizes", "0"]):
+        assert probe.main([*args, *fitted[:2], *bad, "--out", str(tmp_path / "bad")]) == 2
+        assert "--lookup-widths between 1 and the code width" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
