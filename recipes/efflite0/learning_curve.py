@@ -7,10 +7,15 @@ images seen at which that line reaches the target. A log-linear trend is what th
 first fast rise; a curve that flattens faster than that (a model at its capacity) will need more, so read the
 figure as a lower bound.
 
+A run that started from another's export (``init_from``) continues its curve: ``label=first+second`` joins them,
+the second's steps and images seen counted on from the first's last evaluation (whose figure the second's start
+repeats, so that record is dropped).
+
     python recipes/efflite0/learning_curve.py runs/efflite0-pixel-cpu --out docs/images/efflite0_pixel_cpu_learning_curve.png \
         --y-label "Kodak-24 PSNR at 256 px (dB)"
     python recipes/efflite0/learning_curve.py "cpu=runs/a" "device=runs/b" --metric psnr --out curve.png
     python recipes/efflite0/learning_curve.py runs/efflite0-pixel-stable --target 24
+    python recipes/efflite0/learning_curve.py "shipped=runs/stable-w0+runs/cont-w0" --target 24
 """
 
 from __future__ import annotations
@@ -34,6 +39,19 @@ def eval_points(run: Path, metric: str) -> list[tuple[int, int, float]]:
         if record.get("kind") == "eval" and metric in record and "samples_seen" in record:
             points[record["step"]] = (record["step"], record["samples_seen"], record[metric])  # a resumed run wins
     return [points[step] for step in sorted(points)]
+
+
+def chained_points(folders: list[Path], metric: str) -> list[tuple[int, int, float]]:
+    """The eval points of runs that each started from the one before's export, as one run: each later run's steps
+    and images seen offset by the previous run's last evaluation, its own start (step 0) dropped."""
+    points: list[tuple[int, int, float]] = []
+    for folder in folders:
+        step0, seen0 = points[-1][:2] if points else (0, 0)
+        points += [
+            (step0 + step, seen0 + seen, value) for step, seen, value in eval_points(folder, metric)
+            if not (points and step == 0)
+        ]
+    return points
 
 
 def table(curves: dict[str, list[tuple[int, int, float]]], metric: str) -> str:
@@ -69,7 +87,9 @@ def extrapolation(label: str, points: list[tuple[int, int, float]], target: floa
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="training output folders, optionally as label=folder")
+    parser.add_argument(
+        "runs", nargs="+", help="training output folders, optionally as label=folder; folder+folder continues a run"
+    )
     parser.add_argument("--metric", default="psnr", help="the eval record's field to plot (default: %(default)s)")
     parser.add_argument("--out", default=None, help="write the figure to this PNG")
     parser.add_argument("--y-label", default=None, help="the figure's y axis (default: the metric's name)")
@@ -78,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     curves = {}
     for spec in args.runs:
         label, _, folder = spec.rpartition("=") if "=" in spec else (Path(spec).name, "", spec)
-        curves[label] = eval_points(Path(folder), args.metric)
+        curves[label] = chained_points([Path(part) for part in folder.split("+")], args.metric)
     print(table(curves, args.metric))
     if args.target is not None:
         for label, points in curves.items():

@@ -138,6 +138,15 @@ def test_learning_curve_reads_eval_records_and_draws_them(tmp_path: Path, capsys
     assert "| cpu | 50 | 800 | 16.50 |" in printed and out.stat().st_size > 1000
     with pytest.raises(SystemExit, match="no metrics.jsonl"):
         curve.eval_points(tmp_path, "psnr")
+    # a run continued from the first's export: one curve, counted on from the first's last evaluation
+    more = tmp_path / "more"
+    more.mkdir()
+    records = [{"step": 0, "kind": "eval", "psnr": 16.5, "samples_seen": 0},
+               {"step": 20, "kind": "eval", "psnr": 17.0, "samples_seen": 320}]
+    (more / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert curve.chained_points([run, more], "psnr") == [(0, 0, 12.0), (50, 800, 16.5), (70, 1120, 17.0)]
+    assert curve.main([f"both={run}+{more}"]) == 0
+    assert "| both | 70 | 1,120 | 17.00 |" in capsys.readouterr().out
 
 
 def test_learning_curve_extrapolates_a_log_linear_trend():
