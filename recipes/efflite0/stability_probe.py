@@ -29,6 +29,7 @@ Writes ``probe.json`` and ``stability_vs_error.png`` into ``--out`` and prints a
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         tok = DualTokenizer.from_pretrained(args.model).eval()
         if tok.image_size != (args.image_size,) * 2:
             tok = tok.at_resolution(args.image_size).eval()
-        images = [image for image, _ in open_image_source(args.data, tok.image_size)][: args.images]
+        images = [image for image, _ in itertools.islice(open_image_source(args.data, tok.image_size), args.images)]
         if not images:
             raise DualTokenError(f"--data {args.data}: no readable images (expected a folder or a list of photos)")
         fit, width = None, tok.config.pixel_quantizer.code_dim
@@ -221,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             raise DualTokenError(f"--codebook-sizes must be >= 1 and --lookup-widths between 1 and the code width "
                                  f"{width}, got {args.codebook_sizes} and {args.lookup_widths}")
         if args.fit_data:
-            fit = [image for image, _ in open_image_source(args.fit_data, tok.image_size)][: args.fit_images]
+            fit = [image for image, _ in itertools.islice(open_image_source(args.fit_data, tok.image_size),
+                                                      args.fit_images)]
             if len(fit) < max(args.codebook_sizes) // 16:
                 raise DualTokenError(f"--fit-data {args.fit_data}: {len(fit)} images are too few to fit "
                                      f"{max(args.codebook_sizes)} codes (expected at least one per 16 codes)")
