@@ -19,10 +19,11 @@ from huggingface_hub import ModelHubMixin
 from torch import nn
 
 from .backbones import Backbone, backbone_class
+from .backend import runtime_for
 from .config import TokenizerConfig
 from .decoder import PixelDecoder
 from .errors import CodesError, ConfigError, ImageError
-from .precision import inference_autocast
+from .precision import inference_autocast, inference_precision
 from .projection import AttnProjection
 from .quantizer import QuantizerOutput, ResidualQuantizer
 from .registry import get_config
@@ -111,6 +112,8 @@ class DualTokenizer(
         self.loading_info: dict[str, list[str]] = {"missing": [], "unexpected": []}
         # encode / decode precision, "auto" | "fp32" | "bf16" (see dualtoken.precision); None: the process default
         self.precision: str | None = None
+        # encode / decode engine, "auto" | "torch" | "onnxruntime" (see dualtoken.backend); None: the process default
+        self.backend: str | None = None
         self.backbone = backbone
         pixel_width = backbone.tap_width(config.pixel_layer)
         semantic_code_dim = config.semantic_quantizer.code_dim
@@ -368,21 +371,30 @@ class DualTokenizer(
     # ------------------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, precision: str | None = None) -> DualTokens:
+    def encode(self, images: torch.Tensor, precision: str | None = None, backend: str | None = None) -> DualTokens:
         """Images (B, 3, H, W) in [-1, 1] -> both code tensors; never updates the codebooks.
 
         ``precision`` ("auto" | "fp32" | "bf16"; None: the model's ``precision`` attribute, else the process default
         of :func:`dualtoken.precision.set_inference_precision`): ``auto`` is bf16 autocast only where the hardware
-        multiplies bf16 natively, ``bf16`` elsewhere raises ConfigError. Under bf16 the tower runs in autocast and the
-        search stays exact for the latents it gets (they differ slightly from float32 ones, so a few codes can too).
+        multiplies bf16 natively, ``bf16`` elsewhere raises ConfigError. ``backend`` ("auto" | "torch" |
+        "onnxruntime"; None: the model's ``backend`` attribute, else :func:`dualtoken.backend.set_inference_backend`'s
+        default): where the tower runs (see :mod:`dualtoken.backend`). The search is exact for the latents it gets
+        either way; bf16 and ONNX Runtime compute slightly different latents than eager float32, so a few codes can
+        differ.
         """
         self.check_images(images)
-        with inference_autocast(precision or self.precision, images.device):
-            taps = self._run_to_taps(images)
-            semantic = self.semantic.quantizer(taps.semantic_latent, update=False)
+        precision = precision or self.precision or inference_precision()
+        runtime = runtime_for(self, images.device, backend, precision)
+        with inference_autocast(precision if runtime is None else "fp32", images.device):
+            if runtime is None:
+                taps = self._run_to_taps(images)
+                pixel_latent, semantic_latent = taps.pixel_latent, taps.semantic_latent
+            else:
+                pixel_latent, semantic_latent = runtime.latents(images)  # (B, h*w, D) each
+            semantic = self.semantic.quantizer(semantic_latent, update=False)
             pixel = semantic
             if self.pixel.quantizer is not None:
-                pixel = self.pixel.quantizer(taps.pixel_latent, update=False)
+                pixel = self.pixel.quantizer(pixel_latent, update=False)
         return DualTokens(self._grid_codes(pixel.codes), self._grid_codes(semantic.codes))
 
     def pixel_latents(self, images: torch.Tensor) -> torch.Tensor:
@@ -390,11 +402,18 @@ class DualTokenizer(
         Differentiable (the re-encoding loss trains through it); call it under ``torch.no_grad()`` to only read."""
         return self._run_to_taps(images, pixel_only=True).pixel_latent
 
-    def decode(self, pixel_codes: torch.Tensor, precision: str | None = None) -> torch.Tensor:
+    def decode(self, pixel_codes: torch.Tensor, precision: str | None = None, backend: str | None = None) -> torch.Tensor:
         """Pixel codes (B, h, w, k), any 1 <= k <= Q first depths -> float32 images (B, 3, H, W), unclamped.
-        ``precision``: as in :meth:`encode`."""
-        latent = self.code_embeddings(pixel_codes, "pixel", per_depth=False)  # (B, h, w, D)
-        with inference_autocast(precision or self.precision, latent.device):
+        ``precision`` and ``backend``: as in :meth:`encode` (a model in training mode, or a call under autograd that
+        needs gradients of the decoder, runs eager)."""
+        self.check_codes(pixel_codes, "pixel")
+        precision = precision or self.precision or inference_precision()
+        differentiable = torch.is_grad_enabled() and any(p.requires_grad for p in self.decoder.parameters())
+        runtime = None if differentiable else runtime_for(self, pixel_codes.device, backend, precision)
+        if runtime is not None:
+            return runtime.decode(pixel_codes)
+        latent = self.quantizer("pixel").decode(pixel_codes)  # (B, h, w, D)
+        with inference_autocast(precision, latent.device):
             return self.decoder(self.pixel.up(latent.flatten(1, 2))).float()
 
     def semantic_features(self, semantic_codes: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "dualtoken.cli.evaluate",  # eval
     "dualtoken.cli.serve",  # serve
     "dualtoken.cli.mllm",  # chat, generate, train-mllm
+    "dualtoken.cli.export",  # export onnx
 )
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..backend import BACKENDS, check_backend, explain_backend, set_inference_backend
 from ..data.images import warn_skipped
 from ..errors import DataError, ImageError
 from ..io import list_images, load_image
@@ -49,13 +50,22 @@ def add_strict_option(parser: argparse.ArgumentParser) -> None:
 
 
 def add_precision_option(parser: argparse.ArgumentParser) -> None:
-    """``--precision``: the tokenizer's encode/decode precision (checked by :func:`use_precision`, one error line)."""
+    """``--precision`` and ``--backend``: how the tokenizer's encode/decode run (checked by :func:`use_precision`,
+    one error line)."""
     parser.add_argument(
         "--precision",
         default="auto",
         metavar="{" + ",".join(INFERENCE_PRECISIONS) + "}",
         help="encode/decode precision: auto = bf16 autocast where the hardware multiplies bf16 natively (CUDA, "
-        "AMX or AVX-512 BF16 CPUs), float32 elsewhere; codes come from an exact search either way",
+        "AMX or AVX-512 BF16 CPUs) and the backend is torch, float32 elsewhere; codes come from an exact search "
+        "either way",
+    )
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        metavar="{" + ",".join(BACKENDS) + "}",
+        help="encode/decode engine: auto = ONNX Runtime on a CPU where it is installed (float32), PyTorch "
+        "elsewhere; torch = PyTorch eager",
     )
 
 
@@ -63,17 +73,23 @@ _pending_note: list[str] = []  # the precision note of use_precision(announce=Fa
 
 
 def use_precision(args: argparse.Namespace, announce: bool = True) -> None:
-    """Check ``--precision`` on the command's device (``--device``, else CUDA when available, else the CPU), make it
+    """Check ``--precision`` and ``--backend`` on the command's device (``--device``, else CUDA when available, else the CPU), make it
     the default of every tokenizer the command loads, and print the choice once on stderr (a ``note:`` line).
 
     ``announce=False`` holds the note back until :func:`announce_precision`, called where the first image is
     computed: a command that fails on its inputs then prints its error line alone."""
     precision = check_precision(args.precision, INFERENCE_PRECISIONS)
+    backend = check_backend(args.backend)
     device = getattr(args, "device", None)
     if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     set_inference_precision(precision)
-    _pending_note[:] = [f"note: precision: {explain(precision, device)}"]
+    set_inference_backend(backend)
+    chosen = explain_backend(backend, device, precision)
+    precision_note = explain(precision, device)
+    if chosen.startswith("onnxruntime"):
+        precision_note = f"float32 ({precision}: the onnxruntime backend runs float32)"
+    _pending_note[:] = [f"note: precision: {precision_note}; backend: {chosen}"]
     if announce:
         announce_precision()
 
