@@ -36,6 +36,26 @@ def _few_threads():
     yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _onnx_cache(tmp_path_factory):
+    """Exported graphs of the onnxruntime backend go to a folder of this test session, never the user's cache."""
+    import os
+
+    os.environ["DUALTOKEN_CACHE"] = str(tmp_path_factory.mktemp("dualtoken-cache"))
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _eager_by_default():
+    """API tests run PyTorch eager unless they ask for a backend (tests/core/test_backend.py does); a command run
+    through ``main`` sets the backend from its ``--backend`` option (default auto), as it does for users."""
+    from dualtoken.backend import set_inference_backend
+
+    set_inference_backend("torch")
+    yield
+    set_inference_backend("torch")
+
+
 def make_tiny_tokenizer(seed: int = 0):
     from dualtoken import DualTokenizer
 

@@ -145,13 +145,17 @@ def test_cli_precision_errors_are_one_line_and_exit_2(value, message, photo_dir,
 def test_cli_prints_the_resolved_precision_once(photo_dir, tmp_path, capsys, no_bf16_units):
     for command in (["encode", str(photo_dir), "--out", str(tmp_path / "t.safetensors")],
                     ["decode", str(tmp_path / "t.safetensors"), "--out", str(tmp_path / "dec")]):
-        assert main(command + ["--model", "dualtoken-tiny", "--random-weights"]) == 0
+        assert main(command + ["--model", "dualtoken-tiny", "--random-weights", "--backend", "torch"]) == 0
         err = capsys.readouterr().err
         assert err.count("precision: ") == 1
         assert "note: precision: float32 (auto: this CPU has no bf16 matrix units" in err
     assert main(["reconstruct", str(photo_dir), "--model", "dualtoken-tiny", "--random-weights", "--precision",
-                 "fp32", "--out", str(tmp_path / "rec")]) == 0
-    assert "note: precision: float32 (fp32)" in capsys.readouterr().err
+                 "fp32", "--backend", "torch", "--out", str(tmp_path / "rec")]) == 0
+    assert "note: precision: float32 (fp32); backend: torch (torch)" in capsys.readouterr().err
+    assert main(["reconstruct", str(photo_dir), "--model", "dualtoken-tiny", "--random-weights", "--out",
+                 str(tmp_path / "rec2")]) == 0  # the default: ONNX Runtime on a CPU, float32 whatever the CPU
+    assert "note: precision: float32 (auto: the onnxruntime backend runs float32); backend: onnxruntime" in (
+        capsys.readouterr().err)
 
 
 def test_every_inference_command_takes_precision():
@@ -160,8 +164,9 @@ def test_every_inference_command_takes_precision():
     subparsers = next(a for a in build_parser()._actions if a.dest == "command").choices
     for command in ("encode", "decode", "reconstruct", "demo", "eval", "serve", "chat", "generate"):
         options = {s for action in subparsers[command]._actions for s in action.option_strings}
-        assert "--precision" in options, command
+        assert "--precision" in options and "--backend" in options, command
         assert subparsers[command].get_default("precision") == "auto"
+        assert subparsers[command].get_default("backend") == "auto"
 
 
 def test_gram_search_settings_are_checked():

@@ -83,12 +83,12 @@ def use_precision(args: argparse.Namespace, announce: bool = True) -> None:
     device = getattr(args, "device", None)
     if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    set_inference_precision(precision)
-    set_inference_backend(backend)
-    chosen = explain_backend(backend, device, precision)
+    chosen = explain_backend(backend, device, precision)  # raises on an impossible pair before anything is set
     precision_note = explain(precision, device)
     if chosen.startswith("onnxruntime"):
         precision_note = f"float32 ({precision}: the onnxruntime backend runs float32)"
+    set_inference_precision(precision)
+    set_inference_backend(backend)
     _pending_note[:] = [f"note: precision: {precision_note}; backend: {chosen}"]
     if announce:
         announce_precision()
