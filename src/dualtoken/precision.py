@@ -1,9 +1,11 @@
 """Which floating-point precision a run uses: one setting, ``auto`` | ``fp32`` | ``bf16`` | ``fp16``.
 
-``auto`` is bf16 autocast where the hardware multiplies bf16 matrices natively (CUDA; a CPU whose torch build
-reports AMX tiles or AVX-512 BF16) and float32 elsewhere: on a CPU without bf16 units torch emulates bf16
-matrix products, which is far slower than float32 (measured on an AVX2-only AMD EPYC: about 1 against 60
-GFLOP/s). Training, inference and the command line all resolve the setting here.
+``auto`` is bf16 autocast where bf16 is the faster choice (CUDA; a CPU whose torch build reports AMX tiles) and
+float32 elsewhere: on a CPU without bf16 units torch emulates bf16 matrix products, far slower than float32
+(measured on an AVX2-only AMD EPYC: about 1 against 60 GFLOP/s), and a CPU with AVX-512 BF16 but no AMX tiles
+(AMD EPYC Zen 5) ran the EfficientNet-Lite0 tower at half its float32 speed under bf16 autocast, with an exact
+search that rescored many more rows (docs/PERFORMANCE.md). ``bf16`` asked for explicitly runs on either kind of
+bf16 unit. Training, inference and the command line all resolve the setting here.
 """
 
 from __future__ import annotations
@@ -33,9 +35,14 @@ def cpu_bf16_flags() -> dict[str, bool]:
 
 
 def cpu_has_bf16_matmul() -> bool:
-    """True where this CPU multiplies bf16 matrices in hardware (AMX tiles or AVX-512 BF16)."""
+    """True where this CPU multiplies bf16 matrices in hardware (AMX tiles or AVX-512 BF16): ``bf16`` may run."""
     flags = cpu_bf16_flags()
     return flags["amx_tile"] or flags["avx512_bf16"]
+
+
+def cpu_prefers_bf16() -> bool:
+    """True where ``auto`` picks bf16 on this CPU: AMX tiles (AVX-512 BF16 alone measured slower than float32)."""
+    return cpu_bf16_flags()["amx_tile"]
 
 
 def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
@@ -46,7 +53,7 @@ def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | 
     device = torch.device(device)
     check_precision(precision)
     if precision == "auto":
-        if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16_matmul()):
+        if device.type == "cuda" or (device.type == "cpu" and cpu_prefers_bf16()):
             return torch.bfloat16
         return None
     if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16_matmul():
@@ -101,5 +108,10 @@ def explain(precision: str, device: torch.device | str) -> str:
         return f"{describe(dtype)} (auto on {device.type})"
     flags = cpu_bf16_flags()
     found = ", ".join(f"{name} {'yes' if flags[name] else 'no'}" for name in ("amx_tile", "avx512_bf16"))
-    units = "has bf16 matrix units" if dtype is not None else "has no bf16 matrix units"
+    if dtype is not None:
+        units = "has AMX bf16 tiles"
+    elif cpu_has_bf16_matmul():
+        units = "has AVX-512 BF16 but no AMX tiles, where float32 is faster"
+    else:
+        units = "has no bf16 matrix units"
     return f"{describe(dtype)} (auto: this CPU {units}: {found})"

@@ -21,18 +21,23 @@ def _default_precision():
 def bf16_units(monkeypatch):
     """Pretend this CPU multiplies bf16 in hardware (bf16 then runs, emulated and slowly, but correctly)."""
     monkeypatch.setattr(precision, "cpu_has_bf16_matmul", lambda: True)
+    monkeypatch.setattr(precision, "cpu_prefers_bf16", lambda: True)
 
 
 @pytest.fixture
 def no_bf16_units(monkeypatch):
     monkeypatch.setattr(precision, "cpu_has_bf16_matmul", lambda: False)
+    monkeypatch.setattr(precision, "cpu_prefers_bf16", lambda: False)
 
 
 def test_auto_follows_the_cpus_bf16_units(monkeypatch):
-    for units, expected in ((False, None), (True, torch.bfloat16)):
+    # (bf16 units, AMX tiles): only AMX makes auto bf16; AVX-512 BF16 alone allows an explicit bf16
+    for units, amx, expected in ((False, False, None), (True, False, None), (True, True, torch.bfloat16)):
         monkeypatch.setattr(precision, "cpu_has_bf16_matmul", lambda units=units: units)
+        monkeypatch.setattr(precision, "cpu_prefers_bf16", lambda amx=amx: amx)
         assert precision.autocast_dtype("auto", "cpu") is expected
         assert precision.explain("auto", "cpu").startswith("float32" if expected is None else "bf16 autocast")
+        assert (precision.autocast_dtype("bf16", "cpu") is torch.bfloat16) if units else True
     assert precision.autocast_dtype("fp32", "cpu") is None
     assert set(precision.cpu_bf16_flags()) == {"amx_tile", "avx512_bf16", "avx512", "avx2"}
 
