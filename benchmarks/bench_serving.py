@@ -3,9 +3,10 @@
 The server is ``dualtoken serve`` in a subprocess, bound to 127.0.0.1 on a free port; the clients are asyncio
 tasks (httpx) in this process that each send one request at a time, back to back, for a bounded time. For every concurrency level
 and both modes the script prints images/s, p50 / p99 latency and the mean batch size the server formed, then the
-throughput ratio batching-on / batching-off.
+throughput ratio batching-on / batching-off. With ``--api-key`` both servers require a key (given to them in
+$DUALTOKEN_API_KEY, as a deployment would) and every client request carries it.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_serving.py --clients 1 4 16 --seconds 8
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_serving.py --random-weights --clients 1 4 16 --seconds 8
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import socket
 import statistics
 import subprocess
@@ -54,7 +56,15 @@ def _png(pixels) -> bytes:
 class Server:
     """``dualtoken serve`` in a subprocess on 127.0.0.1 and a free port (clients and server do not share a GIL)."""
 
-    def __init__(self, model: str, max_batch: int, max_wait_ms: float, threads: int) -> None:
+    def __init__(
+        self,
+        model: str,
+        max_batch: int,
+        max_wait_ms: float,
+        threads: int,
+        random_weights: bool = False,
+        api_key: str | None = None,
+    ) -> None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
@@ -62,19 +72,25 @@ class Server:
         self.argv = [
             sys.executable, "-m", "dualtoken", "serve", "--model", model, "--port", str(self.port),
             "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--max-queue", str(MAX_CLIENTS),
-            "--threads", str(threads), "--log-level", "warning",
+            "--threads", str(threads), "--log-level", "warning", *(["--random-weights"] if random_weights else []),
         ]  # fmt: skip
+        self.api_key = api_key
+        # what every request to it carries: the key, where it wants one
+        self.headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> Server:
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        env.pop("DUALTOKEN_API_KEY", None)
+        if self.api_key:
+            env["DUALTOKEN_API_KEY"] = self.api_key
         self.process = subprocess.Popen(self.argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 120
         while True:
             if self.process.poll() is not None:
                 raise RuntimeError(f"dualtoken serve exited: {self.process.stderr.read().decode()[-2000:]}")
             try:
-                httpx.get(f"{self.url}/healthz", timeout=2)
+                httpx.get(f"{self.url}/healthz", timeout=2)  # any answer, a 401 included: it is up
                 return self
             except httpx.TransportError:
                 if time.monotonic() > deadline:
@@ -87,15 +103,15 @@ class Server:
 
     def model_calls(self, endpoint: str) -> int:
         """How many model calls the endpoint's queue has made so far."""
-        sizes = httpx.get(f"{self.url}/healthz", timeout=10).json()["batch_sizes"][endpoint]
+        sizes = httpx.get(f"{self.url}/healthz", headers=self.headers, timeout=10).json()["batch_sizes"][endpoint]
         return sum(sizes.values())
 
 
 async def load(
-    url: str, endpoint: str, image: bytes, clients: int, seconds: float
+    url: str, endpoint: str, image: bytes, clients: int, seconds: float, headers: dict[str, str] | None = None
 ) -> tuple[list[float], float, int]:
-    """``clients`` tasks post ``image`` back to back for ``seconds`` -> (latencies of the successful requests,
-    elapsed seconds, failures)."""
+    """``clients`` tasks post ``image`` (with ``headers``) back to back for ``seconds`` -> (latencies of the
+    successful requests, elapsed seconds, failures)."""
     latencies: list[float] = []
     failures = 0
     stop_at = time.perf_counter() + seconds
@@ -106,7 +122,7 @@ async def load(
         limits=limits, socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
     )
 
-    async with httpx.AsyncClient(base_url=url, transport=transport, timeout=120) as client:
+    async with httpx.AsyncClient(base_url=url, transport=transport, headers=headers, timeout=120) as client:
 
         async def one_client() -> None:
             nonlocal failures
@@ -137,7 +153,7 @@ class Mode:
     def measure(self, endpoint: str, image: bytes, clients: int, seconds: float) -> None:
         calls_before = self.server.model_calls(endpoint)
         latencies, elapsed, failures = asyncio.run(
-            load(self.server.url, f"/v1/{endpoint}", image, clients, seconds)
+            load(self.server.url, f"/v1/{endpoint}", image, clients, seconds, self.server.headers)
         )
         self.calls += self.server.model_calls(endpoint) - calls_before
         self.latencies += latencies
@@ -191,27 +207,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads of the server")
     parser.add_argument("--image", type=Path, default=None, help="photo to send (default: Kodak kodim23)")
+    parser.add_argument(
+        "--random-weights", action="store_true", help="serve --model as an architecture with random weights"
+    )
+    parser.add_argument(
+        "--api-key", action="store_true", help="the servers require a random API key; the clients send it"
+    )
     args = parser.parse_args(argv)
     if any(not 1 <= c <= MAX_CLIENTS for c in args.clients) or not 0 < args.seconds <= MAX_SECONDS:
         parser.error(f"--clients must be in 1..{MAX_CLIENTS} and --seconds in (0, {MAX_SECONDS}]")
     if not 1 <= args.rounds <= 10:
         parser.error("--rounds must be in 1..10")
 
+    key = secrets.token_urlsafe(24) if args.api_key else None
     with (
-        Server(args.model, 1, args.max_wait_ms, args.threads) as off_server,
-        Server(args.model, args.max_batch, args.max_wait_ms, args.threads) as on_server,
+        Server(args.model, 1, args.max_wait_ms, args.threads, args.random_weights, key) as off_server,
+        Server(args.model, args.max_batch, args.max_wait_ms, args.threads, args.random_weights, key) as on_server,
     ):
-        info = httpx.get(f"{off_server.url}/v1/models", timeout=10).json()["models"][0]
+        info = httpx.get(f"{off_server.url}/v1/models", headers=off_server.headers, timeout=10).json()["models"][0]
         image = photo_png(args.image, tuple(info["image_size"]))
         print(
             f"{info['name']}, POST /v1/{args.endpoint}, {len(image)} B PNG per request; batching off = max_batch 1, "
             f"on = max_batch {args.max_batch} (max_wait {args.max_wait_ms:g} ms); {args.rounds} x {args.seconds:g} s "
-            f"per point; server torch threads {args.threads}; {os.cpu_count()} CPUs; python "
+            f"per point; server torch threads {args.threads}; API key {'required' if key else 'off'}; "
+            f"{os.cpu_count()} CPUs; python "
             f"{sys.version.split()[0]}, torch {torch.__version__}",
             flush=True,
         )
         for server in (off_server, on_server):  # warm-up
-            asyncio.run(load(server.url, f"/v1/{args.endpoint}", image, 1, 1.0))
+            asyncio.run(load(server.url, f"/v1/{args.endpoint}", image, 1, 1.0, server.headers))
         rows = benchmark(args, off_server, on_server, image)
 
     print(

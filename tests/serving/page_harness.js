@@ -2,32 +2,12 @@
 // on stdin, renders the result, then moves each slider, and prints what the page shows as JSON on stdout.
 "use strict";
 const fs = require("fs");
-const vm = require("vm");
+const { loadPage } = require("./page_dom");
 
-function element() {
-  const own = { children: [], textContent: "", src: "", value: "", max: "", hidden: false, style: {} };
-  own.append = (...nodes) => own.children.push(...nodes);
-  own.replaceChildren = () => (own.children = []);
-  const stub = () => proxy;
-  const proxy = new Proxy(own, {
-    get: (target, key) => (key in target ? target[key] : key === "then" ? undefined : stub),
-    set: (target, key, value) => ((target[key] = value), true),
-  });
-  return proxy;
-}
-
-const elements = {};
-const document = {
-  getElementById: (id) => (elements[id] = elements[id] || element()),
-  createElement: element,
-  createElementNS: element,
-  querySelectorAll: () => [],
-};
 const input = JSON.parse(fs.readFileSync(0, "utf8"));
-const context = vm.createContext({ document, fetch: () => new Promise(() => {}), console, URL, Math, Number, String });
-const code = fs.readFileSync(process.argv[2], "utf8");
-vm.runInContext(`${code}\n;globalThis.page = { state, renderResult, showDepth, showSemanticDepth };`, context);
-const { page } = context;
+const { page, elements } = loadPage(process.argv[2], () => new Promise(() => {}), [
+  "state", "renderResult", "showDepth", "showSemanticDepth",
+]);
 page.state.model = input.models.models[0];
 page.state.result = input.result;
 

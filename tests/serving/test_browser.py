@@ -34,6 +34,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 ARTIFACTS = REPO / "test-artifacts" / "serving"
+API_KEY = "page-key-0123456789"
 
 
 def serve(app):
@@ -58,6 +59,11 @@ def serve(app):
 @pytest.fixture
 def server_url(tiny_tokenizer):
     yield from serve(create_app(tiny_tokenizer, mllm=FakeMLLM(tiny_tokenizer.image_size)))
+
+
+@pytest.fixture
+def keyed_server_url(tiny_tokenizer):
+    yield from serve(create_app(tiny_tokenizer, mllm=FakeMLLM(tiny_tokenizer.image_size), api_key=API_KEY))
 
 
 @pytest.fixture
@@ -212,3 +218,37 @@ def test_page_shows_what_the_semantic_codes_say(page, efflite0_url, photo_path):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "page.png"), full_page=True)
     assert Path(ARTIFACTS / "page.png").stat().st_size > 10_000
+
+
+def test_the_page_asks_for_the_api_key_once(page, keyed_server_url, photo_path):
+    expect = playwright_api.expect
+    sent = []  # (url, authorization header) of every request to the API
+    page.on("request", lambda request: sent.append((request.url, request.headers.get("authorization"))))
+    page.goto(keyed_server_url)  # the page itself loads without a key; its first API call meets the 401
+    expect(page.locator("#key-form")).to_be_visible()
+    expect(page.locator("#key-note")).to_have_text("This server requires an API key.")
+    assert page.get_attribute("#key-input", "type") == "password"
+    page.fill("#key-input", "not-the-key")
+    page.click("#key-send")
+    expect(page.locator("#key-note")).to_have_text("The server refused that API key; enter it again.")
+    page.fill("#key-input", API_KEY)
+    page.click("#key-send")
+    expect(page.locator("#key-form")).to_be_hidden()
+    expect(page.locator("#model-info")).to_contain_text("dualtoken-tiny")
+    assert page.input_value("#key-input") == ""
+
+    # every later call sends the kept key: an upload, chat, and the page reloaded in the same tab, never asking
+    page.set_input_files("#file-input", str(photo_path))
+    expect(page.locator("#results")).to_be_visible(timeout=30_000)
+    page.fill("#chat-question", "What is in this image?")
+    page.click("#chat-send")
+    expect(page.locator("#chat-answer")).to_contain_text("What is in this image? -> mean")
+    page.reload()
+    expect(page.locator("#model-info")).to_contain_text("dualtoken-tiny")
+    expect(page.locator("#key-form")).to_be_hidden()
+    api = [(url[len(keyed_server_url):], auth) for url, auth in sent if url.startswith(f"{keyed_server_url}/v1/")]
+    first_right = api.index(("/v1/models", f"Bearer {API_KEY}"))
+    assert api[:first_right] == [("/v1/models", None), ("/v1/models", "Bearer not-the-key")]
+    assert [path for path, _ in api[first_right:]] == ["/v1/models", "/v1/reconstruct", "/v1/chat", "/v1/models"]
+    assert all(auth == f"Bearer {API_KEY}" for _, auth in api[first_right:])
+    assert API_KEY not in page.locator("body").inner_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import os
 import socket
 import sys
 from typing import TYPE_CHECKING
@@ -39,6 +40,21 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     return apply_overrides(config, [*args.set, *explicit])
 
 
+def api_key(args: argparse.Namespace) -> str | None:
+    """The API key from --api-key, else from $DUALTOKEN_API_KEY (the flag wins), else None; ConfigError for an empty
+    key or one that cannot travel in a header (the message names where it came from, never the key)."""
+    from ..serving.auth import ENV_VAR, check_api_key
+
+    if args.api_key is not None:
+        key, source = args.api_key, "--api-key"
+    elif ENV_VAR in os.environ:
+        key, source = os.environ[ENV_VAR], f"${ENV_VAR}"
+    else:
+        return None
+    check_api_key(key, source)
+    return key
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -46,6 +62,14 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def access_note(host: str, key: str | None) -> str | None:
+    """The note for a bind reachable from other machines (None on loopback): whether the API asks for a key."""
+    if _is_loopback(host):
+        return None
+    access = "the API requires the API key" if key else "the API has no authentication (see --api-key)"
+    return f"note: listening on {host}, reachable from other machines; {access}"
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -66,21 +90,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..serving.mllm import load_mllm
 
     config = serve_config(args)
+    key = api_key(args)
     check_port_free(config.host, config.port)
     use_precision(args)
     if config.torch_threads is not None:
         torch.set_num_threads(config.torch_threads)
     tokenizer = load_model(args.model, args.random_weights)
     mllm = load_mllm(args.mllm, tokenizer) if args.mllm else None
-    app = create_app(tokenizer, mllm=mllm, config=config)
-    if not _is_loopback(config.host):
-        print(
-            f"note: listening on {config.host}, reachable from other machines; the API has no authentication",
-            file=sys.stderr,
-        )
+    app = create_app(tokenizer, mllm=mllm, config=config, api_key=key)
+    note = access_note(config.host, key)
+    if note:
+        print(note, file=sys.stderr)
     print(
         f"dualtoken serve: {tokenizer.config.name} on http://{config.host}:{config.port}/ (API reference at /docs, OpenAPI document at /openapi.json)"
     )
+    if key:
+        print("dualtoken serve: the API requires an API key (Authorization: Bearer <key>); the page asks for it")
     uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level)
     return 0
 
@@ -102,6 +127,12 @@ def register(subparsers) -> None:
         "--max-queue", type=int, default=None, help="waiting requests per queue before 503 (default: 64)"
     )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require this key (Authorization: Bearer KEY) on every API route; the page asks for it. Prefer "
+        "$DUALTOKEN_API_KEY, which stays out of shell history and the process list; this flag wins over it",
+    )
     p.add_argument("--config", default=None, help="JSON file of ServeConfig fields")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a ServeConfig field"

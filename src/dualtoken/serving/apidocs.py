@@ -79,11 +79,17 @@ def render_api_docs(openapi: dict[str, Any]) -> str:
         for method, operation in methods.items()
     ]
     title = escape(f"{info.get('title', 'API')} {info.get('version', '')}".strip())
+    auth = (
+        " Every operation needs the server's API key in the header <code>Authorization: Bearer &lt;key&gt;</code>;"
+        " without it, or with another key, the answer is 401."
+        if openapi.get("security")
+        else ""
+    )
     return (
         f"<!doctype html><html><head><meta charset=utf-8><title>{title}: API reference</title>"
         f"<style>{STYLE}</style></head><body><h1>{title}: API reference</h1>"
         f"<p>{escape(info.get('description', ''))} The machine-readable document: "
-        f"<a href=\"/openapi.json\">/openapi.json</a>. The web page: <a href=\"/\">/</a>.</p>"
+        f"<a href=\"/openapi.json\">/openapi.json</a>. The web page: <a href=\"/\">/</a>.{auth}</p>"
         + "\n".join(operations)
         + "</body></html>"
     )

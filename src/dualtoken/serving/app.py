@@ -4,7 +4,8 @@ Route signatures are read by FastAPI at run time, so this module keeps real (not
 limits of the chat and generate fields come from the ServeConfig.
 
 Status codes: 400 for input the model cannot use (unreadable image, wrong code shapes, out-of-range codes), 413 for
-bodies or images over the limits, 422 for requests missing a field or of the wrong type, 503 when a queue is full.
+bodies or images over the limits, 422 for requests missing a field or of the wrong type, 503 when a queue is full;
+with an API key, 401 for a request to the API without it (auth.py), before anything else is looked at.
 """
 
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from .. import __version__
 from ..errors import CodesError, DualTokenError
 from .apidocs import render_api_docs
+from .auth import ApiKeyAuth, check_api_key, declare_bearer
 from .batcher import QueueFullError
 from .codes import code_usage, codes_from_json
 from .config import ServeConfig
@@ -47,6 +49,7 @@ PNG_RESPONSE = {"content": {"image/png": {}}, "description": "a PNG image"}
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     descriptions = {
+        401: "no API key, or not the server's: send 'Authorization: Bearer <key>'",
         400: "bad input: unreadable image, wrong code shape or out-of-range codes",
         413: "request body or image over the server's limits",
         503: "the queue is full; retry later",
@@ -54,9 +57,21 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorResponse, "description": descriptions[code]} for code in codes}
 
 
-def create_app(tokenizer, mllm: MultimodalModel | None = None, config: ServeConfig | None = None) -> FastAPI:
-    """A FastAPI app serving ``tokenizer`` (a DualTokenizer) and, when given, ``mllm`` (see MultimodalModel)."""
+def create_app(
+    tokenizer,
+    mllm: MultimodalModel | None = None,
+    config: ServeConfig | None = None,
+    api_key: str | None = None,
+) -> FastAPI:
+    """A FastAPI app serving ``tokenizer`` (a DualTokenizer) and, when given, ``mllm`` (see MultimodalModel).
+
+    With ``api_key``, every API route answers 401 unless the request carries ``Authorization: Bearer <api_key>``;
+    the page and the API reference stay open. An empty key, or one that cannot travel in a header, is a
+    ConfigError.
+    """
     config = config or ServeConfig()
+    if api_key is not None:
+        check_api_key(api_key, "api_key")
     service = TokenizerService(tokenizer, config)
     chat = MllmService(mllm, config, service.model_lock) if mllm is not None else None
     batchers = service.batchers + (chat.batchers if chat else [])
@@ -76,8 +91,13 @@ def create_app(tokenizer, mllm: MultimodalModel | None = None, config: ServeConf
         # here from the OpenAPI document instead (apidocs.py)
         docs_url=None,
         redoc_url=None,
+        responses=_errors(401) if api_key is not None else None,
     )
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
+    if api_key is not None:
+        # added last, so outermost: a request without the key is refused before its body is read or measured
+        app.add_middleware(ApiKeyAuth, key=api_key)
+        _require_bearer_in_openapi(app)
     app.state.service = service
     app.state.batchers = {batcher.name: batcher for batcher in batchers}
     _add_error_handlers(app)
@@ -86,6 +106,18 @@ def create_app(tokenizer, mllm: MultimodalModel | None = None, config: ServeConf
         _add_mllm_routes(app, service, chat, config)
     _add_page_routes(app)
     return app
+
+
+def _require_bearer_in_openapi(app: FastAPI) -> None:
+    """The app's OpenAPI document (/openapi.json, /docs) declares the bearer scheme (the 401s come from ``responses``)."""
+    plain = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            declare_bearer(plain())  # plain() caches its document in app.openapi_schema: amended there, once
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -20,6 +20,48 @@ async function errorText(response) {
   }
 }
 
+// The API key, where the server wants one: asked for once when the API answers 401, kept for this browser tab
+// (sessionStorage) and sent on every API call.
+const KEY_STORAGE = "dualtoken-api-key";
+const keyRequest = { pending: null, resolve: null };
+
+function askForKey(refused) {
+  if (!keyRequest.pending) {
+    $("key-note").textContent = refused
+      ? "The server refused that API key; enter it again."
+      : "This server requires an API key.";
+    $("key-form").hidden = false;
+    $("key-input").focus();
+    keyRequest.pending = new Promise((resolve) => (keyRequest.resolve = resolve));
+  }
+  return keyRequest.pending;  // every call that met the 401 meanwhile waits for the same answer
+}
+
+function submitKey(event) {
+  event.preventDefault();
+  const key = $("key-input").value.trim();
+  if (!key || !keyRequest.resolve) return;
+  sessionStorage.setItem(KEY_STORAGE, key);
+  $("key-input").value = "";
+  $("key-form").hidden = true;
+  keyRequest.resolve();
+  keyRequest.pending = keyRequest.resolve = null;
+}
+
+// fetch() for the API: with the key of this session, and on a 401 asks for the key and sends the request again.
+async function api(path, options = {}) {
+  for (;;) {
+    const key = sessionStorage.getItem(KEY_STORAGE);
+    const headers = key === null ? options.headers : { ...options.headers, authorization: `Bearer ${key}` };
+    const response = await fetch(path, { ...options, headers });
+    if (response.status !== 401) return response;
+    // a key entered since this call was sent is tried before asking; a key refused meanwhile is asked for once
+    const current = sessionStorage.getItem(KEY_STORAGE);
+    if (current === key) sessionStorage.removeItem(KEY_STORAGE);
+    if (current === key || current === null) await askForKey(key !== null);
+  }
+}
+
 function showFieldError(id, text) {
   $(id).textContent = text;
 }
@@ -30,7 +72,7 @@ function mebibytes(bytes) {
 }
 
 async function loadModel() {
-  const response = await fetch("/v1/models");
+  const response = await api("/v1/models");
   const body = await response.json();
   const m = body.models[0];
   state.model = m;
@@ -72,7 +114,7 @@ async function reconstruct(file) {
   setStatus(`Tokenizing ${file.name}…`);
   const form = new FormData();
   form.append("image", file);
-  const response = await fetch("/v1/reconstruct", { method: "POST", body: form });
+  const response = await api("/v1/reconstruct", { method: "POST", body: form });
   if (!response.ok) {
     setStatus(`Could not tokenize ${file.name}: ${await errorText(response)}`, true);
     return;
@@ -317,7 +359,7 @@ async function ask(event) {
   form.append("image", state.file);
   form.append("question", $("chat-question").value);
   $("chat-answer").textContent = "…";
-  const response = await fetch("/v1/chat", { method: "POST", body: form });
+  const response = await api("/v1/chat", { method: "POST", body: form });
   if (!response.ok) {
     $("chat-answer").textContent = "";
     showFieldError("chat-error", `Could not answer: ${await errorText(response)}`);
@@ -337,7 +379,7 @@ async function generate(event) {
     seed: Number($("gen-seed").value),
   };
   const image = $("gen-image");
-  const response = await fetch("/v1/generate", {
+  const response = await api("/v1/generate", {
     method: "POST",
     headers: { "content-type": "application/json" },
     body: JSON.stringify(body),
@@ -370,6 +412,7 @@ function setUp() {
   $("semantic-slider").addEventListener("input", (event) => showSemanticDepth(Number(event.target.value)));
   $("chat-form").addEventListener("submit", ask);
   $("gen-form").addEventListener("submit", generate);
+  $("key-form").addEventListener("submit", submitKey);
   loadModel().catch((error) => setStatus(`Could not reach the server: ${error}`, true));
 }
 
