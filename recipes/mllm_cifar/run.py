@@ -58,6 +58,7 @@ from dualtoken.mllm import (
 from dualtoken.mllm.data import TokenCache
 from dualtoken.mllm.text_tokenizer import train_bpe_tokenizer
 from dualtoken.mllm.train import train_mllm
+from dualtoken.precision import set_inference_precision
 from dualtoken.tokenizer_pair import TokenizerPair, is_tokenizer_pair, load_visual_tokenizer
 from dualtoken.training.config import CheckpointConfig, LogConfig, OptimizerConfig
 from dualtoken.visualize import labelled_grid
@@ -78,6 +79,9 @@ class RecipeConfig:
     # tokenize at this size (convolutional tokenizers only): 128 px gives 8x8 positions, a 4x shorter sequence
     # than the default model's 256 px; None keeps the tokenizer's own size
     image_size: int | None = 128
+    # the tokenizer's and the MLLM training's precision (dualtoken.precision): "auto" is bf16 autocast on a CPU with
+    # bf16 matrix units and float32 elsewhere, so its figures depend on the CPU; "fp32" gives the same on every CPU
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     data: str = "../shared/data/cifar10"
     work: str = "runs/mllm_cifar"
     train_limit: int | None = None  # first N training images (None = all 7,500)
@@ -248,6 +252,7 @@ def train_config(cfg: RecipeConfig, mode: str, tokenizer_ref: str, text_vocab_si
         optimizer=cfg.optim,
         max_steps=cfg.steps,
         seed=cfg.seed,
+        precision=cfg.precision,
         output_dir=str((work / "runs" / mode).resolve()),
         log=LogConfig(every=max(1, cfg.steps // 100), console=False),
         checkpoint=CheckpointConfig(every=max(1, cfg.steps // 10), keep_last=2),
@@ -553,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_recipe(args.config, args.set)
         class_names(cfg)  # the data is there, before anything is written
+        set_inference_precision(cfg.precision)  # every encode and decode of the stages
         Path(cfg.work).mkdir(parents=True, exist_ok=True)
         # CIFAR-10's 32 px images are enlarged to the tokenizer's size on purpose: said once here, not once per image
         warnings.filterwarnings("ignore", category=UpscaledImageWarning)

@@ -220,3 +220,12 @@ def test_the_quick_recipe_prepares_from_another_working_directory(shared_data, t
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(json.loads((work / "conversations.json").read_text())) == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+
+
+def test_the_recipe_precision_reaches_training_and_the_quick_recipe_is_float32(tmp_path):
+    recipe = _recipe_module()
+    quick = recipe.load_recipe(RECIPE.with_name("quick.json"), [])
+    assert quick.precision == "fp32"  # the same figures on every CPU (auto: bf16 where the CPU has bf16 units)
+    cfg = recipe.RecipeConfig(work=str(tmp_path), precision="fp32")
+    assert recipe.train_config(cfg, "both", "dualtoken-efflite0", 300).precision == "fp32"
+    assert recipe.train_config(recipe.RecipeConfig(work=str(tmp_path)), "both", "x", 300).precision == "auto"
