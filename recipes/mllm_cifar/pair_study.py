@@ -43,7 +43,6 @@ import run as recipe  # noqa: E402  (the CIFAR recipe's stages)
 from timing import timed  # noqa: E402  (the recipe's timer)
 
 from dualtoken import TokenizerPair  # noqa: E402
-from dualtoken.config import apply_overrides, from_dict  # noqa: E402
 from dualtoken.errors import ConfigError, DataError, DualTokenError  # noqa: E402
 from dualtoken.training import train  # noqa: E402
 
@@ -138,9 +137,8 @@ def arm_plan(args: argparse.Namespace) -> list[dict]:
 
 
 def arm_config(args: argparse.Namespace, tokenizer: Path, run: dict) -> recipe.RecipeConfig:
-    base = from_dict(recipe.RecipeConfig, json.loads(Path(args.mllm_recipe).read_text()))
     modes = json.dumps(run["modes"])
-    return apply_overrides(base, [
+    return recipe.load_recipe(args.mllm_recipe, [
         f"tokenizer={tokenizer.resolve()}", f"work={run['work']}", f"seed={run['seed']}", f"modes={modes}",
         f"generation_modes={modes}", *args.mllm_set,
     ])

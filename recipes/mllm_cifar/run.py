@@ -13,6 +13,10 @@ Stages (each resumable; ``all`` runs them in order), every number in ``config.js
               against the real test images; a PNG grid of samples per class; results.json + results.md
 
     python recipes/mllm_cifar/run.py all --config recipes/mllm_cifar/config.json
+
+Relative paths in a recipe file (``data``, ``work``, ``tokenizer`` when it is a folder there) are taken from the
+file's folder, as in every config file, so the recipe runs the same from any working directory; ``--set`` values
+are command-line paths, taken from the working directory.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -34,9 +38,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from dualtoken import DualTokenizer
-from dualtoken.config import apply_overrides, from_dict, to_dict
+from dualtoken.config import apply_overrides, load_config_file, to_dict
 from dualtoken.data.tokenize import encode_dataset
-from dualtoken.errors import ConfigError, DualTokenError
+from dualtoken.errors import ConfigError, DataError, DualTokenError
 from dualtoken.evaluation.distribution import frechet_distance
 from dualtoken.features import EfficientNetFeatures
 from dualtoken.io import UpscaledImageWarning, load_image, save_image, to_uint8
@@ -54,6 +58,7 @@ from dualtoken.mllm import (
 from dualtoken.mllm.data import TokenCache
 from dualtoken.mllm.text_tokenizer import train_bpe_tokenizer
 from dualtoken.mllm.train import train_mllm
+from dualtoken.precision import set_inference_precision
 from dualtoken.tokenizer_pair import TokenizerPair, is_tokenizer_pair, load_visual_tokenizer
 from dualtoken.training.config import CheckpointConfig, LogConfig, OptimizerConfig
 from dualtoken.visualize import labelled_grid
@@ -64,12 +69,19 @@ QUESTION = "What is in this image?"
 
 @dataclass
 class RecipeConfig:
-    """The whole demonstration; relative paths are relative to the working directory."""
+    """The whole demonstration. In a recipe file, relative paths are taken from the file's folder
+    (:func:`load_recipe`)."""
+
+    path_fields: ClassVar[tuple[str, ...]] = ("data", "work")
+    name_or_path_fields: ClassVar[tuple[str, ...]] = ("tokenizer",)
 
     tokenizer: str = "dualtoken-efflite0"  # an embedded DualToken model's name, a folder, or a tokenizer pair folder
     # tokenize at this size (convolutional tokenizers only): 128 px gives 8x8 positions, a 4x shorter sequence
     # than the default model's 256 px; None keeps the tokenizer's own size
     image_size: int | None = 128
+    # the tokenizer's and the MLLM training's precision (dualtoken.precision): "auto" is bf16 autocast on a CPU with
+    # bf16 matrix units and float32 elsewhere, so its figures depend on the CPU; "fp32" gives the same on every CPU
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     data: str = "../shared/data/cifar10"
     work: str = "runs/mllm_cifar"
     train_limit: int | None = None  # first N training images (None = all 7,500)
@@ -120,8 +132,22 @@ class RecipeConfig:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def load_recipe(path: str | Path, overrides: list[str]) -> RecipeConfig:
+    """A recipe file (its relative paths taken from its folder), then ``--set`` overrides (from the working
+    directory); a missing or malformed file is a ConfigError naming it."""
+    return apply_overrides(load_config_file(RecipeConfig, path, "recipe file"), overrides)
+
+
 def class_names(cfg: RecipeConfig) -> list[str]:
-    return (Path(cfg.data) / "classes.txt").read_text().split()
+    """The ten class names of ``<data>/classes.txt``; a DataError naming the path when the data is not there."""
+    path = Path(cfg.data) / "classes.txt"
+    if not path.is_file():
+        raise DataError(
+            f"no CIFAR-10 data at {Path(cfg.data).resolve()}: expected classes.txt and {{train,test}}-*.tar.gz there "
+            "(../shared/data/cifar10 beside the repository; `data` in a recipe file is taken from the file's folder, "
+            "with --set from the working directory)"
+        )
+    return path.read_text().split()
 
 
 def with_article(noun: str) -> str:
@@ -226,6 +252,7 @@ def train_config(cfg: RecipeConfig, mode: str, tokenizer_ref: str, text_vocab_si
         optimizer=cfg.optim,
         max_steps=cfg.steps,
         seed=cfg.seed,
+        precision=cfg.precision,
         output_dir=str((work / "runs" / mode).resolve()),
         log=LogConfig(every=max(1, cfg.steps // 100), console=False),
         checkpoint=CheckpointConfig(every=max(1, cfg.steps // 10), keep_last=2),
@@ -528,13 +555,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(Path(__file__).with_name("config.json")))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    cfg = apply_overrides(from_dict(RecipeConfig, json.loads(Path(args.config).read_text())), args.set)
-    Path(cfg.work).mkdir(parents=True, exist_ok=True)
-    # CIFAR-10's 32 px images are enlarged to the tokenizer's size on purpose: said once here, not once per image
-    warnings.filterwarnings("ignore", category=UpscaledImageWarning)
-    print("note: CIFAR-10's 32x32 images are upscaled to the tokenizer's input size (image_size)")
-    (Path(cfg.work) / "recipe_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     try:
+        cfg = load_recipe(args.config, args.set)
+        class_names(cfg)  # the data is there, before anything is written
+        set_inference_precision(cfg.precision)  # every encode and decode of the stages
+        Path(cfg.work).mkdir(parents=True, exist_ok=True)
+        # CIFAR-10's 32 px images are enlarged to the tokenizer's size on purpose: said once here, not once per image
+        warnings.filterwarnings("ignore", category=UpscaledImageWarning)
+        print("note: CIFAR-10's 32x32 images are upscaled to the tokenizer's input size (image_size)")
+        (Path(cfg.work) / "recipe_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
         for stage, run in (("prepare", prepare), ("train", train), ("evaluate", evaluate)):
             if args.stage in (stage, "all"):
                 run(cfg)

@@ -9,7 +9,6 @@ side by side, and their ratio), and the resulting estimate for the whole run of 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -17,10 +16,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from run import QUESTION, RecipeConfig  # noqa: E402
+from run import QUESTION, load_recipe  # noqa: E402
 
 from dualtoken import DualTokenizer  # noqa: E402
-from dualtoken.config import apply_overrides, from_dict  # noqa: E402
 from dualtoken.mllm import DualTokenMLLM, LLMConfig, MLLMConfig, answer, generate_images  # noqa: E402
 from dualtoken.mllm.data import RenderedItem, collate  # noqa: E402
 from dualtoken.mllm.text_tokenizer import train_bpe_tokenizer  # noqa: E402
@@ -46,7 +44,7 @@ def main() -> int:
     )
     parser.add_argument("--train-only", action="store_true", help="time the training step only")
     args = parser.parse_args()
-    cfg = apply_overrides(from_dict(RecipeConfig, json.loads(Path(args.config).read_text())), args.set)
+    cfg = load_recipe(args.config, args.set)
 
     torch.manual_seed(0)
     tokenizer = DualTokenizer.from_config(args.architecture).eval()

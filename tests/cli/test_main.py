@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from dualtoken.cli.main import build_parser
+from dualtoken.cli.main import build_parser, main
 
 
 def _commands() -> dict[str, argparse.ArgumentParser]:
@@ -39,3 +39,19 @@ def test_model_options_default_to_the_trained_model():
         assert _commands()[name].parse_args([] if name in ("info", "demo", "serve") else ["x", "--out", "o"]).model == (
             "dualtoken-efflite0"
         )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["encode"], "the following arguments are required: inputs, --out"),
+        (["eval", "--metrics", "speed"], "argument --metrics: invalid choice: 'speed'"),
+    ],
+)
+def test_a_command_line_that_does_not_parse_is_one_error_line(args, message, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(args)
+    assert stopped.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"dualtoken {args[0]}: error: {message}"), lines
+    assert lines[0].endswith(f"(see dualtoken {args[0]} --help)")

@@ -81,9 +81,31 @@ def test_demo_and_reconstruct_write_one_metrics_shape(photos, model_dir, tmp_pat
 
 def test_without_a_model_the_commands_use_the_trained_default(capsys):
     assert main(["info"]) == 0
-    assert '"name": "dualtoken-efflite0"' in capsys.readouterr().out
+    assert capsys.readouterr().out.startswith("model: dualtoken-efflite0\n")
     assert main(["info", "--model", "dualtoken-tiny", "--random-weights"]) == 0
-    assert '"name": "dualtoken-tiny"' in capsys.readouterr().out
+    assert capsys.readouterr().out.startswith("model: dualtoken-tiny\n")
+
+
+def test_info_prints_its_summary_and_the_config_only_when_asked(model_dir, capsys):
+    assert main(["info", "--model", str(model_dir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "model: dualtoken-tiny" and lines[1] == "input: 64x64 RGB in [-1, 1]"
+    assert lines[-1].startswith("parameters, total: ") and len(lines) <= 10
+    assert not any(line.lstrip().startswith(("{", '"')) for line in lines)  # no JSON in the summary
+    assert main(["info", "--model", str(model_dir), "--json"]) == 0
+    config = json.loads(capsys.readouterr().out)  # the config alone: it parses as JSON
+    assert config["name"] == "dualtoken-tiny" and config["backbone"]["image_size"] == 64
+
+
+@pytest.mark.parametrize("out", ["t.bin", "tokens", "t.safetensors.tmp"])
+def test_encode_to_neither_a_token_file_nor_a_folder_is_one_line_naming_both(out, photos, tmp_path):
+    result = _run(["encode", str(photos), "--model", "dualtoken-tiny", "--random-weights", "--out", out], tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"dualtoken encode: error: --out {out}: expected FILE.safetensors (one token file) or a folder for sharded "
+        f"output (an existing folder, or a path ending in /: --out {out}/)"
+    ]
+    assert not (tmp_path / out).exists() and result.stdout == ""
 
 
 def test_info_lists_the_names_by_kind(capsys):
@@ -104,7 +126,7 @@ def test_every_input_is_encoded_in_both_modes_and_decode_reads_folders(photos, m
     inputs = _two_folders(photos, tmp_path)
     assert main(["encode", *inputs, "--model", str(model_dir), "--out", str(tmp_path / "t.safetensors")]) == 0
     assert len(load_tokens(tmp_path / "t.safetensors").ids) == 4
-    assert main(["encode", *inputs, "--model", str(model_dir), "--out", str(tmp_path / "td"), "--shard-size", "3"]) == 0
+    assert main(["encode", *inputs, "--model", str(model_dir), "--out", f"{tmp_path / 'td'}/", "--shard-size", "3"]) == 0
     manifest = json.loads((tmp_path / "td" / "manifest.json").read_text())
     assert manifest["images"] == 4 and len(manifest["files"]) == 2
     capsys.readouterr()
@@ -123,11 +145,11 @@ def test_tokens_of_random_weights_say_how_to_decode_them(photos, tmp_path, capsy
     assert main(["decode", str(out), "--model", "dualtoken-tiny", "--random-weights", "--out", str(tmp_path / "d")]) == 0
 
 
-@pytest.mark.parametrize("output", ["t.safetensors", "td"])
+@pytest.mark.parametrize("output", ["t.safetensors", "td/"])
 def test_bad_files_are_skipped_named_counted_without_python_warnings(photos, model_dir, tmp_path, output):
     (tmp_path / "note.txt").write_text("not an image")
     args = ["encode", str(photos), str(tmp_path / "note.txt"), str(tmp_path / "gone.png"),
-            "--model", str(model_dir), "--out", str(tmp_path / output)]
+            "--model", str(model_dir), "--out", f"{tmp_path}/{output}"]
     result = subprocess.run([sys.executable, "-m", "dualtoken", *args], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     lines = [line for line in re.split(r"[\r\n]", result.stderr)
@@ -179,8 +201,10 @@ def test_a_closed_pipe_ends_quietly(tmp_path):
 
 
 def test_encode_prints_a_sentence_for_both_outputs(photos, model_dir, tmp_path, capsys):
-    assert main(["encode", str(photos), "--model", str(model_dir), "--out", str(tmp_path / "td")]) == 0
+    assert main(["encode", str(photos), "--model", str(model_dir), "--out", f"{tmp_path / 'td'}/"]) == 0
     assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'td'}: 3 images in 1 token file; 0 skipped"
+    assert main(["encode", str(photos), "--model", str(model_dir), "--out", str(tmp_path / "td")]) == 0  # it exists
+    assert capsys.readouterr().out.strip().endswith("in 1 token file, 1 of them already there; 0 skipped")
     one = str(next(photos.rglob("p0.png")))
     assert main(["encode", one, "--model", str(model_dir), "--out", str(tmp_path / "t.safetensors")]) == 0
     assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 't.safetensors'}: 1 image x (8x8 positions")

@@ -165,3 +165,67 @@ def test_drawing_with_a_mode_that_was_not_trained_is_refused_before_anything_run
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "generation_modes" in done.stderr
+
+
+def _run_recipe(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run([sys.executable, str(RECIPE), *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=600)
+
+
+def test_recipe_paths_are_taken_from_the_file_folder_and_set_from_the_working_directory(tmp_path, monkeypatch):
+    recipe = _recipe_module()
+    folder = tmp_path / "recipes"
+    (folder / "model").mkdir(parents=True)
+    (folder / "r.json").write_text(json.dumps({"data": "../data/cifar10", "work": "out", "tokenizer": "model"}))
+    monkeypatch.chdir(tmp_path / "recipes" / "model")
+    cfg = recipe.load_recipe(folder / "r.json", [])
+    assert (cfg.data, cfg.work, cfg.tokenizer) == (
+        str(tmp_path / "data" / "cifar10"), str(folder / "out"), str(folder / "model")
+    )
+    assert recipe.load_recipe(folder / "r.json", ["data=here"]).data == "here"  # taken from the working directory
+    assert recipe.load_recipe(folder / "r.json", ["tokenizer=dualtoken-efflite0"]).tokenizer == "dualtoken-efflite0"
+
+
+def test_missing_data_or_recipe_is_one_line_naming_the_path(tmp_path):
+    result = _run_recipe(["prepare", "--config", str(RECIPE.with_name("quick.json")), "--set", "data=nowhere"], tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"run.py: no CIFAR-10 data at {tmp_path / 'nowhere'}: expected classes.txt and {{train,test}}-*.tar.gz there "
+        "(../shared/data/cifar10 beside the repository; `data` in a recipe file is taken from the file's folder, "
+        "with --set from the working directory)"
+    ]
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    result = _run_recipe(["prepare", "--config", "gone.json"], tmp_path)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == ["run.py: recipe file not found: gone.json"]
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("name", ["quick.json", "config.json"])
+def test_the_shipped_recipes_read_the_shared_data_from_any_working_directory(name, shared_data, tmp_path, monkeypatch):
+    recipe = _recipe_module()
+    monkeypatch.chdir(tmp_path)
+    cfg = recipe.load_recipe(RECIPE.with_name(name), [])
+    assert Path(cfg.data) == (shared_data / "cifar10").resolve() and len(recipe.class_names(cfg)) == 10
+    assert Path(cfg.work).parent == RECIPE.parents[2] / "runs"  # outputs under the repository's runs/
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_the_quick_recipe_prepares_from_another_working_directory(shared_data, tmp_path):
+    work = tmp_path / "work"
+    args = ["prepare", "--config", str(RECIPE.with_name("quick.json")), "--set", f"work={work}",
+            "--set", "train_limit=4", "--set", "test_limit=2"]
+    result = _run_recipe(args, cwd=tmp_path)  # not the repository root: the file's ../../../shared/data is found
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(json.loads((work / "conversations.json").read_text())) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+
+
+def test_the_recipe_precision_reaches_training_and_the_quick_recipe_is_float32(tmp_path):
+    recipe = _recipe_module()
+    quick = recipe.load_recipe(RECIPE.with_name("quick.json"), [])
+    assert quick.precision == "fp32"  # the same figures on every CPU (auto: bf16 where the CPU has bf16 units)
+    cfg = recipe.RecipeConfig(work=str(tmp_path), precision="fp32")
+    assert recipe.train_config(cfg, "both", "dualtoken-efflite0", 300).precision == "fp32"
+    assert recipe.train_config(recipe.RecipeConfig(work=str(tmp_path)), "both", "x", 300).precision == "auto"

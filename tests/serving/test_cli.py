@@ -41,8 +41,8 @@ def test_file_then_set_then_flags(tmp_path):
     "argv, message",
     [
         (["--set", "bogus=1"], "unknown key 'bogus'"),
-        (["--max-batch", "0"], "max_batch must be >= 1"),
-        (["--port", "70000"], "port must be in 1..65535"),
+        (["--set", "max_batch=0"], "max_batch must be >= 1"),  # the flags: at parse time (tests/cli/test_options.py)
+        (["--set", "port=70000"], "port must be in 1..65535"),
         (["--config", "/nonexistent/serve.json"], "not found"),
     ],
 )

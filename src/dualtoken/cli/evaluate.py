@@ -14,7 +14,15 @@ from ..evaluation import METRIC_GROUPS, EvalConfig
 from ..evaluation.distributed import rank_and_world
 from ..process_group import join_process_group
 from ..tokenizer import DualTokenizer
-from .options import MODEL_HELP, add_precision_option, add_strict_option, announce_precision, use_precision
+from .options import (
+    COUNT,
+    MODEL_HELP,
+    ZERO_OR_MORE,
+    add_precision_option,
+    add_strict_option,
+    announce_precision,
+    use_precision,
+)
 
 # command-line flags that map one-to-one onto EvalConfig fields
 FLAG_FIELDS = ("batch_size", "limit", "classes", "labels", "inception_weights", "lpips_weights", "lpips_net",
@@ -36,16 +44,16 @@ def register(subparsers) -> None:
     parser.add_argument("--config", help="EvalConfig JSON file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override an EvalConfig field, e.g. --set kid_subsets=50 (repeatable)")
-    parser.add_argument("--batch-size", type=int, help="images per forward pass (default: the EvalConfig default, 16)")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N images")
+    parser.add_argument("--batch-size", type=COUNT, help="images per forward pass (default: the EvalConfig default, 16)")
+    parser.add_argument("--limit", type=COUNT, help="evaluate only the first N images")
     parser.add_argument("--classes", help="class names: classes.tsv (index, wnid, name) or one name per line")
     parser.add_argument("--labels", help="labels.tsv (file, class_index) for folders and file lists")
     parser.add_argument("--inception-weights", help="torch-fidelity Inception weights file: enables the real rFID")
     parser.add_argument("--lpips-weights", help="torchvision vgg16 / alexnet weights file: enables LPIPS")
     parser.add_argument("--lpips-net", choices=("vgg", "alex"), help="the LPIPS network of --lpips-weights")
     parser.add_argument("--classifier-cache", help="folder caching zero-shot text classifiers")
-    parser.add_argument("--num-workers", type=int, help="image-decoding worker processes")
-    parser.add_argument("--seed", type=int, help="seed of KID's random subsets")
+    parser.add_argument("--num-workers", type=ZERO_OR_MORE, help="image-decoding worker processes")
+    parser.add_argument("--seed", type=ZERO_OR_MORE, help="seed of KID's random subsets")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_strict_option(parser)

@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 import warnings
+from typing import NoReturn
 
 from tqdm import tqdm
 
@@ -44,11 +45,15 @@ class _Formatter(argparse.HelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
-    """Every (sub)command's help shows each option's default."""
+    """Every (sub)command's help shows each option's default; a command line it cannot parse (a missing argument,
+    a count of 0, an unknown choice) is one error line, exit code 2, like every other error."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("formatter_class", _Formatter)
         super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,7 @@ import torch
 from ..config import apply_overrides
 from ..errors import DataError
 from ..io import load_image, save_image
-from .options import add_precision_option, use_precision
+from .options import COUNT, ZERO_OR_MORE, add_precision_option, use_precision
 
 
 def _load(model_dir: str, device: str):
@@ -81,9 +81,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="image file (any PIL-readable format), resized and centre-cropped to the MLLM's input size",
     )
     p.add_argument("--no-image", action="store_true", help="ask without an image (the language model alone)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (default: the model's default)")
+    p.add_argument("--max-new-tokens", type=COUNT, default=None, help="answer length limit (default: the model's default)")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's, greedy)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--seed", type=ZERO_OR_MORE, default=0, help="sampling seed")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto, cuda when available)")
     add_precision_option(p)
     p.set_defaults(func=cmd_chat)
@@ -95,11 +95,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--cfg", type=float, default=None, help="classifier-free guidance scale; 1 = off (default: 3)"
     )
-    p.add_argument("--num", type=int, default=1, help="images to draw for the prompt")
+    p.add_argument("--num", type=COUNT, default=1, help="images to draw for the prompt")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the model's default)")
-    p.add_argument("--top-k", type=int, default=None, help="top-k sampling, 0 = off (default: the model's default)")
+    p.add_argument("--top-k", type=ZERO_OR_MORE, default=None, help="top-k sampling, 0 = off (default: the model's default)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, 1 = off (default: the model's default)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--seed", type=ZERO_OR_MORE, default=0, help="sampling seed")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: auto, cuda when available)")
     add_precision_option(p)
     p.set_defaults(func=cmd_generate)
@@ -109,6 +109,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
-        "--stop-at", type=int, default=None, metavar="STEP", help="stop (resumably) at this step, as `train` does"
+        "--stop-at", type=COUNT, default=None, metavar="STEP", help="stop (resumably) at this step, as `train` does"
     )
     p.set_defaults(func=cmd_train)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -30,6 +30,28 @@ IMAGE_NOTE = (
     "centre-cropped: a non-square photo loses its edges. An image enlarged more than 2x is named in a warning."
 )
 MODEL_HELP = "a trained model's name, a save_pretrained folder, or a Hugging Face Hub repo id (org/name)"
+
+
+def whole_number(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type`` for a whole number in ``minimum..maximum``: anything else is argparse's one error line
+    (exit 2) naming the option, what it takes and what was given. Every integer option of every command has one."""
+    expected = f"a whole number >= {minimum}" if maximum is None else f"a whole number in {minimum}..{maximum}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+COUNT = whole_number(1)  # batch sizes, images, steps, threads, limits
+ZERO_OR_MORE = whole_number(0)  # worker processes (0: none), top-k (0: off), seeds
+PORT = whole_number(1, 65535)
 
 
 def add_model_options(parser: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL, note: str = "") -> None:

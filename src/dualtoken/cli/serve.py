@@ -14,7 +14,7 @@ import torch
 
 from ..config import apply_overrides, load_config_file
 from ..errors import ConfigError
-from .options import add_model_options, add_precision_option, load_model, use_precision
+from .options import COUNT, PORT, add_model_options, add_precision_option, load_model, use_precision
 
 if TYPE_CHECKING:
     from ..serving import ServeConfig
@@ -116,17 +116,17 @@ def register(subparsers) -> None:
     add_precision_option(p)
     p.add_argument("--mllm", default=None, help="an MLLM folder: adds /v1/chat and /v1/generate")
     p.add_argument("--host", default=None, help="address to bind (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=None, help="port (default: 8000)")
+    p.add_argument("--port", type=PORT, default=None, help="port (default: 8000)")
     p.add_argument(
-        "--max-batch", type=int, default=None, help="micro-batch size; 1 turns batching off (default: 8)"
+        "--max-batch", type=COUNT, default=None, help="micro-batch size; 1 turns batching off (default: 8)"
     )
     p.add_argument(
         "--max-wait-ms", type=float, default=None, help="how long a batch waits to fill (default: 5)"
     )
     p.add_argument(
-        "--max-queue", type=int, default=None, help="waiting requests per queue before 503 (default: 64)"
+        "--max-queue", type=COUNT, default=None, help="waiting requests per queue before 503 (default: 64)"
     )
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--threads", type=COUNT, default=None, help="torch intra-op threads")
     p.add_argument(
         "--api-key",
         default=None,

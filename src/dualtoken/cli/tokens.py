@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from ..tokenfile import TokenFile, iter_token_files, load_tokens, save_tokens
 from ..tokenizer import DualTokenizer
 from ..visualize import side_by_side, token_figure, vstack
 from .options import (
+    COUNT,
     IMAGE_NOTE,
     add_model_options,
     add_precision_option,
@@ -41,9 +43,10 @@ def _progress(total: int, desc: str) -> tqdm:
 
 def cmd_encode(args: argparse.Namespace) -> int:
     use_precision(args, announce=False)
+    to_folder = _is_folder_output(args.out)
     tokenizer = load_model(args.model, args.random_weights)
     out = Path(args.out)
-    if out.suffix != ".safetensors":
+    if to_folder:
         return _encode_to_folder(tokenizer, args.inputs, out, args)
     files = expand_inputs(args.inputs)
     pixel, semantic, ids = [], [], []
@@ -64,6 +67,21 @@ def cmd_encode(args: argparse.Namespace) -> int:
     )
     print(f"wrote {out}: {plural(len(ids), 'image')} x ({_tokens_per_image(tokenizer)}) tokens")
     return 0
+
+
+def _is_folder_output(out: str) -> bool:
+    """``encode --out``: a token file (``*.safetensors``) or a token folder (an existing folder, or a path ending in
+    ``/``); any other path is a DataError naming both forms, before anything is loaded or written."""
+    if out.endswith(("/", os.sep)):
+        return True
+    if Path(out).suffix == ".safetensors":
+        return False
+    if Path(out).is_dir():
+        return True
+    raise DataError(
+        f"--out {out}: expected FILE.safetensors (one token file) or a folder for sharded output (an existing "
+        f"folder, or a path ending in /: --out {out}/)"
+    )
 
 
 def _encode_to_folder(tokenizer: DualTokenizer, inputs: list[str], out: Path, args: argparse.Namespace) -> int:
@@ -209,6 +227,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"{name}\t{model_entry(name).kind}")
         return 0
     tokenizer = load_model(args.model, args.random_weights)
+    if args.json:
+        print(tokenizer.config.to_json())
+        return 0
     parts = {
         "backbone": tokenizer.backbone,
         "pixel branch": tokenizer.pixel,
@@ -216,7 +237,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         "semantic branch": tokenizer.semantic,
         "decoder": tokenizer.decoder,
     }
-    print(tokenizer.config.to_json())
+    base = tokenizer.config.base_model
+    print(f"model: {tokenizer.config.name}" + (f" (fine-tuned from {base})" if base else ""))
     print(f"input: {tokenizer.image_size[0]}x{tokenizer.image_size[1]} RGB in [-1, 1]")
     print(f"tokens per image: {_tokens_per_image(tokenizer)}")
     rate = tokenizer.bits_per_pixel()
@@ -272,10 +294,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("encode", help="images or folders -> a token file, or a sharded token folder", epilog=IMAGE_NOTE)
     p.add_argument("inputs", nargs="+", help="image files and/or folders (one input may also be a file list or "
                    "WebDataset shards when --out is a folder)")
-    p.add_argument("--out", required=True, help="FILE.safetensors, or a folder for sharded, resumable output")
+    p.add_argument("--out", required=True, help="FILE.safetensors (one token file), or a folder for sharded, "
+                   "resumable output: an existing folder or a path ending in / (FOLDER/)")
     add_model_options(p)
-    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
-    p.add_argument("--shard-size", type=int, default=10000, help="images per token file (folder output only)")
+    p.add_argument("--batch-size", type=COUNT, default=16, help="images per forward pass")
+    p.add_argument("--shard-size", type=COUNT, default=10000, help="images per token file (folder output only)")
     add_strict_option(p)
     add_precision_option(p)
     p.set_defaults(func=cmd_encode)
@@ -284,8 +307,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("tokens", help="a token file or a sharded token folder written by `dualtoken encode`")
     p.add_argument("--out", required=True, help="output folder")
     add_model_options(p, default=None, note=" (default: the model recorded in the token file)")
-    p.add_argument("--depth", type=int, default=None, help="decode only the first k residual depths (default: all)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
+    p.add_argument("--depth", type=COUNT, default=None, help="decode only the first k residual depths (default: all)")
+    p.add_argument("--batch-size", type=COUNT, default=16, help="images per forward pass")
     add_precision_option(p)
     p.set_defaults(func=cmd_decode)
 
@@ -293,14 +316,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", help="image files and/or folders")
     p.add_argument("--out", required=True, help="output folder")
     add_model_options(p)
-    p.add_argument("--depth", type=int, default=None, help="decode only the first k residual depths (default: all)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    p.add_argument("--depth", type=COUNT, default=None, help="decode only the first k residual depths (default: all)")
+    p.add_argument("--batch-size", type=COUNT, default=8, help="images per forward pass")
     add_strict_option(p)
     add_precision_option(p)
     p.set_defaults(func=cmd_reconstruct)
 
-    p = subparsers.add_parser("info", help="config, rate, parameter counts, tokens per image; --list: the names")
+    p = subparsers.add_parser(
+        "info", help="a model's tokens per image, rate and parameter counts; --json: its config; --list: the names"
+    )
     add_model_options(p)
+    p.add_argument("--json", action="store_true", help="print the model's whole config (JSON) instead of the summary")
     p.add_argument("--list", action="store_true", help="list the registered names and which have trained weights")
     p.set_defaults(func=cmd_info)
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from .options import COUNT
+
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ..training import load_train_config, train
@@ -33,6 +35,6 @@ def register(subparsers) -> None:
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)"
     )
-    p.add_argument("--stop-at", type=int, default=None, metavar="STEP", help="stop (resumably) at this step")
+    p.add_argument("--stop-at", type=COUNT, default=None, metavar="STEP", help="stop (resumably) at this step")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=cmd_train)
