@@ -236,8 +236,12 @@ class QuantizerConfig:
     per_step_final_residual: bool = False
     # rows per block of the nearest-code search: bounds the distance matrix held in memory
     search_block_rows: int = 256
-    # inference search (no codebook update): codes at least this wide are scored through the Gram matrix E E^T,
-    # cached while its K x K float32 entries fit in search_gram_max_mib (0: never); the codes stay the same
+    # inference search (no codebook update) of a shared codebook, first pass of every depth before the exact
+    # settling: "gram" scores each row once and updates the scores from the cached Gram matrix E E^T (memory-bound;
+    # for codes at least search_gram_min_dim wide whose K x K float32 table fits in search_gram_max_mib, 0: never),
+    # "matmul" scores every depth by one float32 matmul (no table), "auto" picks matmul on CUDA and on CPUs with
+    # AVX-512, gram elsewhere (docs/PERFORMANCE.md). The codes are the same whichever runs
+    search_first_pass: typing.Literal["auto", "gram", "matmul"] = "auto"
     search_gram_min_dim: int = 64
     search_gram_max_mib: int = 1024
 
@@ -252,7 +256,8 @@ class QuantizerConfig:
             raise ConfigError(f"QuantizerConfig.decay must be in [0, 1), got {self.decay}")
         if not self.restart_threshold > 0.0:
             raise ConfigError(f"QuantizerConfig.restart_threshold must be > 0, got {self.restart_threshold}")
-        for name, allowed in (("codebook_sharing", typing.get_args(CodebookSharing)),
+        for name, allowed in (("search_first_pass", ("auto", "gram", "matmul")),
+                              ("codebook_sharing", typing.get_args(CodebookSharing)),
                               ("restart_liveness", typing.get_args(RestartLiveness))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"QuantizerConfig.{name}: {getattr(self, name)!r} is not one of {list(allowed)}")

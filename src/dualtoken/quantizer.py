@@ -155,36 +155,43 @@ def residual_codes(
 
     - from the Gram matrix ``gram`` = E E^T (K, K): scored once per row by one float32 addmm, then updated per depth,
       ``r_{q+1}.E^T = r_q.E^T - G[c_q]``: a memory-bound gather of K floats per row instead of 2 K D FLOP; or
-    - per depth by a ``low_precision`` (bf16 / fp16) matmul, where the hardware multiplies those natively.
+    - per depth by a ``low_precision`` (bf16 / fp16) matmul, where the hardware multiplies those natively; or
+    - per depth by one float32 addmm (neither given): no table, the FLOP a CPU with wide vector units does fast.
 
     Each pass's rounding is bounded per row (:func:`float32_dot_slack`; the low-precision products add four unit
     roundoffs of that dtype), and :func:`settle_codes` decides every row exactly within that bound.
     """
-    if (gram is None) == (low_precision is None):
-        raise ValueError("residual_codes needs exactly one of gram and low_precision")
+    if gram is not None and low_precision is not None:
+        raise ValueError("residual_codes takes at most one of gram and low_precision")
     rows, width = vectors.shape
     half_sq = codebook.pow(2).sum(dim=1) / 2  # (K,)
     code_norms = half_sq.mul(2).sqrt()  # (K,)
     largest = code_norms.max()
     codebook_t = codebook.t()  # (D, K)
     low_codebook_t = codebook_t.to(low_precision) if low_precision is not None else None
-    low_slack = 4 * torch.finfo(low_precision).eps / 2 + float32_dot_slack(width) if low_precision else 0.0
+    pass_slack = float32_dot_slack(width) + (4 * torch.finfo(low_precision).eps / 2 if low_precision else 0.0)
     codes = torch.empty(rows, depth, dtype=torch.long, device=vectors.device)
+    scores = vectors.new_empty(min(block_rows, rows), codebook.shape[0])  # (B, K) reused by every block
     for start in range(0, rows, block_rows):
         residual = vectors[start : start + block_rows].clone()  # (B, D)
+        block = scores[: residual.shape[0]]
         reach = residual.norm(dim=1)  # (B,) bounds the norm of every residual and code sum the scores have seen
-        scores = torch.addmm(half_sq, residual, codebook_t, alpha=-1.0) if gram is not None else None  # (B, K)
+        if gram is not None:
+            torch.addmm(half_sq, residual, codebook_t, alpha=-1.0, out=block)
         for level in range(depth):
             if gram is not None:
                 slack = float32_dot_slack(width, level) * (reach + largest).pow(2)
+            elif low_precision is not None:
+                block.copy_(residual.to(low_precision) @ low_codebook_t).neg_().add_(half_sq)
+                slack = pass_slack * (residual.norm(dim=1) + largest).pow(2)
             else:
-                scores = half_sq - (residual.to(low_precision) @ low_codebook_t).float()  # (B, K)
-                slack = low_slack * (residual.norm(dim=1) + largest).pow(2)
-            code = settle_codes(scores, slack, residual, codebook)  # (B,)
+                torch.addmm(half_sq, residual, codebook_t, alpha=-1.0, out=block)
+                slack = pass_slack * (residual.norm(dim=1) + largest).pow(2)
+            code = settle_codes(block, slack, residual, codebook)  # (B,)
             codes[start : start + block_rows, level] = code
             residual.sub_(codebook[code])
             if gram is not None and level + 1 < depth:
-                scores.add_(gram.index_select(0, code))
+                block.add_(gram.index_select(0, code))
                 reach.add_(code_norms[code])
     return codes
 
@@ -433,18 +440,34 @@ class ResidualQuantizer(nn.Module):
 
     def _planned_codes(self, residual: torch.Tensor, low_precision: torch.dtype | None) -> torch.Tensor | None:
         """Every depth's codes (N, Q) at once for a forward that leaves the codebook as it is, through a cheaper first
-        pass of :func:`residual_codes` where one applies: a ``low_precision`` matmul (the autocast dtype, bf16 or
-        fp16), else the cached Gram matrix for codes at least ``search_gram_min_dim`` wide whose Gram matrix fits in
-        ``search_gram_max_mib``. None: the per-depth float32 search. The codes are the same either way."""
+        pass of :func:`residual_codes`: a ``low_precision`` matmul (the autocast dtype, bf16 or fp16), else the
+        config's ``search_first_pass`` (:meth:`first_pass`): one float32 matmul per depth, or the cached Gram
+        matrix. None: the per-depth float32 search. The codes are the same either way."""
         cfg = self.config
         if low_precision is not None:
             return residual_codes(residual, self.codebook, cfg.depth, cfg.search_block_rows, low_precision=low_precision)
-        gram_mib = cfg.codebook_size**2 * self.codebook.element_size() / 2**20
-        if cfg.depth < 2 or cfg.code_dim < cfg.search_gram_min_dim or gram_mib > cfg.search_gram_max_mib:
+        first_pass = self.first_pass(residual.device)
+        if first_pass == "matmul":
+            return residual_codes(residual, self.codebook, cfg.depth, cfg.search_block_rows)
+        if first_pass is None:
             return None
         cache = self.__dict__.setdefault("_gram_cache", GramCache())  # not a buffer: never saved
         gram = cache.get(self.codebook, residual.shape[0], cfg.depth)
         return None if gram is None else residual_codes(residual, self.codebook, cfg.depth, cfg.search_block_rows, gram)
+
+    def first_pass(self, device: torch.device) -> str | None:
+        """The inference search's first pass here: ``matmul``, ``gram``, or None (depth by depth)."""
+        cfg = self.config
+        if cfg.depth < 2:
+            return None
+        choice = cfg.search_first_pass
+        if choice == "auto":
+            wide = device.type != "cpu" or bool(getattr(torch.cpu, "_is_avx512_supported", lambda: False)())
+            choice = "matmul" if wide else "gram"
+        gram_mib = cfg.codebook_size**2 * self.codebook.element_size() / 2**20
+        if choice == "gram" and (cfg.code_dim < cfg.search_gram_min_dim or gram_mib > cfg.search_gram_max_mib):
+            return None
+        return choice
 
     def _book(self, depth: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codebook (K, D), cluster_size (K,), embed_sum (K, D)) of one depth's codebook (None: the shared one);

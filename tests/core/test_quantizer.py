@@ -84,25 +84,26 @@ def test_nearest_codes_agrees_with_the_plain_float32_search_off_ties():
     assert torch.equal(nearest_codes(vectors, codebook), plain_nearest(vectors, codebook))
 
 
-@pytest.mark.parametrize("low_precision", [None, torch.bfloat16])
+@pytest.mark.parametrize("first_pass", ["gram", "matmul", "bf16"])
 @pytest.mark.parametrize("case", ["random", "near_ties"])
-def test_residual_codes_equal_the_per_depth_search(case, low_precision):
+def test_residual_codes_equal_the_per_depth_search(case, first_pass):
     if case == "random":
         g = torch.Generator().manual_seed(1)
         vectors, codebook = torch.randn(300, 96, generator=g) * 3, torch.randn(1024, 96, generator=g)
     else:
         vectors, codebook = near_tie_codebook()
     expected = per_depth_codes(vectors, codebook, 4)
-    gram = None if low_precision else codebook @ codebook.t()
+    gram = codebook @ codebook.t() if first_pass == "gram" else None
+    low_precision = torch.bfloat16 if first_pass == "bf16" else None
     for block_rows in (64, 256):
         codes = residual_codes(vectors, codebook, 4, block_rows, gram=gram, low_precision=low_precision)
         assert torch.equal(codes, expected)
     with pytest.raises(ValueError):
-        residual_codes(vectors, codebook, 4)
+        residual_codes(vectors, codebook, 4, gram=codebook @ codebook.t(), low_precision=torch.bfloat16)
 
 
 def test_eval_forward_builds_the_gram_matrix_once_it_pays_and_keeps_the_codes():
-    q = make(K=256, D=64, Q=4).eval()
+    q = make(K=256, D=64, Q=4, search_first_pass="gram").eval()
     x = torch.randn(100, 64)
     expected = per_depth_codes(x, q.codebook, 4)
     first = q(x)  # 100 rows x 3 later depths > 256: the Gram matrix is built
@@ -113,9 +114,23 @@ def test_eval_forward_builds_the_gram_matrix_once_it_pays_and_keeps_the_codes():
     second = q.eval()(x)
     assert torch.equal(cache.source, q.codebook) and torch.equal(cache.gram, q.codebook @ q.codebook.t())
     assert torch.equal(second.codes, per_depth_codes(x, q.codebook, 4))
-    small = make(K=256, D=64, Q=4, search_gram_max_mib=0).eval()
+    small = make(K=256, D=64, Q=4, search_first_pass="gram", search_gram_max_mib=0).eval()
     small(x)
     assert "_gram_cache" not in small.__dict__
+
+
+def test_the_matmul_first_pass_holds_no_table_and_keeps_the_codes(monkeypatch):
+    q = make(K=256, D=64, Q=4, search_first_pass="matmul").eval()
+    x = torch.randn(100, 64)
+    assert torch.equal(q(x).codes, per_depth_codes(x, q.codebook, 4))
+    assert "_gram_cache" not in q.__dict__
+    auto = make(K=256, D=64, Q=4).eval()  # auto: matmul where the CPU has AVX-512, the Gram matrix elsewhere
+    for avx512, expected in ((True, "matmul"), (False, "gram")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda avx512=avx512: avx512)
+        assert auto.first_pass(torch.device("cpu")) == expected
+    assert auto.first_pass(torch.device("meta")) == "matmul"
+    with pytest.raises(ConfigError, match="search_first_pass"):
+        QuantizerConfig(search_first_pass="faiss")
 
 
 def test_codes_of_the_parity_fixtures_through_every_search(parity_dir):
