@@ -75,7 +75,7 @@ def build_pixel_tap_cache(
     crops, size = config.cache.crops_per_image, tokenizer.image_size
     records = [record for record, _ in resolve_source(spec).walk(seed=config.seed)]
     training = tokenizer.backbone.training
-    tokenizer.backbone.eval()
+    tokenizer.backbone.eval().to(memory_format=torch.channels_last)  # faster convolutions on a CPU; same values
     images: list[torch.Tensor] = []
     ids: list[str] = []
     tokens: list[torch.Tensor] = []
@@ -90,7 +90,8 @@ def build_pixel_tap_cache(
         while len(pending) >= config.cache.batch_size or (pending and number == len(records)):
             batch = torch.stack(pending[: config.cache.batch_size])
             pending = pending[config.cache.batch_size :]
-            tokens.append(pixel_tap_tokens(tokenizer, batch.to(device)).to("cpu", dtype))
+            taps = pixel_tap_tokens(tokenizer, batch.to(device, memory_format=torch.channels_last))
+            tokens.append(taps.to("cpu", dtype))
             images.append(torch.round((batch + 1.0) * 127.5).to(torch.uint8))
         bar.update(1)
     bar.close()
