@@ -75,6 +75,7 @@ def test_a_finetune_exports_a_model_that_loads_by_path_and_keeps_every_frozen_we
     assert lines[0].startswith("held-out PSNR before: ")
     assert any("bit-identical to dualtoken-tiny" in line for line in result.summary_lines())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "my-photos", "photos"]  # no work folder left
+    assert out.stat().st_mode & 0o777 == (tmp_path / "photos").stat().st_mode & 0o777  # not a temporary's 0700
 
 
 def _eval_image(path: Path) -> torch.Tensor:

@@ -64,9 +64,14 @@ def write_atomic(obj: Any, path: Path) -> Path:
 
 
 def folder_beside(path: Path, kind: str) -> Path:
-    """A new hidden folder beside ``path`` (same file system, so it can be renamed onto ``path``), named after it."""
+    """A new hidden folder beside ``path`` (same file system, so it can be renamed onto ``path``), named after it,
+    with the mode a new folder gets under the user's umask (not mkdtemp's 0700)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.{kind}-", dir=path.parent))
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.{kind}-", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    return folder
 
 
 def replace_folder(finished: Path, path: Path) -> Path:

@@ -74,7 +74,7 @@ def finetune_recipe() -> TrainConfig:
         branch="pixel",
         max_steps=1_000_000,  # the clock ends the run
         data=DataConfig(batch_size=16, crop_scale=(0.2, 0.3)),
-        optimizer=OptimizerConfig(lr=2e-4, warmup_steps=5, schedule="constant", betas=(0.5, 0.9)),
+        optimizer=OptimizerConfig(lr=5e-5, warmup_steps=5, schedule="constant", betas=(0.5, 0.9)),
         loss=LossConfig(semantic_weight=0.0, perceptual=0.0, perceptual_kind="none", gan=GanConfig(enabled=False)),
         freeze=FreezeConfig(preset="stage0"),
         cache=FeatureCacheConfig(pixel_tap=True, crops_per_image=2, batch_size=16),
