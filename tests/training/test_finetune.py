@@ -113,6 +113,12 @@ def test_bad_settings_are_refused(values, message):
         FinetuneConfig(**values)
 
 
+def test_a_budget_that_leaves_no_time_to_train_is_refused_and_writes_nothing(base_dir, photos, tmp_path):
+    with pytest.raises(ConfigError, match="0.05 minutes leave no time to train"):
+        finetune(photos, tmp_path / "out", _config("minutes=0.05"), model=str(base_dir))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "photos"]
+
+
 def test_the_recipe_must_stay_on_the_cached_pixel_path():
     with pytest.raises(ConfigError, match='train.branch must stay "pixel"'):
         load_finetune_config(["train.cache.pixel_tap=false"])

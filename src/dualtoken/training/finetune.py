@@ -346,6 +346,7 @@ def finetune(
         engine = tokenizer_engine(train_config, tokenizer=trained)
         seconds = deadline - time.perf_counter() - 1.5 * evaluation - 10.0  # the after-evaluation and the export
         if seconds <= 0:
+            engine.close()
             raise ConfigError(
                 f"{config.minutes:g} minutes leave no time to train after the crops' tower pass and the evaluations: "
                 "give more minutes"
