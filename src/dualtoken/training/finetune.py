@@ -275,7 +275,7 @@ class FinetuneResult:
     steps: int
     batch_size: int  # crops a step
     train_seconds: float  # the training loop's
-    total_seconds: float  # the whole fine-tune's
+    total_seconds: float  # the whole fine-tune's, up to the report
     crops: int  # crops cut from the training images (cache.crops_per_image each)
     train_images: int
     heldout: list[str]
@@ -361,17 +361,14 @@ def finetune(
         folder = exporter.write(unwrap(engine.model))
         exported = DualTokenizer.from_pretrained(folder)
         after = per_image_psnr(exported, images, config.eval_batch_size)
+        changed = changed_outside(TRAINED_PREFIXES, exporter.vessel.model_dir / WEIGHTS_NAME, folder / WEIGHTS_NAME)
         result = FinetuneResult(
             export=out, base=base_name, steps=summary["step"], batch_size=engine.samples_per_step,
-            train_seconds=train_seconds, total_seconds=0.0, crops=len(engine.task.cache),
+            train_seconds=train_seconds, total_seconds=time.perf_counter() - begun, crops=len(engine.task.cache),
             train_images=len(split.train), heldout=ids, psnr_before=before, psnr_after=after,
             difference=bootstrap_mean(after - before, config.bootstrap_resamples, config.seed),
-            changed_outside_pixel_path=changed_outside(
-                TRAINED_PREFIXES, exporter.vessel.model_dir / WEIGHTS_NAME, folder / WEIGHTS_NAME
-            ),
-            image_size=tuple(base.image_size),
+            changed_outside_pixel_path=changed, image_size=tuple(base.image_size),
         )
-        result.total_seconds = time.perf_counter() - begun  # the report's writing and renaming aside
         _write_report(folder, exported, result, config)
         exporter.publish(folder, summary["step"])
         return result
@@ -395,8 +392,8 @@ def _run_recipe(train: TrainConfig, model: str, work: Path) -> TrainConfig:
 
 
 def _training_model(base: DualTokenizer, crop_size: int) -> DualTokenizer:
-    """A copy of the base to train: at ``crop_size`` for a convolutional tower smaller than that size's
-    (the same weights), at its own size otherwise."""
+    """A copy of the base to train (the same weights): at ``crop_size`` when the tower is convolutional and the
+    model larger, at its own size otherwise."""
     if crop_size < min(base.image_size):
         try:
             return base.at_resolution(crop_size).train()
