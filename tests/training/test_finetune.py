@@ -191,3 +191,14 @@ def test_a_folder_replaced_while_interrupted_is_put_back(tmp_path, monkeypatch):
     checkpoints.replace_folder(new, old)
     assert (old / "config.json").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_convolutional_tower_trains_on_crops_of_crop_size_with_the_same_weights(tiny_tokenizer):
+    from dualtoken.training.finetune import _training_model
+
+    shipped = DualTokenizer.from_pretrained("dualtoken-efflite0")
+    small = _training_model(shipped, 128)
+    assert small.image_size == (128, 128) and shipped.image_size == (256, 256) and small.training
+    assert all(torch.equal(v, small.state_dict()[k]) for k, v in shipped.state_dict().items())
+    assert _training_model(tiny_tokenizer, 128).image_size == (64, 64)  # already smaller
+    assert _training_model(tiny_tokenizer, 32).image_size == (64, 64)  # position embeddings: its own size
