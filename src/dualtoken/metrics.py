@@ -25,3 +25,15 @@ def ssim(reconstruction: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
     return structural_similarity_index_measure(
         _unit(reconstruction), _unit(original), data_range=1.0, reduction="none"
     )
+
+
+def bootstrap_mean(values: torch.Tensor, resamples: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Mean of per-image ``values`` with its 95 % percentile bootstrap interval (``resamples`` draws of the images
+    with replacement): ``{"mean", "low", "high", "n"}``. Given per-image differences of two models on the same
+    images it is the paired bootstrap: each draw takes one set of images for both."""
+    values = values.detach().double().flatten().cpu()
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randint(len(values), (resamples, len(values)), generator=generator)
+    means = values[index].mean(dim=1)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"mean": float(values.mean()), "low": low, "high": high, "n": len(values)}

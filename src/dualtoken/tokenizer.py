@@ -269,11 +269,16 @@ class DualTokenizer(
         output_hidden_states: bool = False,
         pixel_only: bool = False,
         semantic_only: bool = False,
+        pixel_tap: bool = False,
     ) -> DualTokenizerOutput | SemanticOutput:
         """Tokenize, reconstruct and pool. In training mode the quantizers update their codebooks (EMA).
         ``pixel_only``: the pixel vocabulary and the decoder alone; the tower runs only up to the pixel tap.
         ``semantic_only``: ``images`` are the tower's tokens at the semantic tap (B, h*w, W), e.g. cached ones;
-        the semantic vocabulary and the layers after the tap alone (see :meth:`forward_semantic`)."""
+        the semantic vocabulary and the layers after the tap alone (see :meth:`forward_semantic`).
+        ``pixel_tap``: ``images`` are the tower's tokens at the pixel taps; the pixel path alone (see
+        :meth:`forward_pixel_taps`)."""
+        if pixel_tap:
+            return self.forward_pixel_taps(images)
         if pixel_only:
             return self._forward_pixel(images)
         if semantic_only:
@@ -304,12 +309,23 @@ class DualTokenizer(
 
     def _forward_pixel(self, images: torch.Tensor) -> DualTokenizerOutput:
         """The pixel path alone: tower up to the pixel tap, pixel quantizer, up-projection, decoder."""
-        taps = self._run_to_taps(images, pixel_only=True)
-        pixel = self.quantizer("pixel")(taps.pixel_latent)
+        return self._pixel_path(self._run_to_taps(images, pixel_only=True).pixel_latent)
+
+    def forward_pixel_taps(self, tap_tokens: torch.Tensor) -> DualTokenizerOutput:
+        """The pixel path from the tower's tokens at the pixel tap, e.g. cached ones: (B, T, h*w, W), T = 1, or 2
+        with a shortcut (its tap's tokens second). A model with a pixel vocabulary of its own only."""
+        latent = self.pixel.down(tap_tokens[:, 0])
+        if self.pixel_shortcut is not None:
+            latent = latent + self.config.shortcut_weight * self.pixel_shortcut(tap_tokens[:, 1])
+        return self._pixel_path(latent)
+
+    def _pixel_path(self, latent: torch.Tensor) -> DualTokenizerOutput:
+        """Pixel latents (B, h*w, D) -> pixel quantizer, up-projection, decoder."""
+        pixel = self.quantizer("pixel")(latent)
         return DualTokenizerOutput(
             pixel_codes=self._grid_codes(pixel.codes),
             semantic_codes=None,
-            pixel_latent=taps.pixel_latent,
+            pixel_latent=latent,
             semantic_latent=None,
             pixel_quantized=pixel.quantized,
             semantic_quantized=None,

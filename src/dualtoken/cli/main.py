@@ -23,7 +23,7 @@ from .options import plural
 # modules that add sub-commands; each defines register(subparsers) and sets `func` on its parsers
 COMMAND_MODULES = (
     "dualtoken.cli.tokens",  # encode, decode, reconstruct, info, convert-reference, demo
-    "dualtoken.cli.train",  # train, encode-dataset
+    "dualtoken.cli.train",  # train, finetune
     "dualtoken.cli.evaluate",  # eval
     "dualtoken.cli.serve",  # serve
     "dualtoken.cli.mllm",  # chat, generate, train-mllm

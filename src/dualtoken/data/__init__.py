@@ -7,7 +7,7 @@
 """
 
 from .device import DeviceCropLoader, pack_images, read_packed
-from .images import ImageSource, SkippedImageWarning, decode_record, open_image_source
+from .images import ImageSource, SkippedImageWarning, decode_crops, decode_record, open_image_source
 from .sources import Position, Record, RecordSource, resolve_source
 from .stream import TrainLoader
 from .tokenize import encode_dataset
@@ -18,6 +18,7 @@ __all__ = [
     "ImageSource",
     "SkippedImageWarning",
     "decode_record",
+    "decode_crops",
     "resolve_source",
     "RecordSource",
     "Record",

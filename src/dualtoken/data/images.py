@@ -42,15 +42,31 @@ def decode_record(
 
     Raises ImageError when the record does not decode.
     """
+    return decode_crops(record, size, 1, train, seed, epoch, crop_scale)[0]
+
+
+def decode_crops(
+    record: Record,
+    size: tuple[int, int],
+    crops: int,
+    train: bool = True,
+    seed: int = 0,
+    first_epoch: int = 0,
+    crop_scale: tuple[float, float] = (0.9, 1.0),
+) -> list[torch.Tensor]:
+    """The training crops of epochs ``first_epoch .. first_epoch + crops - 1`` of a record, decoded once (the crops
+    :func:`decode_record` gives for those epochs); without ``train`` the one eval crop. Raises ImageError when the
+    record does not decode."""
     if isinstance(record.payload, bytes) and not record.payload:
         raise ImageError("the sample holds no image (expected a jpg/png/webp/... member)")
     payload = record.payload
     image = open_rgb(io.BytesIO(payload) if isinstance(payload, bytes) else payload)
-    if train:
-        return train_transform(
-            image, size, random.Random(f"crop/{seed}/{epoch}/{record.id}"), scale=crop_scale
-        )
-    return eval_transform(image, size)
+    if not train:
+        return [eval_transform(image, size)]
+    return [
+        train_transform(image, size, random.Random(f"crop/{seed}/{epoch}/{record.id}"), scale=crop_scale)
+        for epoch in range(first_epoch, first_epoch + crops)
+    ]
 
 
 def _as_size(size: int | tuple[int, int]) -> tuple[int, int]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,35 @@ def write_atomic(obj: Any, path: Path) -> Path:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    return path
+
+
+def folder_beside(path: Path, kind: str) -> Path:
+    """A new hidden folder beside ``path`` (same file system, so it can be renamed onto ``path``), named after it,
+    with the mode a new folder gets under the user's umask (not mkdtemp's 0700)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.{kind}-", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    return folder
+
+
+def replace_folder(finished: Path, path: Path) -> Path:
+    """Put the folder ``finished`` (written beside ``path`` by :func:`folder_beside`) at ``path``, replacing what
+    was there: the old folder is renamed aside, the new one renamed in, then the old one deleted. Each rename is
+    atomic, so ``path`` holds the old folder or the new one, except between the two renames; a failure or an
+    interrupt there puts the old one back."""
+    aside = path.with_name(f".{path.name}.old-{os.getpid()}")
+    try:
+        if path.exists():
+            os.rename(path, aside)
+        os.rename(finished, path)
+    except BaseException:
+        if aside.exists() and not path.exists():
+            os.rename(aside, path)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
     return path
 
 

@@ -92,14 +92,18 @@ class FreezeConfig:
 
 @dataclass
 class FeatureCacheConfig:
-    """Tap features of the frozen tower, computed once per training crop (``branch: "semantic"``).
+    """Tap features of the frozen tower, computed once per training crop (``branch: "semantic"``, and
+    ``branch: "pixel"`` with ``pixel_tap``).
 
-    Each image gives ``crops_per_image`` random crops (``data.crop_scale``); per crop the cache keeps the tower's
-    tokens at the semantic tap and the teacher's pooled output. Shards of ``shard_images`` images are written
-    atomically, so an interrupted cache build resumes where it stopped.
+    Each image gives ``crops_per_image`` random crops (``data.crop_scale``); per crop the semantic cache keeps the
+    tower's tokens at the semantic tap and the teacher's pooled output, in shards of ``shard_images`` images written
+    atomically, so an interrupted cache build resumes where it stopped. The pixel-tap cache keeps the crop (8-bit)
+    and the tower's tokens at the pixel tap (and the shortcut's), in memory.
     """
 
-    folder: str | None = None  # default: <output_dir>/features
+    # branch "pixel": run the frozen tower once per crop, up to the pixel tap, and train on those tokens
+    pixel_tap: bool = False
+    folder: str | None = None  # the semantic cache's folder; default: <output_dir>/features
     crops_per_image: int = 1
     shard_images: int = 256
     batch_size: int = 8  # crops per forward while computing features
@@ -231,10 +235,27 @@ class TrainConfig:
             raise ConfigError('branch "pixel" has no semantic path to distil: set teacher=none and loss.semantic_weight=0')
         if self.branch == "semantic" and self.teacher == "none":
             raise ConfigError('branch "semantic" distils against a teacher: set teacher to "pretrained" or "initial"')
+        if self.cache.pixel_tap:
+            self._check_pixel_tap()
         if self.teacher == "none" and self.loss.needs_teacher:
             raise ConfigError(
                 "teacher is 'none' but the loss has distillation terms: set loss.semantic_weight=0 or a teacher"
             )
+
+    def _check_pixel_tap(self) -> None:
+        """``cache.pixel_tap`` trains the pixel path on cached tap tokens: what needs the tower at each step or
+        images beyond the cached crops is refused."""
+        if self.branch != "pixel":
+            raise ConfigError(f'cache.pixel_tap applies to branch "pixel" only, got branch {self.branch!r}')
+        refused = {
+            "loss.reencode": self.loss.reencode != 0,  # runs the tower on each reconstruction
+            "loss.gan.enabled": self.loss.gan.enabled,
+            "codebook_init.method": self.codebook_init.method != "random",
+            "cache.folder": self.cache.folder is not None,  # the pixel-tap cache lives in memory
+        }
+        for key, set_ in refused.items():
+            if set_:
+                raise ConfigError(f"{key} does not apply with cache.pixel_tap (the tower's pixel-tap tokens cached)")
 
     def to_json(self) -> str:
         return json.dumps(to_dict(self), indent=2)

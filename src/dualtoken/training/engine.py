@@ -364,10 +364,7 @@ class Engine:
             (self.out_dir / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
         for callback in self.task.callbacks:
             callback.on_start(self)
-        bar = tqdm(
-            total=cfg.max_steps, initial=self.step, desc=f"train {self.task.name}", unit="step",
-            disable=not (cfg.log.progress and runtime.is_main),
-        )
+        bar = self._progress_bar()
         last: dict[str, float] = {}
         window: dict[str, list[float]] = defaultdict(list)
         window_steps, clock = 0, time.perf_counter()
@@ -380,8 +377,12 @@ class Engine:
                 end, out_of_time = self.step, True
             for name, value in values.items():
                 window[name].append(value)
-            bar.update(1)
-            bar.set_postfix(loss=f"{values['loss']:.4f}")
+            if cfg.max_seconds:  # the bar counts seconds: its ETA is the time left
+                bar.update(min(time.perf_counter() - started, cfg.max_seconds) - bar.n)
+                bar.set_postfix(step=self.step, loss=f"{values['loss']:.4f}")
+            else:
+                bar.update(1)
+                bar.set_postfix(loss=f"{values['loss']:.4f}")
             if self.step % cfg.log.every == 0 or self.step == end:
                 last = self._record(window, window_steps, time.perf_counter() - clock)
                 window, window_steps, clock = defaultdict(list), 0, time.perf_counter()
@@ -407,6 +408,17 @@ class Engine:
             "checkpoint": str(checkpoint) if checkpoint else None,
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
         }
+
+    def _progress_bar(self) -> tqdm:
+        """Steps towards ``max_steps``; under a wall-clock budget (``max_seconds``), its seconds (whichever comes
+        first ends the run), so that the bar's remaining time is the budget's."""
+        cfg = self.config
+        enabled = cfg.log.progress and self.runtime.is_main
+        desc = f"train {self.task.name}"
+        if not cfg.max_seconds:
+            return tqdm(total=cfg.max_steps, initial=self.step, desc=desc, unit="step", disable=not enabled)
+        bar_format = "{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} left{postfix}"
+        return tqdm(total=cfg.max_seconds, desc=desc, bar_format=bar_format, disable=not enabled)
 
     def _record(self, window: dict[str, list[float]], steps: int, seconds: float) -> dict[str, float]:
         """The ``train`` record of a window of steps: mean scalars over steps and processes, and the throughput."""

@@ -20,9 +20,7 @@ computes the cache and every process trains on its share of each batch (DDP).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,13 +30,12 @@ from torch import nn
 from tqdm import tqdm
 
 from ..config import to_dict
+from ..data.images import decode_crops
 from ..data.sources import resolve_source
-from ..data.transforms import eval_transform, train_transform
 from ..errors import ConfigError, DataError, ImageError
 from ..evaluation.codebook_stats import code_histogram, usage_stats
 from ..evaluation.samples import labels_from_tsv
 from ..factory import build_tokenizer
-from ..io import open_rgb
 from ..losses import DualTokenObjective, TeacherTargets, teacher_targets
 from ..tokenizer import DualTokenizer
 from . import checkpoints
@@ -188,17 +185,11 @@ def _features_of(records, config, tokenizer, teacher, crops, train, dtype, skipp
     images, ids = [], []
     for record in records:
         try:
-            image = open_rgb(io.BytesIO(record.payload) if isinstance(record.payload, bytes) else record.payload)
+            images += decode_crops(record, tokenizer.image_size, crops, train, config.seed, 0, config.data.crop_scale)
         except ImageError as exc:
             skipped.append(f"{record.id}: {exc}")
             continue
-        for crop in range(crops):
-            if train:
-                rng = random.Random(f"crop/{config.seed}/{crop}/{record.id}")
-                images.append(train_transform(image, tokenizer.image_size, rng, scale=config.data.crop_scale))
-            else:
-                images.append(eval_transform(image, tokenizer.image_size))
-            ids.append(f"{record.id}#{crop}")
+        ids += [f"{record.id}#{crop}" for crop in range(crops)]
     parts: dict[str, list[torch.Tensor]] = {"inputs": [], "target_tokens": [], "pooled": []}
     batch = config.cache.batch_size
     device = next(teacher.parameters()).device

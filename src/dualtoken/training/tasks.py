@@ -26,7 +26,7 @@ from ..errors import ConfigError
 from ..evaluation.protocol import to_uint8_levels
 from ..factory import build_tokenizer
 from ..io import save_image
-from ..losses import DualTokenObjective, teacher_targets
+from ..losses import DualTokenObjective, LossConfig, teacher_targets
 from ..metrics import psnr
 from ..perceptual import build_perceptual
 from ..tokenizer import DualTokenizer
@@ -47,6 +47,15 @@ def make_teacher(tokenizer: DualTokenizer, setting: str, device: torch.device, g
         given = tokenizer.teacher() if setting == "pretrained" else copy.deepcopy(tokenizer.backbone)
     given.requires_grad_(False)
     return given.eval().to(device)
+
+
+def make_objective(loss: LossConfig, device: torch.device) -> DualTokenObjective:
+    """The generator objective of ``loss``, with its perceptual network on ``device`` when the term is on."""
+    perceptual = None
+    if loss.perceptual:
+        perceptual = build_perceptual(loss.perceptual_kind, loss.vgg_weights, loss.lpips_heads, loss.perceptual_resize)
+        perceptual = perceptual.to(device)
+    return DualTokenObjective(loss, perceptual)
 
 
 class TokenizerModelTask(Task):
@@ -98,12 +107,7 @@ class TokenizerTask(TokenizerModelTask):
             raise ConfigError("loss.reencode runs the tower outside the model's forward: use parallel=ddp")
         tok.backbone.set_gradient_checkpointing(config.gradient_checkpointing)
         self.model = self.tokenizer = tok.to(device)
-        perceptual = None
-        if config.loss.perceptual:
-            loss = config.loss
-            perceptual = build_perceptual(loss.perceptual_kind, loss.vgg_weights, loss.lpips_heads, loss.perceptual_resize)
-            perceptual = perceptual.to(device)
-        self.objective = DualTokenObjective(config.loss, perceptual)
+        self.objective = make_objective(config.loss, device)
         data = config.data
         self.data = self.loader = loader or TrainLoader(
             resolve_source(data.train, data.shuffle_buffer), tok.image_size, data.batch_size, config.seed,
