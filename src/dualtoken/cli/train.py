@@ -14,9 +14,7 @@ import sys
 from tqdm import tqdm
 
 from ..registry import DEFAULT_MODEL
-from .options import MODEL_HELP
-
-from .options import COUNT
+from .options import COUNT, MODEL_HELP
 
 
 def cmd_train(args: argparse.Namespace) -> int:
