@@ -239,8 +239,9 @@ class QuantizerConfig:
     # inference search (no codebook update) of a shared codebook, first pass of every depth before the exact
     # settling: "gram" scores each row once and updates the scores from the cached Gram matrix E E^T (memory-bound;
     # for codes at least search_gram_min_dim wide whose K x K float32 table fits in search_gram_max_mib, 0: never),
-    # "matmul" scores every depth by one float32 matmul (no table), "auto" picks matmul on CUDA and on CPUs with
-    # AVX-512, gram elsewhere (docs/PERFORMANCE.md). The codes are the same whichever runs
+    # "matmul" scores every depth by one float32 matmul (no table: 1 GiB less for the shipped semantic
+    # vocabulary, at about half the speed on a CPU), "auto" picks gram on a CPU and matmul on CUDA
+    # (docs/PERFORMANCE.md). The codes are the same whichever runs
     search_first_pass: typing.Literal["auto", "gram", "matmul"] = "auto"
     search_gram_min_dim: int = 64
     search_gram_max_mib: int = 1024

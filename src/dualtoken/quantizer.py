@@ -172,6 +172,7 @@ def residual_codes(
     pass_slack = float32_dot_slack(width) + (4 * torch.finfo(low_precision).eps / 2 if low_precision else 0.0)
     codes = torch.empty(rows, depth, dtype=torch.long, device=vectors.device)
     scores = vectors.new_empty(min(block_rows, rows), codebook.shape[0])  # (B, K) reused by every block
+    gathered = torch.empty_like(scores) if gram is not None else None  # (B, K) Gram rows, reused: no allocation
     for start in range(0, rows, block_rows):
         residual = vectors[start : start + block_rows].clone()  # (B, D)
         block = scores[: residual.shape[0]]
@@ -191,7 +192,7 @@ def residual_codes(
             codes[start : start + block_rows, level] = code
             residual.sub_(codebook[code])
             if gram is not None and level + 1 < depth:
-                block.add_(gram.index_select(0, code))
+                block.add_(torch.index_select(gram, 0, code, out=gathered[: len(code)]))
                 reach.add_(code_norms[code])
     return codes
 
@@ -462,8 +463,7 @@ class ResidualQuantizer(nn.Module):
             return None
         choice = cfg.search_first_pass
         if choice == "auto":
-            wide = device.type != "cpu" or bool(getattr(torch.cpu, "_is_avx512_supported", lambda: False)())
-            choice = "matmul" if wide else "gram"
+            choice = "gram" if device.type == "cpu" else "matmul"
         gram_mib = cfg.codebook_size**2 * self.codebook.element_size() / 2**20
         if choice == "gram" and (cfg.code_dim < cfg.search_gram_min_dim or gram_mib > cfg.search_gram_max_mib):
             return None

@@ -190,6 +190,13 @@ class DualTokenizer(
             self.push_to_hub(repo_id or path.name, **push_to_hub_kwargs)
         return path
 
+    def export_onnx(self, folder: str | Path) -> Path:
+        """Write ``encoder.onnx`` (images -> codes of both vocabularies), ``decoder.onnx`` (pixel codes of any first
+        depths -> images) and ``manifest.json`` for ONNX Runtime without PyTorch (see :mod:`dualtoken.export`)."""
+        from .export import export_onnx
+
+        return export_onnx(self, folder)
+
     def _save_pretrained(self, save_directory: Path) -> None:
         """What ``ModelHubMixin.push_to_hub`` writes before uploading: the same folder as :meth:`save_pretrained`."""
         from .checkpoint import save_pretrained

@@ -119,16 +119,15 @@ def test_eval_forward_builds_the_gram_matrix_once_it_pays_and_keeps_the_codes():
     assert "_gram_cache" not in small.__dict__
 
 
-def test_the_matmul_first_pass_holds_no_table_and_keeps_the_codes(monkeypatch):
+def test_the_matmul_first_pass_holds_no_table_and_keeps_the_codes():
     q = make(K=256, D=64, Q=4, search_first_pass="matmul").eval()
     x = torch.randn(100, 64)
     assert torch.equal(q(x).codes, per_depth_codes(x, q.codebook, 4))
     assert "_gram_cache" not in q.__dict__
-    auto = make(K=256, D=64, Q=4).eval()  # auto: matmul where the CPU has AVX-512, the Gram matrix elsewhere
-    for avx512, expected in ((True, "matmul"), (False, "gram")):
-        monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda avx512=avx512: avx512)
-        assert auto.first_pass(torch.device("cpu")) == expected
+    auto = make(K=256, D=64, Q=4).eval()  # auto: the Gram matrix on a CPU, a matmul per depth on an accelerator
+    assert auto.first_pass(torch.device("cpu")) == "gram"
     assert auto.first_pass(torch.device("meta")) == "matmul"
+    assert make(K=256, D=32, Q=4).first_pass(torch.device("cpu")) is None  # too narrow for the Gram matrix
     with pytest.raises(ConfigError, match="search_first_pass"):
         QuantizerConfig(search_first_pass="faiss")
 
