@@ -181,6 +181,13 @@ class EvalTaps:
     heldout_ids: list[str]
     heldout_tokens: dict[int, torch.Tensor]
 
+    def first(self, count: int | None) -> EvalTaps:
+        """The same for the first ``count`` images of each set (all: None)."""
+        cut = slice(None, count)
+        return EvalTaps(self.layers, self.digests, self.kodak_ids[cut], self.kodak_images[cut],
+                        {layer: values[cut] for layer, values in self.kodak_tokens.items()}, self.heldout_ids[cut],
+                        {layer: values[cut] for layer, values in self.heldout_tokens.items()})
+
     def check(self, tokenizer: DualTokenizer) -> None:
         """DataError unless the tokenizer's tower up to its deepest tap is the one these tokens came from."""
         deepest = max(tokenizer.tap_layers())
@@ -405,20 +412,24 @@ def figure(rows: list[dict], path: Path) -> Path | None:
     return path
 
 
-def curve_table(runs: dict[str, dict], curves: dict[str, list[dict]]) -> str:
-    """Held-out top-1 (%) and Kodak PSNR (dB) of every run at every scored export step."""
+def curve_table(runs: dict[str, dict], curves: dict[str, list[dict]], images: int | None) -> str:
+    """Held-out top-1, token cosine and Kodak PSNR of every run at every scored export step."""
     steps = [point["step"] for point in next(iter(curves.values()))]
     lines = ["| run | " + " | ".join(f"step {step}" for step in steps) + " |", "|---" * (1 + len(steps)) + "|"]
     for name in runs:
         cells = [
-            ("n/a" if p["top1"] is None else f"{100.0 * p['top1']:.1f} %") + f" / {p['psnr']:.2f} dB" for p in curves[name]
+            ("n/a" if p["top1"] is None else f"{100.0 * p['top1']:.1f} %") + f" / {p['token_cosine']:.3f} / {p['psnr']:.2f} dB"
+            for p in curves[name]
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "Learning curves, held-out top-1 / Kodak PSNR at each export:\n\n" + "\n".join(lines) + "\n"
+    where = f"the first {images} images of each set" if images else "every image"
+    return (f"Learning curves ({where}): held-out top-1 / token cosine / Kodak PSNR at each export:\n\n"
+            + "\n".join(lines) + "\n")
 
 
 def curve_figure(runs: dict[str, dict], curves: dict[str, list[dict]], path: Path) -> Path | None:
-    """Held-out top-1 and Kodak PSNR against steps, a line per run (colour: variant; dashed: a second seed)."""
+    """Held-out top-1, token cosine (runs distilled at the deep tap's layer only) and Kodak PSNR against steps, a
+    line per run (colour: variant; dashed: a second seed)."""
     if any(point["top1"] is None for points in curves.values() for point in points):
         return None
     import matplotlib
@@ -426,18 +437,23 @@ def curve_figure(runs: dict[str, dict], curves: dict[str, list[dict]], path: Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.8), dpi=110)
+    fig, axes = plt.subplots(1, 3, figsize=(12.0, 3.6), dpi=100)
+    deep = max(points[0]["semantic_layer"] for points in curves.values())
     for name, run in runs.items():
         steps = [point["step"] for point in curves[name]]
         style = {"color": COLORS[run["letter"]], "linestyle": "--" if run["seed"] else "-", "marker": "o",
                  "markersize": 3, "label": name}
         axes[0].plot(steps, [100.0 * point["top1"] for point in curves[name]], **style)
-        axes[1].plot(steps, [point["psnr"] for point in curves[name]], **style)
-    for ax, label in zip(axes, ("held-out top-1 through the quantized semantic path (%)", "Kodak PSNR (dB)")):
+        if curves[name][0]["semantic_layer"] == deep:
+            axes[1].plot(steps, [point["token_cosine"] for point in curves[name]], **style)
+        axes[2].plot(steps, [point["psnr"] for point in curves[name]], **style)
+    labels = ("held-out top-1, quantized semantic path (%)", f"token cosine to the teacher at layer {deep}",
+              "Kodak PSNR (dB)")
+    for ax, label in zip(axes, labels):
         ax.set_xlabel("training step")
         ax.set_ylabel(label, fontsize=8)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=6)
+    axes[2].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -479,25 +495,28 @@ def train_run(folder: Path, config: TrainConfig) -> dict:
 
 class Scorer:
     """Scores exports at the scoring size, each once (per-image scores cached beside the export), on the tower's
-    tokens of the scored images, computed at the first call and kept in ``<out>/eval-taps-<size>px-<N>.pt``."""
+    tokens of the scored images: those of the first ``--eval-images`` images, computed at the first call and kept in
+    ``<out>/eval-taps-<size>px-<N>.pt``; a smaller ``limit`` scores the first ``limit`` of them."""
 
     def __init__(self, args: argparse.Namespace, layers: list[int]) -> None:
         self.args, self.layers = args, layers
         self.taps: EvalTaps | None = None
 
-    def __call__(self, folder: Path, step: int) -> tuple[DualTokenizer, dict]:
-        """The run's export at ``step`` at the scoring size, and its per-image scores."""
+    def __call__(self, folder: Path, step: int, limit: int | None = None) -> tuple[DualTokenizer, dict]:
+        """The run's export at ``step`` at the scoring size, and its per-image scores on the first ``limit`` images
+        of each set (default ``--eval-images``)."""
         args = self.args
+        limit = args.eval_images if limit is None else limit
         tokenizer = DualTokenizer.from_pretrained(folder / f"export-{step:08d}")
         if args.eval_size and tokenizer.image_size != (args.eval_size, args.eval_size):
             tokenizer = tokenizer.at_resolution(args.eval_size)
-        tag = f"{tokenizer.image_size[0]}px-{args.eval_images or 'all'}"
-        cache = folder / f"scores-{step:08d}-{tag}.json"
+        size = tokenizer.image_size[0]
+        cache = folder / f"scores-{step:08d}-{size}px-{limit or 'all'}.json"
         if cache.is_file():
             return tokenizer, json.loads(cache.read_text())
         if self.taps is None:
-            self.taps = self._eval_taps(tokenizer, Path(args.out) / f"eval-taps-{tag}.pt")
-        scores = per_image_scores(tokenizer, self.taps, args.heldout)
+            self.taps = self._eval_taps(tokenizer, Path(args.out) / f"eval-taps-{size}px-{args.eval_images or 'all'}.pt")
+        scores = per_image_scores(tokenizer, self.taps.first(limit), args.heldout)
         _write_atomic(cache, lambda path: path.write_text(json.dumps(scores) + "\n"))
         return tokenizer, scores
 
@@ -528,6 +547,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--heldout", default=str(HERE / "heldout.tsv"))
     parser.add_argument("--eval-size", type=int, default=None, help="score at this image size (default: trained)")
     parser.add_argument("--eval-images", type=int, default=None, help="score only the first N images of each set")
+    parser.add_argument("--curve-images", type=int, default=None,
+                        help="score the learning curves' exports on the first N images of each set (default: as the table)")
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument("--set", action="append", default=[], help="key.sub=value on the recipe for every run")
     return parser.parse_args(argv)
@@ -557,9 +578,10 @@ def run(args: argparse.Namespace) -> Path:
     curves = {name: [] for name in runs}
     for name in tqdm(runs, desc="score", disable=not base.log.progress):
         for step in curve_steps:
-            _, scores = scorer(out / name, step)
+            _, scores = scorer(out / name, step, args.curve_images)
             summary = summarize(scores, args.bootstrap)
-            curves[name].append({"step": step, **{k: None if v is None else v["mean"] for k, v in summary.items()}})
+            means = {k: None if v is None else v["mean"] for k, v in summary.items()}
+            curves[name].append({"step": step, "semantic_layer": scores["semantic_layer"], **means})
     rows, scores = [], {}
     for name in runs:
         tokenizer, scores[name] = scorer(out / name, common)
@@ -578,7 +600,7 @@ def run(args: argparse.Namespace) -> Path:
         f"for both runs) and the verdict they give.\n\n"
     )
     text = header + table(rows) + "\n" + difference_table(diffs) + "\n" + usage_table(rows)
-    text += "\n" + curve_table(runs, curves)
+    text += "\n" + curve_table(runs, curves, args.curve_images)
     (out / "ablation.json").write_text(
         json.dumps({"common_step": common, "exports": exports, "rows": rows, "differences": diffs, "curves": curves},
                    indent=2) + "\n"
