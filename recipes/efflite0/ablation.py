@@ -453,7 +453,7 @@ def curve_figure(runs: dict[str, dict], curves: dict[str, list[dict]], path: Pat
         ax.set_xlabel("training step")
         ax.set_ylabel(label, fontsize=8)
         ax.grid(alpha=0.3)
-    axes[2].legend(fontsize=6)
+    axes[0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
