@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,15 +48,18 @@ from dualtoken.data import open_image_source
 from dualtoken.errors import ConfigError, DataError, DualTokenError
 from dualtoken.evaluation.codebook_stats import code_histogram
 from dualtoken.evaluation.samples import labels_from_tsv
-from dualtoken.evaluation.semantic import run_unquantized, token_cosine
+from dualtoken.evaluation.semantic import token_cosine
 from dualtoken.metrics import psnr, ssim
+from dualtoken.tokenizer import DualTokens
 from dualtoken.training import TrainConfig, load_train_config, train
+from dualtoken.training.tap_cache import states_below_tap
 
 HERE = Path(__file__).parent
 IMAGENET_CLASSES = 1000
 TOP_K = 5
 SCORE_BATCH = 16
 COMPARED = ("a", "b", "c")  # (d) - (x) for each of these
+COLORS = {"a": "tab:orange", "b": "tab:green", "c": "tab:purple", "d": "tab:blue"}
 
 
 def bits_per_position(config: TokenizerConfig) -> int:
@@ -72,7 +77,7 @@ def variants(model: TokenizerConfig) -> dict[str, list[str]]:
             f"{bits_per_position(model)} bits per position do not make whole depths of K={semantic.codebook_size}"
         )
     single = ["model:pixel_quantizer=null", "model:shortcut_layer=null", f"model:semantic_quantizer.depth={int(depth)}"]
-    recon = ["loss.semantic_weight=0", "teacher=none"]
+    recon = ["loss.semantic_weight=0"]  # the teacher stays (unused by the loss), so every run reads one tap cache
     return {
         "a_single_deep_both": [*single, f"model:pixel_layer={model.semantic_layer}"],
         "b_single_deep_recon": [*single, f"model:pixel_layer={model.semantic_layer}", *recon],
@@ -162,38 +167,102 @@ def verdict(difference: dict | None) -> str:
     return "reversed" if difference["high"] < 0 else "not shown"
 
 
+@dataclass
+class EvalTaps:
+    """The frozen tower's tokens at the ablation's taps for the scored images, computed once for every run and
+    export: each variant's tower below its taps is the teacher's (checked per export), so these are the tokens its
+    own ``encode`` would compute. Kodak keeps its images (the reconstruction target)."""
+
+    layers: list[int]
+    digests: list[str]  # per tower layer 0..max(layers): a digest of its weights and buffers
+    kodak_ids: list[str]
+    kodak_images: torch.Tensor  # (N, 3, H, W)
+    kodak_tokens: dict[int, torch.Tensor]  # layer -> (N, h*w, width)
+    heldout_ids: list[str]
+    heldout_tokens: dict[int, torch.Tensor]
+
+    def first(self, count: int | None) -> EvalTaps:
+        """The same for the first ``count`` images of each set (all: None)."""
+        cut = slice(None, count)
+        return EvalTaps(self.layers, self.digests, self.kodak_ids[cut], self.kodak_images[cut],
+                        {layer: values[cut] for layer, values in self.kodak_tokens.items()}, self.heldout_ids[cut],
+                        {layer: values[cut] for layer, values in self.heldout_tokens.items()})
+
+    def check(self, tokenizer: DualTokenizer) -> None:
+        """DataError unless the tokenizer's tower up to its deepest tap is the one these tokens came from."""
+        deepest = max(tokenizer.tap_layers())
+        if deepest > max(self.layers) or tower_digests(tokenizer.backbone, deepest) != self.digests[: deepest + 1]:
+            raise DataError(f"the tower of {tokenizer.name_or_path} below its taps is not the one the cached tokens came from")
+
+
+def tower_digests(tower, last: int) -> list[str]:
+    """A digest of each tower layer 0..``last`` (weights and buffers)."""
+    digests = []
+    for state in states_below_tap(tower, last):
+        digest = hashlib.sha256()
+        for name in sorted(state):
+            digest.update(name.encode())
+            digest.update(state[name].float().cpu().numpy().tobytes())
+        digests.append(digest.hexdigest()[:16])
+    return digests
+
+
 @torch.no_grad()
-def per_image_scores(
-    tokenizer: DualTokenizer, kodak: str, heldout: str, limit: int | None, teacher_tokens: dict | None = None
-) -> dict:
-    """Per-image Kodak PSNR / SSIM and held-out top-1 / top-5 hits and token cosine, with the image ids, and the
-    share of codes used per depth of each vocabulary over the held-out images. ``teacher_tokens`` keeps the frozen
-    teacher's tokens of each batch between runs (the teacher is the same network for every run)."""
+def eval_taps(tokenizer: DualTokenizer, layers: list[int], kodak: str, heldout: str, limit: int | None) -> EvalTaps:
+    """The tower's tokens at ``layers`` for the first ``limit`` images of each set (all: None), at the tokenizer's
+    size; its tower below those layers must be the teacher's (DataError otherwise)."""
+    digests = tower_digests(tokenizer.backbone, max(layers))
+    if tower_digests(tokenizer.teacher(), max(layers)) != digests:
+        raise DataError("the scored tower below its taps is not the frozen teacher's")
+    parts = {}
+    for name, spec in (("kodak", kodak), ("heldout", heldout)):
+        ids, images, tokens = [], [], {layer: [] for layer in layers}
+        for batch, batch_ids in _batches(open_image_source(spec, tokenizer.image_size), limit):
+            ids += batch_ids
+            images.append(batch)
+            for layer, values in tokenizer.tap_tokens(batch, layers).items():
+                tokens[layer].append(values)
+        parts[name] = (ids, torch.cat(images), {layer: torch.cat(values) for layer, values in tokens.items()})
+    return EvalTaps(layers, digests, parts["kodak"][0], parts["kodak"][1], parts["kodak"][2], parts["heldout"][0],
+                    parts["heldout"][2])
+
+
+def encode_taps(tokenizer: DualTokenizer, tokens: dict[int, torch.Tensor]) -> DualTokens:
+    """What ``tokenizer.encode`` gives for the images whose tap tokens are ``tokens`` (never updates)."""
+    taps = tokenizer.taps_from_tokens(tokens)
+    semantic = tokenizer.quantizer("semantic")(taps.semantic_latent, update=False).codes
+    pixel = semantic if tokenizer.pixel.quantizer is None else tokenizer.pixel.quantizer(taps.pixel_latent, update=False).codes
+    return DualTokens(*(codes.view(codes.shape[0], *tokenizer.grid, codes.shape[-1]) for codes in (pixel, semantic)))
+
+
+@torch.no_grad()
+def per_image_scores(tokenizer: DualTokenizer, taps: EvalTaps, heldout: str) -> dict:
+    """Per-image Kodak PSNR / SSIM and held-out top-1 / top-5 hits and token cosine (to the frozen teacher's tokens
+    at the run's semantic tap, which are the cached tower's), with the image ids, and the share of codes used per
+    depth of each vocabulary over the held-out images."""
     tokenizer.eval()
-    size = tokenizer.image_size
-    kodak_rows: dict[str, list] = {"id": [], "psnr": [], "ssim": []}
-    for images, ids in _batches(open_image_source(kodak, size), limit):
-        reconstruction = tokenizer.decode(tokenizer.encode(images).pixel).float()  # (B, 3, H, W)
-        kodak_rows["id"] += ids
+    tokenizer.precision = "fp32"  # decode in float32 on every CPU (the taps are float32's)
+    taps.check(tokenizer)
+    layers = tokenizer.tap_layers()
+    kodak_rows: dict[str, list] = {"id": taps.kodak_ids, "psnr": [], "ssim": []}
+    for start in range(0, len(taps.kodak_ids), SCORE_BATCH):
+        images = taps.kodak_images[start : start + SCORE_BATCH]
+        codes = encode_taps(tokenizer, {layer: taps.kodak_tokens[layer][start : start + SCORE_BATCH] for layer in layers})
+        reconstruction = tokenizer.decode(codes.pixel).float()  # (B, 3, H, W)
         kodak_rows["psnr"] += psnr(reconstruction, images).tolist()
         kodak_rows["ssim"] += ssim(reconstruction, images).tolist()
 
     _, labels = labels_from_tsv(Path(heldout))
     with_head = tokenizer.backbone.pooled_width == IMAGENET_CLASSES
-    teacher_tokens = {} if teacher_tokens is None else teacher_tokens
-    teacher = None
     layer = tokenizer.config.semantic_layer
-    heldout_rows: dict[str, list] = {"id": [], "top1": [], "top5": [], "token_cosine": []}
+    heldout_rows: dict[str, list] = {"id": taps.heldout_ids, "top1": [], "top5": [], "token_cosine": []}
     histograms: dict[str, torch.Tensor] = {}
-    for batch, (images, ids) in enumerate(_batches(open_image_source(heldout, size), limit)):
-        codes = tokenizer.encode(images)
+    for start in range(0, len(taps.heldout_ids), SCORE_BATCH):
+        ids = taps.heldout_ids[start : start + SCORE_BATCH]
+        codes = encode_taps(tokenizer, {tap: taps.heldout_tokens[tap][start : start + SCORE_BATCH] for tap in layers})
         features = tokenizer.semantic_features(codes.semantic)  # (B, h*w, W)
-        key = (heldout, size, layer, batch)
-        if key not in teacher_tokens:
-            teacher = teacher or tokenizer.teacher().eval()
-            teacher_tokens[key] = run_unquantized(teacher, images, layer).tokens  # (B, h*w, W)
-        heldout_rows["id"] += ids
-        heldout_rows["token_cosine"] += token_cosine(features, teacher_tokens[key]).tolist()
+        teacher = taps.heldout_tokens[layer][start : start + SCORE_BATCH]  # (B, h*w, W)
+        heldout_rows["token_cosine"] += token_cosine(features, teacher).tolist()
         if with_head:
             ranked = tokenizer.pool_from_features(features).topk(TOP_K, dim=-1).indices  # (B, 5)
             truth = torch.tensor([labels[i] for i in ids])[:, None]
@@ -325,19 +394,66 @@ def figure(rows: list[dict], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"a": "tab:orange", "b": "tab:green", "c": "tab:purple", "d": "tab:blue"}
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
     for row in rows:
         top1, value = row["scores"]["top1"], row["scores"]["psnr"]
         x, y = 100.0 * top1["mean"], value["mean"]
         ax.errorbar(x, y, xerr=[[x - 100.0 * top1["low"]], [100.0 * top1["high"] - x]],
                     yerr=[[y - value["low"]], [value["high"] - y]], fmt="o", capsize=3,
-                    color=colors[row["variant"][0]], mfc="white" if row["seed"] else None)
+                    color=COLORS[row["variant"][0]], mfc="white" if row["seed"] else None)
         ax.annotate(row["run"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7)
     ax.set_xlabel("held-out top-1 through the quantized semantic path (%)")
     ax.set_ylabel("Kodak PSNR (dB)")
     ax.set_title(f"equal bits per position, step {rows[0]['step']} (95 % bootstrap intervals)", fontsize=9)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def curve_table(runs: dict[str, dict], curves: dict[str, list[dict]], images: int | None) -> str:
+    """Held-out top-1, token cosine and Kodak PSNR of every run at every scored export step."""
+    steps = [point["step"] for point in next(iter(curves.values()))]
+    lines = ["| run | " + " | ".join(f"step {step}" for step in steps) + " |", "|---" * (1 + len(steps)) + "|"]
+    for name in runs:
+        cells = [
+            ("n/a" if p["top1"] is None else f"{100.0 * p['top1']:.1f} %") + f" / {p['token_cosine']:.3f} / {p['psnr']:.2f} dB"
+            for p in curves[name]
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    where = f"the first {images} images of each set" if images else "every image"
+    return (f"Learning curves ({where}): held-out top-1 / token cosine / Kodak PSNR at each export:\n\n"
+            + "\n".join(lines) + "\n")
+
+
+def curve_figure(runs: dict[str, dict], curves: dict[str, list[dict]], path: Path) -> Path | None:
+    """Held-out top-1, token cosine (runs distilled at the deep tap's layer only) and Kodak PSNR against steps, a
+    line per run (colour: variant; dashed: a second seed)."""
+    if any(point["top1"] is None for points in curves.values() for point in points):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12.0, 3.6), dpi=100)
+    deep = max(points[0]["semantic_layer"] for points in curves.values())
+    for name, run in runs.items():
+        steps = [point["step"] for point in curves[name]]
+        style = {"color": COLORS[run["letter"]], "linestyle": "--" if run["seed"] else "-", "marker": "o",
+                 "markersize": 3, "label": name}
+        axes[0].plot(steps, [100.0 * point["top1"] for point in curves[name]], **style)
+        if curves[name][0]["semantic_layer"] == deep:
+            axes[1].plot(steps, [point["token_cosine"] for point in curves[name]], **style)
+        axes[2].plot(steps, [point["psnr"] for point in curves[name]], **style)
+    labels = ("held-out top-1, quantized semantic path (%)", f"token cosine to the teacher at layer {deep}",
+              "Kodak PSNR (dB)")
+    for ax, label in zip(axes, labels):
+        ax.set_xlabel("training step")
+        ax.set_ylabel(label, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -377,19 +493,46 @@ def train_run(folder: Path, config: TrainConfig) -> dict:
     return summary
 
 
-def score_run(folder: Path, step: int, args: argparse.Namespace, teacher_tokens: dict) -> tuple[DualTokenizer, dict]:
-    """The run's export at ``step`` at the scoring size, and its per-image scores (cached beside the export)."""
-    tokenizer = DualTokenizer.from_pretrained(folder / f"export-{step:08d}")
-    if args.eval_size and tokenizer.image_size != (args.eval_size, args.eval_size):
-        tokenizer = tokenizer.at_resolution(args.eval_size)
-    cache = folder / f"scores-{step:08d}-{tokenizer.image_size[0]}px-{args.eval_images or 'all'}.json"
-    if cache.is_file():
-        return tokenizer, json.loads(cache.read_text())
-    scores = per_image_scores(tokenizer, args.kodak, args.heldout, args.eval_images, teacher_tokens)
-    partial = cache.with_suffix(".tmp")
-    partial.write_text(json.dumps(scores) + "\n")
-    partial.replace(cache)  # atomic: an interrupted scoring leaves no half file
-    return tokenizer, scores
+class Scorer:
+    """Scores exports at the scoring size, each once (per-image scores cached beside the export), on the tower's
+    tokens of the scored images: those of the first ``--eval-images`` images, computed at the first call and kept in
+    ``<out>/eval-taps-<size>px-<N>.pt``; a smaller ``limit`` scores the first ``limit`` of them."""
+
+    def __init__(self, args: argparse.Namespace, layers: list[int]) -> None:
+        self.args, self.layers = args, layers
+        self.taps: EvalTaps | None = None
+
+    def __call__(self, folder: Path, step: int, limit: int | None = None) -> tuple[DualTokenizer, dict]:
+        """The run's export at ``step`` at the scoring size, and its per-image scores on the first ``limit`` images
+        of each set (default ``--eval-images``)."""
+        args = self.args
+        limit = args.eval_images if limit is None else limit
+        tokenizer = DualTokenizer.from_pretrained(folder / f"export-{step:08d}")
+        if args.eval_size and tokenizer.image_size != (args.eval_size, args.eval_size):
+            tokenizer = tokenizer.at_resolution(args.eval_size)
+        size = tokenizer.image_size[0]
+        cache = folder / f"scores-{step:08d}-{size}px-{limit or 'all'}.json"
+        if cache.is_file():
+            return tokenizer, json.loads(cache.read_text())
+        if self.taps is None:
+            self.taps = self._eval_taps(tokenizer, Path(args.out) / f"eval-taps-{size}px-{args.eval_images or 'all'}.pt")
+        scores = per_image_scores(tokenizer, self.taps.first(limit), args.heldout)
+        _write_atomic(cache, lambda path: path.write_text(json.dumps(scores) + "\n"))
+        return tokenizer, scores
+
+    def _eval_taps(self, tokenizer: DualTokenizer, path: Path) -> EvalTaps:
+        if path.is_file():
+            return EvalTaps(**torch.load(path, weights_only=True))
+        taps = eval_taps(tokenizer, self.layers, self.args.kodak, self.args.heldout, self.args.eval_images)
+        _write_atomic(path, lambda target: torch.save(dataclasses.asdict(taps), target))
+        return taps
+
+
+def _write_atomic(path: Path, write) -> None:
+    """``write(temporary path)``, then rename: an interrupted write leaves no half file."""
+    partial = path.with_name(path.name + ".tmp")
+    write(partial)
+    partial.replace(path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -404,6 +547,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--heldout", default=str(HERE / "heldout.tsv"))
     parser.add_argument("--eval-size", type=int, default=None, help="score at this image size (default: trained)")
     parser.add_argument("--eval-images", type=int, default=None, help="score only the first N images of each set")
+    parser.add_argument("--curve-images", type=int, default=None,
+                        help="score the learning curves' exports on the first N images of each set (default: as the table)")
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument("--set", action="append", default=[], help="key.sub=value on the recipe for every run")
     return parser.parse_args(argv)
@@ -418,15 +563,28 @@ def run(args: argparse.Namespace) -> Path:
     runs = plan_runs(recipe_model(base), parse_seeds(args.seeds, base.seed), base.seed)
     check_paths(base, args.kodak, args.heldout)
 
+    model = recipe_model(base)
+    layers = sorted({model.pixel_layer, model.semantic_layer})
     summaries = {}
     for name, plan in runs.items():
-        config = variant_config(base, [*plan["overrides"], f"output_dir={out / name}"])
+        crops = out / f"crops-seed{plan['seed']}"  # one tap cache per seed, shared by the variants
+        shared = [f"cache.folder={crops}", f"cache.layers={layers}"] if base.cache.taps else []
+        config = variant_config(base, [*plan["overrides"], f"output_dir={out / name}", *shared])
         summaries[name] = train_run(out / name, config)
 
     common, exports = common_export_step([out / name for name in runs])
-    rows, scores, teacher_tokens = [], {}, {}
+    scorer = Scorer(args, layers)
+    curve_steps = sorted(set.intersection(*(set(steps) for steps in exports.values())))
+    curves = {name: [] for name in runs}
     for name in tqdm(runs, desc="score", disable=not base.log.progress):
-        tokenizer, scores[name] = score_run(out / name, common, args, teacher_tokens)
+        for step in curve_steps:
+            _, scores = scorer(out / name, step, args.curve_images)
+            summary = summarize(scores, args.bootstrap)
+            means = {k: None if v is None else v["mean"] for k, v in summary.items()}
+            curves[name].append({"step": step, "semantic_layer": scores["semantic_layer"], **means})
+    rows, scores = [], {}
+    for name in runs:
+        tokenizer, scores[name] = scorer(out / name, common)
         taps, codes = describe(tokenizer.config)
         rows.append({"run": name, **{k: runs[name][k] for k in ("variant", "seed")}, "taps": taps, "codes": codes,
                      "bits": bits_per_position(tokenizer.config), "steps": summaries[name]["step"],
@@ -442,11 +600,14 @@ def run(args: argparse.Namespace) -> Path:
         f"for both runs) and the verdict they give.\n\n"
     )
     text = header + table(rows) + "\n" + difference_table(diffs) + "\n" + usage_table(rows)
+    text += "\n" + curve_table(runs, curves, args.curve_images)
     (out / "ablation.json").write_text(
-        json.dumps({"common_step": common, "exports": exports, "rows": rows, "differences": diffs}, indent=2) + "\n"
+        json.dumps({"common_step": common, "exports": exports, "rows": rows, "differences": diffs, "curves": curves},
+                   indent=2) + "\n"
     )
     (out / "ablation.md").write_text(text)
     figure(rows, out / "ablation.png")
+    curve_figure(runs, curves, out / "curves.png")
     print(text)
     return out / "ablation.md"
 

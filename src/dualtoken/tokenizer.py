@@ -290,7 +290,14 @@ class DualTokenizer(
             return self._forward_pixel(images)
         if semantic_only:
             return self.forward_semantic(images)
-        taps = self._run_to_taps(images, output_hidden_states)
+        return self._quantize_and_decode(self._run_to_taps(images, output_hidden_states))
+
+    def forward_from_taps(self, tap_tokens: dict[int, torch.Tensor]) -> DualTokenizerOutput:
+        """:meth:`forward` from the tower's tokens at :meth:`tap_layers` ({layer: (B, h*w, width)}), e.g. cached
+        ones: with the tower frozen below its taps a crop gives the same tokens at every step."""
+        return self._quantize_and_decode(self.taps_from_tokens(tap_tokens))
+
+    def _quantize_and_decode(self, taps: _Taps) -> DualTokenizerOutput:
         single = self.pixel.quantizer is None  # one vocabulary: the decoder reads the semantic codes
         pixel = None if single else self.pixel.quantizer(taps.pixel_latent)  # first: the release's RNG order
         semantic: QuantizerOutput = self.semantic.quantizer(taps.semantic_latent)
@@ -350,29 +357,47 @@ class DualTokenizer(
         features = self.semantic.up(semantic.quantized)  # (B, h*w, W)
         return SemanticOutput(semantic.codes, features, self.pool_from_features(features), semantic.commitment)
 
+    def tap_layers(self) -> list[int]:
+        """The tower layers whose tokens the projections read (pixel tap, shortcut, semantic tap), ascending."""
+        cfg = self.config
+        layers = {cfg.semantic_layer, *([cfg.pixel_layer] if self.pixel.down is not None else [])}
+        return sorted(layers | ({cfg.shortcut_layer} if cfg.shortcut_layer is not None else set()))
+
+    def tap_tokens(
+        self, images: torch.Tensor, layers: list[int] | None = None, hidden: list[torch.Tensor] | None = None
+    ) -> dict[int, torch.Tensor]:
+        """The tower's tokens {layer: (B, h*w, width)} at ``layers`` (default :meth:`tap_layers`); the tower runs
+        only up to the deepest. ``hidden`` (a list) receives the states of layers 0 .. that layer."""
+        self.check_images(images)
+        layers = self.tap_layers() if layers is None else layers
+        state = self.backbone.embed(images)
+        tokens = {}
+        for layer in range(max(layers) + 1):
+            if layer:
+                state = self.backbone.run_layer(layer, state)
+            if hidden is not None:
+                hidden.append(state)
+            if layer in layers:
+                tokens[layer] = self.backbone.to_tokens(layer, state)
+        return tokens
+
     def _run_to_taps(self, images: torch.Tensor, keep_hidden: bool = False, pixel_only: bool = False) -> _Taps:
         """Run layers 1..semantic_layer and project the taps down to the code width. ``pixel_only`` stops at the
         pixel tap and leaves the semantic latent None; a single vocabulary runs to its one tap either way."""
-        self.check_images(images)
-        cfg, backbone = self.config, self.backbone
-        state = backbone.embed(images)
-        hidden = [state] if keep_hidden else None
-        pixel_latent = shortcut_latent = semantic_latent = None
-        last = cfg.semantic_layer
+        cfg = self.config
+        hidden = [] if keep_hidden else None
+        layers = self.tap_layers()
         if pixel_only and self.pixel.down is not None:
-            last = max(cfg.pixel_layer, cfg.shortcut_layer or 0)
-        for layer in range(1, last + 1):
-            state = backbone.run_layer(layer, state)
-            if hidden is not None:
-                hidden.append(state)
-            if layer == cfg.pixel_layer and self.pixel.down is not None:
-                pixel_latent = self.pixel.down(backbone.to_tokens(layer, state))
-            if layer == cfg.shortcut_layer:
-                shortcut_latent = self.pixel_shortcut(backbone.to_tokens(layer, state))
-            if layer == cfg.semantic_layer and not (pixel_only and self.pixel.down is not None):
-                semantic_latent = self.semantic.down(backbone.to_tokens(layer, state))
-        if shortcut_latent is not None:
-            pixel_latent = pixel_latent + cfg.shortcut_weight * shortcut_latent
+            layers = [layer for layer in (cfg.pixel_layer, cfg.shortcut_layer) if layer is not None]
+        return self.taps_from_tokens(self.tap_tokens(images, layers, hidden), hidden)
+
+    def taps_from_tokens(self, tokens: dict[int, torch.Tensor], hidden: list[torch.Tensor] | None = None) -> _Taps:
+        """The quantizers' inputs from tap tokens; the semantic latent is None where ``tokens`` lack that tap."""
+        cfg = self.config
+        pixel_latent = self.pixel.down(tokens[cfg.pixel_layer]) if self.pixel.down is not None else None
+        semantic_latent = self.semantic.down(tokens[cfg.semantic_layer]) if cfg.semantic_layer in tokens else None
+        if cfg.shortcut_layer is not None:
+            pixel_latent = pixel_latent + cfg.shortcut_weight * self.pixel_shortcut(tokens[cfg.shortcut_layer])
         if self.pixel.down is None:  # a single vocabulary
             pixel_latent = semantic_latent
         return _Taps(pixel_latent, semantic_latent, hidden)

@@ -10,6 +10,7 @@ import torch
 
 from dualtoken import DualTokenizer, get_config
 from dualtoken.config import apply_overrides
+from dualtoken.errors import DataError
 from dualtoken.training import load_train_config
 
 from .conftest import load_recipe_script, write_images
@@ -26,7 +27,8 @@ def _recipe(tmp_path: Path, images: Path) -> Path:
         "model_overrides": ["backbone.image_size=64", "decoder.resolution=64", "decoder.attn_resolutions=[4]"],
         "teacher": "pretrained",
         "device": "cpu",
-        "data": {"train": str(images), "batch_size": 2},
+        "data": {"train": str(images), "batch_size": 2, "num_workers": 0},
+        "cache": {"taps": True, "crops_per_image": 1},
         "optimizer": {"lr": 0.001, "warmup_steps": 1},
         "loss": {"perceptual": 0.0, "perceptual_kind": "none", "gan": {"enabled": False}},
         "freeze": {"preset": "stage0"},
@@ -138,8 +140,43 @@ def test_one_command_trains_scores_and_writes_the_table(tmp_path: Path, ablation
     assert diffs["d_dualtoken - c_single_shallow_recon"]["token_cosine"] is None
     assert (out / "ablation.png").read_bytes()[:4] == b"\x89PNG"
     assert DualTokenizer.from_pretrained(out / "a_single_deep_both" / "export-00000002").config.pixel_quantizer is None
-    assert table.count("\n| ") == 6 + 7 + 8 and "held-out top-5" in table and "token cosine" in table
+    assert table.count("\n| ") == 6 + 7 + 8 + 6 and "held-out top-5" in table and "token cosine" in table
+    # one tap cache per seed, shared by the variants; the scored images' tower tokens computed once
+    assert sorted(p.name for p in out.glob("crops-seed*")) == ["crops-seed0", "crops-seed1"]
+    assert not list(out.glob("*/features")) and len(list(out.glob("eval-taps-*.pt"))) == 1
+    assert [[p["step"] for p in points] for points in result["curves"].values()] == [[1, 2]] * 5
+    assert result["curves"]["d_dualtoken"][-1]["psnr"] == pytest.approx(rows[3]["scores"]["psnr"]["mean"])
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG" and "Learning curves" in table
     # a second call trains and scores nothing again and writes the same table
     stamps = [(out / name / "summary.json").stat().st_mtime_ns for name in ("a_single_deep_both", "d_dualtoken_seed1")]
     assert ablation.main(argv).read_text() == table
     assert [(out / n / "summary.json").stat().st_mtime_ns for n in ("a_single_deep_both", "d_dualtoken_seed1")] == stamps
+
+
+@pytest.mark.parametrize("variant", ["a_single_deep_both", "c_single_shallow_recon", "d_dualtoken"])
+def test_scoring_on_cached_tower_tokens_is_scoring_on_images(tmp_path: Path, ablation, variant):
+    model = get_config("dualtoken-efflite0-256")
+    base = load_train_config(None, ["model=dualtoken-efflite0-256", "model_overrides=[\"backbone.image_size=64\"]"])
+    config = ablation.variant_config(base, ablation.variants(model)[variant])
+    tokenizer = DualTokenizer.from_config(apply_overrides(model, [*config.model_overrides, "decoder.resolution=64",
+                                                                 "decoder.attn_resolutions=[4]"])).eval()
+    kodak = write_images(tmp_path / "kodak", 3, seed=1)
+    heldout = write_images(tmp_path / "heldout", 2, seed=2)
+    (heldout / "labels.tsv").write_text("file\tclass_index\n" + "".join(f"img{i:03d}.png\t{i}\n" for i in range(2)))
+    taps = ablation.eval_taps(tokenizer, [5, 11], str(kodak), str(heldout / "labels.tsv"), None)
+    with torch.no_grad():
+        cached = ablation.encode_taps(tokenizer, {layer: taps.kodak_tokens[layer] for layer in tokenizer.tap_layers()})
+        direct = tokenizer.encode(taps.kodak_images, precision="fp32")  # the scores are float32's
+    assert torch.equal(cached.pixel, direct.pixel) and torch.equal(cached.semantic, direct.semantic)
+    scores = ablation.per_image_scores(tokenizer, taps, str(heldout / "labels.tsv"))
+    assert len(scores["kodak"]["psnr"]) == 3 and len(scores["heldout"]["top1"]) == 2
+    tokenizer.backbone.parts()[1].requires_grad_(False)
+    with torch.no_grad():
+        next(tokenizer.backbone.parts()[1].parameters()).add_(1.0)  # another tower: its tokens are not these
+    with pytest.raises(DataError, match="not the one the cached tokens came from"):
+        ablation.per_image_scores(tokenizer, taps, str(heldout / "labels.tsv"))
+
+
+def test_the_recipe_caches_the_taps_and_starts_every_codebook_by_kmeans(ablation):
+    config = load_train_config(ablation.HERE / "ablation.json")
+    assert config.cache.taps and config.codebook_init.method == "kmeans" and config.freeze.preset == "stage0"

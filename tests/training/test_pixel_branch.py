@@ -80,14 +80,14 @@ def test_kmeans_shares_must_name_every_depth(tmp_path: Path, train_images: Path)
     with pytest.raises(ConfigError, match="2 entries for 4 depths"):
         tokenizer_engine(config)
     config = tiny_config(tmp_path / "ok", train_images, *PIXEL, "codebook_init.method=kmeans", "codebook_init.shares=[5,1,1,1]")
-    assert [r["codes"] for r in tokenizer_engine(config).task.kmeans.report] == [160, 32, 32, 32]
+    assert [r["codes"] for r in tokenizer_engine(config).task.kmeans.report["pixel"]] == [160, 32, 32, 32]
 
 
 def test_a_resumed_run_does_not_initialise_the_codebook_again(tmp_path: Path, train_images: Path):
     config = tiny_config(tmp_path / "run", train_images, *PIXEL, "codebook_init.method=kmeans")
     train(config, stop_at=2)
     resumed = tokenizer_engine(config)
-    assert resumed.step == 2 and resumed.task.kmeans.report == []
+    assert resumed.step == 2 and resumed.task.kmeans.report == {}
 
 
 def test_the_wall_clock_budget_ends_the_run_with_a_checkpoint_and_an_export(tmp_path: Path, train_images: Path):

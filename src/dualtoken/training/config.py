@@ -92,8 +92,9 @@ class FreezeConfig:
 
 @dataclass
 class FeatureCacheConfig:
-    """Tap features of the frozen tower, computed once per training crop (``branch: "semantic"``, and
-    ``branch: "pixel"`` with ``pixel_tap``).
+    """Tap features of the frozen tower, computed once per training crop (``branch: "semantic"``; ``branch:
+    "pixel"`` with ``pixel_tap``; or ``branch: "both"`` with ``taps``: the crops and the tokens at every tap, see
+    :mod:`dualtoken.training.tap_cache`).
 
     Each image gives ``crops_per_image`` random crops (``data.crop_scale``); per crop the semantic cache keeps the
     tower's tokens at the semantic tap and the teacher's pooled output, in shards of ``shard_images`` images written
@@ -103,7 +104,11 @@ class FeatureCacheConfig:
 
     # branch "pixel": run the frozen tower once per crop, up to the pixel tap, and train on those tokens
     pixel_tap: bool = False
-    folder: str | None = None  # the semantic cache's folder; default: <output_dir>/features
+    folder: str | None = None  # the semantic and tap caches' folder; default: <output_dir>/features
+    # branch "both": train on cached crops and the frozen tower's tokens at the taps (dualtoken.training.tap_cache)
+    taps: bool = False
+    # cache.taps: tower layers cached besides the model's taps (runs tapping different layers share one cache)
+    layers: list[int] = field(default_factory=list)
     crops_per_image: int = 1
     shard_images: int = 256
     batch_size: int = 8  # crops per forward while computing features
@@ -112,19 +117,23 @@ class FeatureCacheConfig:
     def __post_init__(self) -> None:
         if self.crops_per_image < 1 or self.shard_images < 1 or self.batch_size < 1:
             raise ConfigError("cache.crops_per_image, cache.shard_images and cache.batch_size must be >= 1")
+        if any(layer < 0 for layer in self.layers):
+            raise ConfigError(f"cache.layers must be tower layers (>= 0), got {self.layers}")
 
 
 @dataclass
 class CodebookInitConfig:
-    """How the pixel codebook starts. ``random``: as the model was built (the reference). ``kmeans``: before the
-    first step, k-means on the pixel tap's latents of ``batches`` training batches fills the shared codebook, a
-    share of K per depth, each depth on the residuals the depths before leave (see
-    :meth:`dualtoken.quantizer.ResidualQuantizer.init_from_data`). A resumed run never re-initialises."""
+    """How the codebooks a run trains start. ``random``: as the model was built (the reference). ``kmeans``: before
+    the first step, k-means on each vocabulary's own latents (the pixel one's; with ``branch: "both"`` the semantic
+    one's too) of ``batches`` training batches fills its codebook, a share of K per depth, each depth on the
+    residuals the depths before leave (see :meth:`dualtoken.quantizer.ResidualQuantizer.init_from_data`). A resumed
+    run never re-initialises."""
 
     method: Literal["random", "kmeans"] = "random"
     batches: int = 4
     iterations: int = 10  # Lloyd iterations per depth
-    # relative share of the K codes per depth, e.g. [4, 2, 1, 1]: half for the first depth; [] = equal shares
+    # relative share of the pixel codebook's K codes per depth, e.g. [4, 2, 1, 1]: half for the first depth; [] =
+    # equal shares (the semantic codebook always takes equal shares)
     shares: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -233,6 +242,8 @@ class TrainConfig:
             )
         if self.branch == "pixel" and self.teacher != "none":
             raise ConfigError('branch "pixel" has no semantic path to distil: set teacher=none and loss.semantic_weight=0')
+        if self.cache.taps and self.branch != "both":
+            raise ConfigError(f'cache.taps trains the whole tokenizer on cached taps (branch "both"), got {self.branch!r}')
         if self.branch == "semantic" and self.teacher == "none":
             raise ConfigError('branch "semantic" distils against a teacher: set teacher to "pretrained" or "initial"')
         if self.cache.pixel_tap:

@@ -19,6 +19,7 @@ computes the cache and every process trains on its share of each batch (DDP).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -27,26 +28,20 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from ..config import to_dict
-from ..data.images import decode_crops
-from ..data.sources import resolve_source
-from ..errors import ConfigError, DataError, ImageError
+from ..errors import ConfigError
 from ..evaluation.codebook_stats import code_histogram, usage_stats
 from ..evaluation.samples import labels_from_tsv
 from ..factory import build_tokenizer
 from ..losses import DualTokenObjective, TeacherTargets, teacher_targets
 from ..tokenizer import DualTokenizer
-from . import checkpoints
 from .config import TrainConfig
 from .engine import Callback, Engine, ShuffledBatches
 from .freeze import apply_freeze
 from .monitor import CodebookMonitor
+from .tap_cache import CACHE_FORMAT, cached_shards, states_below_tap
 from .tasks import TokenizerModelTask, make_teacher
-
-CACHE_FORMAT = 1
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # the feature cache
@@ -84,12 +79,6 @@ def tap_features(
         return targets.tokens, targets
     states = tokenizer.backbone.forward_all(images, stop=layer)
     return tokenizer.backbone.to_tokens(layer, states[layer]), targets
-
-
-def states_below_tap(tower, semantic_layer: int) -> list[dict[str, torch.Tensor]]:
-    """The weights and buffers of ``tower``'s layers 0..``semantic_layer``: all that the tap tokens depend on."""
-    parts = tower.parts()
-    return [parts[layer].state_dict() for layer in range(semantic_layer + 1)]
 
 
 def same_tower_below_tap(tokenizer: DualTokenizer, teacher) -> bool:
@@ -138,37 +127,21 @@ def build_feature_cache(
 ) -> FeatureCache:
     """Compute (or read back) the features of every image of ``spec``: ``crops_per_image`` random crops each for
     training, one centre crop otherwise. Shards are written atomically as they finish, so a second call resumes."""
-    folder.mkdir(parents=True, exist_ok=True)
-    records = [record for record, _ in resolve_source(spec).walk(seed=config.seed)]
-    fingerprint = _fingerprint(config, tokenizer, [record.id for record in records], train)
-    meta = folder / "cache.json"
-    if meta.is_file() and json.loads(meta.read_text()) != fingerprint:
-        raise DataError(
-            f"{folder} holds features made for another model, data or crop setting; remove it or set cache.folder"
-        )
-    meta.write_text(json.dumps(fingerprint, indent=2) + "\n")
-    dtype = torch.float16 if config.cache.dtype == "float16" else torch.float32
-    crops = fingerprint["crops_per_image"]
     shared = same_tower_below_tap(tokenizer, teacher)
     teacher.to(memory_format=torch.channels_last)  # faster convolutions on a CPU; same values
     tokenizer.backbone.to(memory_format=torch.channels_last)
-    shard_size = config.cache.shard_images
-    shards = []
-    skipped: list[str] = []
-    bar = tqdm(total=len(records), desc=f"features {'train' if train else 'eval'}", unit="img", disable=not progress)
-    for start in range(0, len(records), shard_size):
-        path = folder / f"shard-{start // shard_size:05d}.pt"
-        chunk = records[start : start + shard_size]
-        if not path.is_file():
-            checkpoints.write_atomic(_features_of(chunk, config, tokenizer, teacher, crops, train, dtype, skipped, shared), path)
-        shards.append(torch.load(path, map_location="cpu", weights_only=True))
-        bar.update(len(chunk))
-    bar.close()
-    for image_id in skipped:
-        tqdm.write(f"skipped unreadable image {image_id}")
-    shards = [s for s in shards if s["ids"]]
-    if not shards:
-        raise DataError(f"{spec}: no readable image to compute features from")
+    dtype = torch.float16 if config.cache.dtype == "float16" else torch.float32
+    device = next(teacher.parameters()).device
+
+    def features(images: torch.Tensor) -> dict[str, torch.Tensor]:
+        inputs, targets = tap_features(tokenizer, teacher, images.to(device), shared)
+        parts = {"inputs": inputs, "pooled": targets.pooled}
+        if not shared:  # otherwise the same tensor as the inputs: keep one copy
+            parts["target_tokens"] = targets.tokens
+        return {name: values.to("cpu", dtype) for name, values in parts.items()}
+
+    fingerprint = functools.partial(_fingerprint, config, tokenizer, train=train)
+    shards = cached_shards(config, tokenizer.image_size, spec, folder, train, fingerprint, features, progress)
     inputs = torch.cat([s["inputs"] for s in shards])
     same = all("target_tokens" not in s for s in shards)
     return FeatureCache(
@@ -177,34 +150,6 @@ def build_feature_cache(
         pooled=torch.cat([s["pooled"] for s in shards]),
         ids=[image_id for s in shards for image_id in s["ids"]],
     )
-
-
-def _features_of(records, config, tokenizer, teacher, crops, train, dtype, skipped, shared) -> dict[str, Any]:
-    """One shard: the features of ``crops`` crops of each readable record (ids ``<id>#<crop>``). Crop ``c`` of an
-    image is the training crop of epoch ``c`` (the trainer's crop seeding); each file is decoded once."""
-    images, ids = [], []
-    for record in records:
-        try:
-            images += decode_crops(record, tokenizer.image_size, crops, train, config.seed, 0, config.data.crop_scale)
-        except ImageError as exc:
-            skipped.append(f"{record.id}: {exc}")
-            continue
-        ids += [f"{record.id}#{crop}" for crop in range(crops)]
-    parts: dict[str, list[torch.Tensor]] = {"inputs": [], "target_tokens": [], "pooled": []}
-    batch = config.cache.batch_size
-    device = next(teacher.parameters()).device
-    for start in range(0, len(images), batch):
-        batch_images = torch.stack(images[start : start + batch]).to(device, memory_format=torch.channels_last)
-        inputs, targets = tap_features(tokenizer, teacher, batch_images, shared)
-        parts["inputs"].append(inputs.to("cpu", dtype))
-        parts["target_tokens"].append(targets.tokens.to("cpu", dtype))
-        parts["pooled"].append(targets.pooled.to("cpu", dtype))
-    shard: dict[str, Any] = {"ids": ids}
-    for name, values in parts.items():
-        shard[name] = torch.cat(values) if values else torch.empty(0)
-    if shared:
-        del shard["target_tokens"]  # the same tensor as the inputs: keep one copy
-    return shard
 
 
 # ----------------------------------------------------------------------------------------------------------------

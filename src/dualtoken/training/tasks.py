@@ -32,10 +32,11 @@ from ..perceptual import build_perceptual
 from ..tokenizer import DualTokenizer
 from .config import TrainConfig
 from .distributed import Runtime, gradient_sync, unwrap, wrap_model
-from .engine import Callback, Engine, Task
+from .engine import Callback, Engine, ShuffledBatches, Task
 from .freeze import apply_freeze, freeze_outside_pixel_branch, set_train_mode, tail_lr_scales
 from .monitor import CodebookMonitor, reconstruction_grid
 from .optim import build_optimizer, build_scheduler, optimizer_step
+from .tap_cache import build_tap_cache, check_frozen_below_taps
 
 
 def make_teacher(tokenizer: DualTokenizer, setting: str, device: torch.device, given: nn.Module | None = None):
@@ -91,8 +92,10 @@ class TokenizerTask(TokenizerModelTask):
         loader: Iterator[dict[str, Any]] | None = None,
     ) -> None:
         config: TrainConfig = engine.config
-        if config.cache.folder is not None:
-            raise ConfigError('cache.folder applies to branch "semantic" only (cached tap features)')
+        if config.cache.folder is not None and not config.cache.taps:
+            raise ConfigError('cache.folder applies to branch "semantic" and to cache.taps only (cached tap features)')
+        if config.cache.taps and (loader is not None or engine.runtime.distributed):
+            raise ConfigError("cache.taps reads its own cache in one process: no given loader, no torchrun")
         self.engine, self.config = engine, config
         self.name = "pixel" if config.branch == "pixel" else "tokenizer"  # checkpoints say which task wrote them
         runtime = engine.runtime
@@ -109,7 +112,18 @@ class TokenizerTask(TokenizerModelTask):
         self.model = self.tokenizer = tok.to(device)
         self.objective = make_objective(config.loss, device)
         data = config.data
-        self.data = self.loader = loader or TrainLoader(
+        self.cache = None
+        if config.cache.taps:
+            check_frozen_below_taps(tok)
+            folder = Path(config.cache.folder) if config.cache.folder else Path(config.output_dir) / "features"
+            self.cache = build_tap_cache(config, tok, self.teacher, folder, config.log.progress)
+            self.teacher = None  # its targets are cached
+            layers, semantic_layer = tok.tap_layers(), tok.config.semantic_layer
+            self.loader = ShuffledBatches(
+                len(self.cache), data.batch_size, config.seed, runtime,
+                lambda index, epoch: self.cache.batch(index, layers, semantic_layer, device),
+            )
+        self.data = self.loader = self.loader if self.cache is not None else loader or TrainLoader(
             resolve_source(data.train, data.shuffle_buffer), tok.image_size, data.batch_size, config.seed,
             runtime.rank, runtime.world_size, data.num_workers, data.crop_scale, pin_memory=device.type == "cuda",
         )
@@ -140,10 +154,29 @@ class TokenizerTask(TokenizerModelTask):
     def train_mode(self) -> None:
         set_train_mode(self.tokenizer, self.config.freeze)
 
+    @torch.no_grad()
+    def latents(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The inputs (B, h*w, D) of the codebooks this run trains for a training batch: the pixel vocabulary's (a
+        single vocabulary's one codebook), and the semantic one's where the model has two and both train."""
+        tok = self.tokenizer
+        if self.pixel_only:
+            return {"pixel": tok.pixel_latents(batch["images"].to(self.engine.runtime.device))}
+        if self.cache is not None:
+            taps = tok.taps_from_tokens(batch["taps"])
+        else:
+            taps = tok.taps_from_tokens(tok.tap_tokens(batch["images"].to(self.engine.runtime.device)))
+        if tok.pixel.quantizer is None:
+            return {"pixel": taps.pixel_latent}
+        return {"pixel": taps.pixel_latent, "semantic": taps.semantic_latent}
+
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         images = batch["images"].to(self.engine.runtime.device, non_blocking=True)
-        out = model(images, pixel_only=self.pixel_only)
         targets = None
+        if self.cache is not None:  # one process (checked): the module itself
+            out = model.forward_from_taps(batch["taps"])
+            targets = batch["targets"] if self.config.loss.needs_teacher else None
+        else:
+            out = model(images, pixel_only=self.pixel_only)
         if self.teacher is not None and self.config.loss.needs_teacher:
             targets = teacher_targets(self.teacher, images, self.tokenizer.config.semantic_layer)
         discriminator = self.gan.discriminator if self.gan is not None and self.gan.on else None
@@ -229,12 +262,13 @@ class GanStep(Callback):
 
 class KMeansInit(Callback):
     """``codebook_init: kmeans``: before the first step of a new run, k-means of the pixel tap's latents over
-    ``codebook_init.batches`` training batches fills the pixel codebook (see ResidualQuantizer.init_from_data; with
+    ``codebook_init.batches`` training batches fills the pixel codebook, and with two vocabularies trained (``branch:
+    "both"``) k-means of the semantic latents the semantic one (see ResidualQuantizer.init_from_data; with
     several processes, rank 0's codebook is kept). A resumed run never initialises again."""
 
     def __init__(self, task: TokenizerTask) -> None:
         self.task = task
-        self.report: list[dict[str, float]] = []
+        self.report: dict[str, list[dict[str, float]]] = {}
         cfg, depth = task.config.codebook_init, task.tokenizer.quantizer("pixel").depth
         if cfg.shares and len(cfg.shares) != depth:
             raise ConfigError(f"codebook_init.shares has {len(cfg.shares)} entries for {depth} depths")
@@ -244,21 +278,30 @@ class KMeansInit(Callback):
             self.report = self._initialise()
 
     @torch.no_grad()
-    def _initialise(self) -> list[dict[str, float]]:
+    def _initialise(self) -> dict[str, list[dict[str, float]]]:
+        """Fill each trained codebook; per vocabulary, init_from_data's report per depth."""
         task = self.task
         cfg, tok = task.config.codebook_init, task.tokenizer
-        latents = []
+        latents: dict[str, list[torch.Tensor]] = {}
         for _ in range(cfg.batches):
-            images = next(task.loader)["images"].to(task.engine.runtime.device)
-            latents.append(tok.pixel_latents(images).flatten(0, 1))
-        vectors = torch.cat(latents)
+            for name, values in task.latents(next(task.loader)).items():
+                latents.setdefault(name, []).append(values.flatten(0, 1))
         generator = torch.Generator().manual_seed(task.config.seed)
-        per_update = vectors.shape[0] // cfg.batches
-        return tok.quantizer("pixel").init_from_data(vectors, per_update, cfg.iterations, generator, cfg.shares or None)
+        report = {}
+        for name, values in latents.items():  # the pixel vocabulary first, then the semantic one
+            vectors = torch.cat(values)
+            shares = (cfg.shares or None) if name == "pixel" else None
+            report[name] = tok.quantizer(name).init_from_data(
+                vectors, vectors.shape[0] // cfg.batches, cfg.iterations, generator, shares
+            )
+        return report
 
     def on_start(self, engine: Engine) -> None:
         if self.report and engine.step == 0:
-            values = {f"pixel/depth{q}/{k}": v for q, row in enumerate(self.report) for k, v in row.items()}
+            values = {
+                f"{name}/depth{q}/{k}": v for name, rows in self.report.items() for q, row in enumerate(rows)
+                for k, v in row.items()
+            }
             engine.logger.log(engine.step, values, kind="codebook_init")
 
 
