@@ -167,7 +167,7 @@ def bench_cli(data: Path, count: int) -> None:
     source = data / "imagenet_samples" / "images"
     files = sorted(list_images(source))[:count] if source.exists() else []
     files = files or sorted(list_images(data / "kodak"))
-    dualtoken = [sys.executable, "-m", "dualtoken.cli.main"]
+    dualtoken = [sys.executable, "-c", "import sys; from dualtoken.cli.main import main; sys.exit(main())"]
     rows_encode, rows_decode = [], []
     with tempfile.TemporaryDirectory() as folder:
         inputs = Path(folder) / "inputs"
