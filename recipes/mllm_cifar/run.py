@@ -8,9 +8,10 @@ Stages (each resumable; ``all`` runs them in order), every number in ``config.js
     train     one small LLM from scratch per input mode (semantic+pixel, semantic only, pixel only), same data
               (understanding and generation mixed), same steps; its config is written to train_<mode>.json
     evaluate  answer accuracy on the test images per input mode, next to a linear probe on the same tokens;
-              "Draw a {class}." with and without classifier-free guidance, judged by a token classifier trained
-              on the real training images' tokens and by a Fréchet distance on EfficientNet-Lite0 features
-              against the real test images; a PNG grid of samples per class; results.json + results.md
+              "Draw a {class}." with and without classifier-free guidance, judged by an independent classifier
+              (logistic regression on EfficientNet-Lite0 features of the real training images, no tokenizer in it)
+              and by a Fréchet distance on the same features against the real test images; a PNG grid of samples
+              per class; results.json + results.md
 
     python recipes/mllm_cifar/run.py all --config recipes/mllm_cifar/config.json
 """
@@ -94,6 +95,13 @@ class RecipeConfig:
     # top-k off: with 1024-code books the release's top-k 900 filters next to nothing and costs a topk per depth
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(top_k=0, max_new_tokens=16))
     modes: tuple[Literal["both", "semantic", "pixel"], ...] = MODES
+    # the first N residual depths of each vocabulary the MLLMs read and predict (MLLMConfig.pixel_depths /
+    # semantic_depths); None = all of the tokenizer's (4 pixel, 8 semantic for dualtoken-efflite0)
+    pixel_depths: int | None = None
+    semantic_depths: int | None = None
+    # continue training from saved MLLMs instead of fresh ones: a folder per mode, "{mode}" replaced by the mode
+    # (e.g. "runs/mllm_short/runs/{mode}/final"); their own config (depths, sizes) is kept
+    init_from: str | None = None
     steps: int = 1000
     batch_size: int = 8
     optim: OptimizerConfig = field(
@@ -213,9 +221,13 @@ def train_config(cfg: RecipeConfig, mode: str, tokenizer_ref: str, text_vocab_si
         fusion=dataclasses.replace(MLLMConfig().fusion, inputs=mode),
         heads=cfg.heads,
         sampling=cfg.sampling,
+        pixel_depths=cfg.pixel_depths,
+        semantic_depths=cfg.semantic_depths,
     )
+    init_from = None if cfg.init_from is None else str(Path(cfg.init_from.replace("{mode}", mode)).resolve())
     return MLLMTrainConfig(
-        model=model,
+        model=None if init_from else model,
+        init_from=init_from,
         data=MLLMDataConfig(
             token_cache=("tokens/train",),
             conversations=("conversations.json",),
@@ -290,6 +302,17 @@ class LinearProbe:
         return self.linear((features - self.mean) / self.std).argmax(-1)
 
 
+def judge(work: Path, cfg: RecipeConfig, size: tuple[int, int]) -> LinearProbe:
+    """The independent judge of drawn images: logistic regression on EfficientNet-Lite0 features of the real training
+    images at ``size`` (no tokenizer and no MLLM in it, so no model judges its own drawings)."""
+    labels = json.loads((work / "images" / "train" / "labels.json").read_text())
+    ids = sorted(labels)
+    images = torch.stack([load_image(work / "images" / "train" / f"{i}.png", size) for i in ids])
+    features = image_features(EfficientNetFeatures(), images, cfg.eval_batch_size, "judge")
+    targets = torch.tensor([labels[i] for i in ids])
+    return LinearProbe(features, targets, 10, cfg.probe_steps, cfg.probe_weight_decay)
+
+
 def parse_answer(text: str, names: list[str]) -> int:
     """The class named in an answer (the first one mentioned), or -1."""
     found = [(text.find(n), i) for i, n in enumerate(names) if n in text]
@@ -318,6 +341,9 @@ def evaluate(cfg: RecipeConfig) -> dict:
     tokenizer, _ = visual_tokenizer(cfg)
     _, train_pixel, train_semantic, train_labels = load_split(work, "train")
     test_ids, test_pixel, test_semantic, test_labels = load_split(work, "test")
+    # the linear probes read the depths the MLLMs read
+    train_pixel, test_pixel = train_pixel[..., : cfg.pixel_depths], test_pixel[..., : cfg.pixel_depths]
+    train_semantic, test_semantic = train_semantic[..., : cfg.semantic_depths], test_semantic[..., : cfg.semantic_depths]
     results: dict[str, Any] = {
         "train_images": len(train_labels),
         "test_images": len(test_labels),
@@ -350,6 +376,7 @@ def evaluate(cfg: RecipeConfig) -> dict:
         per_image["understanding"][mode] = correct
         results["understanding"][mode] = {
             "mllm_accuracy": float(correct.float().mean()),
+            "mllm_accuracy_interval_95": wilson_interval(int(correct.sum()), len(correct)),
             "exact_answers": exact / len(test_ids),
             "linear_probe_accuracy": float(probe_accuracy.float().mean()),
         }
@@ -377,9 +404,13 @@ def evaluate(cfg: RecipeConfig) -> dict:
             ),
         }
     }
+    referee = judge(work, cfg, tokenizer.image_size)
+    results["generation"]["judge_on_real_test_images"] = float(
+        (referee.predict(real_features) == test_labels).float().mean()
+    )
     grids = []
     for generation_mode in cfg.generation_modes:
-        grids += draw(cfg, generation_mode, tokenizer, probes, features, real_features, results, per_image)
+        grids += draw(cfg, generation_mode, referee, features, real_features, results, per_image)
     results["generation"]["grids"] = grids
     torch.save(per_image, work / "per_image.pt")
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -391,16 +422,14 @@ def evaluate(cfg: RecipeConfig) -> dict:
 def draw(
     cfg: RecipeConfig,
     mode: str,
-    tokenizer: DualTokenizer | TokenizerPair,
-    probes: dict[str, LinearProbe],
+    referee: LinearProbe,
     features: EfficientNetFeatures,
     real_features: torch.Tensor,
     results: dict[str, Any],
     per_image: dict[str, Any],
 ) -> list[str]:
     """The prompts "Draw a {class}." drawn by the ``mode`` model at every guidance scale: the images judged by the
-    token classifier (the semantic + pixel linear probe, when that mode was trained) and by the Fréchet distance to
-    the real test images; a labelled grid per scale and one side by side. Fills ``results`` and ``per_image``;
+    independent ``referee`` (:func:`judge`) and by the Fréchet distance to the real test images; a labelled grid per scale and one side by side. Fills ``results`` and ``per_image``;
     returns the grids."""
     work, names = Path(cfg.work), class_names(cfg)
     model = DualTokenMLLM.from_pretrained(work / "runs" / mode / "final")
@@ -415,30 +444,20 @@ def draw(
             out = generate_images(model, prompts, cfg_scale=scale, seed=cfg.seed + chunk)
             images.append(out.images.clamp(-1, 1))
         images = torch.cat(images)
-        tokens = [
-            tokenizer.encode(images[i : i + cfg.eval_batch_size])
-            for i in range(0, len(images), cfg.eval_batch_size)
-        ]
-        pixel, semantic = torch.cat([t.pixel for t in tokens]), torch.cat([t.semantic for t in tokens])
-        judged = (
-            probes["both"].predict(token_features(tokenizer, pixel, semantic, "both"))
-            if "both" in probes
-            else None
-        )
         key = prefix + ("without_cfg" if scale == 1.0 else f"cfg_{scale:g}")
-        hits = None if judged is None else int((judged == requested).sum())
         drawn_features = image_features(features, images, cfg.eval_batch_size, "generated")
+        hits = int((referee.predict(drawn_features) == requested).sum())
         per_image["generation"][key] = {"requested": requested, "features": drawn_features}
         results["generation"][key] = {
             "images": len(images),
-            "requested_class_accuracy": None if hits is None else hits / len(images),
-            "requested_class_interval_95": None if hits is None else wilson_interval(hits, len(images)),
+            "requested_class_accuracy": hits / len(images),
+            "requested_class_interval_95": wilson_interval(hits, len(images)),
             "frechet_efficientnet_lite0": frechet_distance(real_features, drawn_features),
         }
         cells = [[to_uint8(img) for img in images[requested == c][: cfg.grid_columns]] for c in range(len(names))]
         cells_by_scale.append(cells)
-        footers.append(f"{scale:g}: " + ("-" if hits is None else f"{hits}/{len(images)}"))
-        judged_text = "" if hits is None else f"; the requested class in {hits} of {len(images)} (token classifier)"
+        footers.append(f"{scale:g}: {hits}/{len(images)}")
+        judged_text = f"; the requested class in {hits} of {len(images)} (independent judge)"
         grid = work / f"samples_{key}.png"
         save_image(
             labelled_grid(
@@ -453,7 +472,7 @@ def draw(
         )
         grids.append(str(grid))
     comparison = work / f"{prefix}samples_by_guidance.png"
-    footer = "requested class by guidance scale (token classifier): " + ", ".join(footers)
+    footer = "requested class by guidance scale (independent judge): " + ", ".join(footers)
     save_image(
         guidance_comparison(cells_by_scale, cfg.guidance_scales, names, cfg.comparison_columns, footer),
         comparison,
@@ -490,23 +509,24 @@ def render(results: dict) -> str:
     lines = [
         f"CIFAR-10: {results['train_images']} training images, {results['test_images']} test images.",
         "",
-        "| input | MLLM answer accuracy | exact answers | linear probe on the same tokens |",
+        "| input | MLLM answer accuracy, 95 % interval | exact answers | linear probe on the same tokens |",
         "|---|---|---|---|",
     ]
     labels = {"both": "semantic + pixel", "semantic": "semantic only", "pixel": "pixel only"}
     for mode, row in results["understanding"].items():
+        low, high = row["mllm_accuracy_interval_95"]
         lines.append(
-            f"| {labels[mode]} | {row['mllm_accuracy']:.1%} | {row['exact_answers']:.1%} | "
+            f"| {labels[mode]} | {row['mllm_accuracy']:.1%} ({low:.1%} to {high:.1%}) | {row['exact_answers']:.1%} | "
             f"{row['linear_probe_accuracy']:.1%} |"
         )
     lines += [
         "",
-        "| generation | images | requested class (token classifier), 95 % interval | Fréchet distance "
+        "| generation | images | requested class (independent judge), 95 % interval | Fréchet distance "
         "(EfficientNet-Lite0) |",
         "|---|---|---|---|",
     ]
     for key, row in results["generation"].items():
-        if key == "grids":
+        if not isinstance(row, dict):  # the grids, the judge's own accuracy
             continue
         accuracy, interval = row.get("requested_class_accuracy"), row.get("requested_class_interval_95")
         judged = "-" if accuracy is None else f"{accuracy:.1%}"
@@ -516,6 +536,8 @@ def render(results: dict) -> str:
             f"| {key.replace('_', ' ')} | {row['images']} | {judged} | "
             f"{row['frechet_efficientnet_lite0']:.2f} |"
         )
+    judge_accuracy = results["generation"]["judge_on_real_test_images"]
+    lines += ["", f"The judge names the class of {judge_accuracy:.1%} of the real test images (its ceiling)."]
     return "\n".join(lines) + "\n"
 
 
