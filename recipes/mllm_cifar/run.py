@@ -99,10 +99,11 @@ class RecipeConfig:
     # semantic_depths); None = all of the tokenizer's (4 pixel, 8 semantic for dualtoken-efflite0)
     pixel_depths: int | None = None
     semantic_depths: int | None = None
-    # continue training from saved MLLMs instead of fresh ones: a folder per mode, "{mode}" replaced by the mode
-    # (e.g. "runs/mllm_short/runs/{mode}/final"); their own config (depths, sizes) is kept
-    init_from: str | None = None
     steps: int = 1000
+    max_seconds: float = 0.0  # a wall-clock budget per training run (0: none); a run cut by it ends as if finished
+    export_every: int = 0  # also write runs/<mode>/export-<step> every so many steps (0: only final)
+    # which folder of each run ``evaluate`` reads: "final", or an export such as "export-00000300"
+    evaluate_export: str = "final"
     batch_size: int = 8
     optim: OptimizerConfig = field(
         default_factory=lambda: OptimizerConfig(
@@ -224,10 +225,8 @@ def train_config(cfg: RecipeConfig, mode: str, tokenizer_ref: str, text_vocab_si
         pixel_depths=cfg.pixel_depths,
         semantic_depths=cfg.semantic_depths,
     )
-    init_from = None if cfg.init_from is None else str(Path(cfg.init_from.replace("{mode}", mode)).resolve())
     return MLLMTrainConfig(
-        model=None if init_from else model,
-        init_from=init_from,
+        model=model,
         data=MLLMDataConfig(
             token_cache=("tokens/train",),
             conversations=("conversations.json",),
@@ -237,10 +236,11 @@ def train_config(cfg: RecipeConfig, mode: str, tokenizer_ref: str, text_vocab_si
         ),
         optimizer=cfg.optim,
         max_steps=cfg.steps,
+        max_seconds=cfg.max_seconds,
         seed=cfg.seed,
         output_dir=str((work / "runs" / mode).resolve()),
         log=LogConfig(every=max(1, cfg.steps // 100), console=False),
-        checkpoint=CheckpointConfig(every=max(1, cfg.steps // 10), keep_last=2),
+        checkpoint=CheckpointConfig(every=max(1, cfg.steps // 10), keep_last=2, export_every=cfg.export_every),
     )
 
 
@@ -365,7 +365,7 @@ def evaluate(cfg: RecipeConfig) -> dict:
         probe_accuracy = (
             probe.predict(token_features(tokenizer, test_pixel, test_semantic, mode)) == test_labels
         )
-        model = DualTokenMLLM.from_pretrained(work / "runs" / mode / "final")
+        model = DualTokenMLLM.from_pretrained(work / "runs" / mode / cfg.evaluate_export)
         predictions, exact = [], 0
         for start in tqdm(range(0, len(test_ids), cfg.eval_batch_size), desc=f"answer ({mode})"):
             rows = slice(start, start + cfg.eval_batch_size)
@@ -432,7 +432,7 @@ def draw(
     independent ``referee`` (:func:`judge`) and by the Fréchet distance to the real test images; a labelled grid per scale and one side by side. Fills ``results`` and ``per_image``;
     returns the grids."""
     work, names = Path(cfg.work), class_names(cfg)
-    model = DualTokenMLLM.from_pretrained(work / "runs" / mode / "final")
+    model = DualTokenMLLM.from_pretrained(work / "runs" / mode / cfg.evaluate_export)
     prefix = "" if mode == "both" else f"{mode}_"
     grids, cells_by_scale, footers = [], [], []
     for scale in cfg.guidance_scales:
