@@ -304,11 +304,16 @@ class LinearProbe:
 
 def judge(work: Path, cfg: RecipeConfig, size: tuple[int, int]) -> LinearProbe:
     """The independent judge of drawn images: logistic regression on EfficientNet-Lite0 features of the real training
-    images at ``size`` (no tokenizer and no MLLM in it, so no model judges its own drawings)."""
+    images at ``size`` (no tokenizer and no MLLM in it, so no model judges its own drawings). The features are kept
+    in ``<work>/judge_features_<H>x<W>.pt`` for the next evaluation."""
     labels = json.loads((work / "images" / "train" / "labels.json").read_text())
     ids = sorted(labels)
-    images = torch.stack([load_image(work / "images" / "train" / f"{i}.png", size) for i in ids])
-    features = image_features(EfficientNetFeatures(), images, cfg.eval_batch_size, "judge")
+    cached = work / f"judge_features_{size[0]}x{size[1]}.pt"
+    features = torch.load(cached) if cached.is_file() else None
+    if features is None or len(features) != len(ids):
+        images = torch.stack([load_image(work / "images" / "train" / f"{i}.png", size) for i in ids])
+        features = image_features(EfficientNetFeatures(), images, cfg.eval_batch_size, "judge")
+        torch.save(features, cached)
     targets = torch.tensor([labels[i] for i in ids])
     return LinearProbe(features, targets, 10, cfg.probe_steps, cfg.probe_weight_decay)
 
