@@ -168,6 +168,23 @@ def test_the_chunked_cross_entropy_equals_the_plain_one_in_value_and_gradient(ch
     assert leaves[1].grad is None and leaves[2].grad is None
 
 
+def test_the_chunked_cross_entropy_runs_in_float32_under_bf16_autocast():
+    """A code_table head under bf16 autocast (precision auto on a CPU with bf16 units) hands it bf16 features and a
+    float32 table; the loss is float32 and every input gets a gradient of its own dtype."""
+    from dualtoken.mllm.depth_head import linear_cross_entropy
+
+    torch.manual_seed(0)
+    x = torch.randn(30, 12).bfloat16().requires_grad_()
+    table, bias = torch.randn(50, 12).requires_grad_(), torch.zeros(50, requires_grad=True)
+    targets = torch.randint(0, 50, (30,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(x, table, bias, targets, chunk_rows=7)
+    loss.backward()
+    assert loss.dtype == torch.float32 and x.grad.dtype == torch.bfloat16 and table.grad.dtype == torch.float32
+    plain = F.cross_entropy(x.float() @ table.T + bias, targets, reduction="sum")
+    torch.testing.assert_close(loss, plain)
+
+
 @pytest.mark.parametrize("classifier", ["per_depth", "code_table"])
 @pytest.mark.parametrize("sharing", ["shared", "per_depth"])
 def test_the_heads_training_losses_are_the_cross_entropy_of_their_logits(mllm_config, tiny_images, classifier, sharing):
