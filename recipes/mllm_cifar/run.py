@@ -126,6 +126,7 @@ class RecipeConfig:
     # the input modes whose models draw (each of them must be in ``modes``); results keys of modes other than
     # "both" are prefixed with the mode ("pixel_cfg_3")
     generation_modes: tuple[Literal["both", "semantic", "pixel"], ...] = ("both",)
+    judge_train_images: int | None = None  # the first N training images train the judge of drawings (None = all)
     grid_columns: int = 10
     comparison_columns: int = 3  # samples per class and scale in samples_by_guidance.png
 
@@ -308,18 +309,25 @@ class LinearProbe:
         return self.linear((features - self.mean) / self.std).argmax(-1)
 
 
+def real_features(work: Path, cfg: RecipeConfig, split: str, ids: list[str], size: tuple[int, int]) -> torch.Tensor:
+    """EfficientNet-Lite0 features of the real images ``ids`` of ``split`` at ``size``, kept in
+    ``<work>/features_<split>_<count>_<H>x<W>.pt`` for the next evaluation (ids are always a split's first images)."""
+    cached = work / f"features_{split}_{len(ids)}_{size[0]}x{size[1]}.pt"
+    if cached.is_file():
+        return torch.load(cached)
+    images = torch.stack([load_image(work / "images" / split / f"{i}.png", size) for i in ids])
+    features = image_features(EfficientNetFeatures(), images, cfg.eval_batch_size, f"real {split}")
+    torch.save(features, cached)
+    return features
+
+
 def judge(work: Path, cfg: RecipeConfig, size: tuple[int, int]) -> LinearProbe:
-    """The independent judge of drawn images: logistic regression on EfficientNet-Lite0 features of the real training
-    images at ``size`` (no tokenizer and no MLLM in it, so no model judges its own drawings). The features are kept
-    in ``<work>/judge_features_<H>x<W>.pt`` for the next evaluation."""
+    """The independent judge of drawn images: logistic regression on EfficientNet-Lite0 features of the first
+    ``cfg.judge_train_images`` real training images at ``size`` (no tokenizer and no MLLM in it, so no model judges
+    its own drawings)."""
     labels = json.loads((work / "images" / "train" / "labels.json").read_text())
-    ids = sorted(labels)
-    cached = work / f"judge_features_{size[0]}x{size[1]}.pt"
-    features = torch.load(cached) if cached.is_file() else None
-    if features is None or len(features) != len(ids):
-        images = torch.stack([load_image(work / "images" / "train" / f"{i}.png", size) for i in ids])
-        features = image_features(EfficientNetFeatures(), images, cfg.eval_batch_size, "judge")
-        torch.save(features, cached)
+    ids = sorted(labels)[: cfg.judge_train_images]
+    features = real_features(work, cfg, "train", ids, size)
     targets = torch.tensor([labels[i] for i in ids])
     return LinearProbe(features, targets, 10, cfg.probe_steps, cfg.probe_weight_decay)
 
@@ -394,34 +402,24 @@ def evaluate(cfg: RecipeConfig) -> dict:
 
     # generation, with the semantic+pixel model; judged on the decoded images
     features = EfficientNetFeatures()
-    real_test = torch.stack(
-        [load_image(work / "images" / "test" / f"{i}.png", tokenizer.image_size) for i in test_ids]
-    )
-    real_features = image_features(features, real_test, cfg.eval_batch_size, "real test")
-    per_image["real_test_features"] = real_features
+    test_features = real_features(work, cfg, "test", test_ids, tokenizer.image_size)
+    per_image["real_test_features"] = test_features
     train_ids = sorted(json.loads((work / "images" / "train" / "labels.json").read_text()))
     reference_count = min(len(train_ids), cfg.samples_per_class * len(names))
-    real_train = torch.stack(
-        [
-            load_image(work / "images" / "train" / f"{i}.png", tokenizer.image_size)
-            for i in train_ids[:reference_count]
-        ]
-    )
+    reference = real_features(work, cfg, "train", train_ids[:reference_count], tokenizer.image_size)
     results["generation"] = {
         "reference_real_train_images": {
             "images": reference_count,
-            "frechet_efficientnet_lite0": frechet_distance(
-                real_features, image_features(features, real_train, 100, "real train")
-            ),
+            "frechet_efficientnet_lite0": frechet_distance(test_features, reference),
         }
     }
     referee = judge(work, cfg, tokenizer.image_size)
     results["generation"]["judge_on_real_test_images"] = float(
-        (referee.predict(real_features) == test_labels).float().mean()
+        (referee.predict(test_features) == test_labels).float().mean()
     )
     grids = []
     for generation_mode in cfg.generation_modes:
-        grids += draw(cfg, generation_mode, referee, features, real_features, results, per_image)
+        grids += draw(cfg, generation_mode, referee, features, test_features, results, per_image)
     results["generation"]["grids"] = grids
     torch.save(per_image, work / "per_image.pt")
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -435,7 +433,7 @@ def draw(
     mode: str,
     referee: LinearProbe,
     features: EfficientNetFeatures,
-    real_features: torch.Tensor,
+    test_features: torch.Tensor,
     results: dict[str, Any],
     per_image: dict[str, Any],
 ) -> list[str]:
@@ -463,7 +461,7 @@ def draw(
             "images": len(images),
             "requested_class_accuracy": hits / len(images),
             "requested_class_interval_95": wilson_interval(hits, len(images)),
-            "frechet_efficientnet_lite0": frechet_distance(real_features, drawn_features),
+            "frechet_efficientnet_lite0": frechet_distance(test_features, drawn_features),
         }
         cells = [[to_uint8(img) for img in images[requested == c][: cfg.grid_columns]] for c in range(len(names))]
         cells_by_scale.append(cells)
