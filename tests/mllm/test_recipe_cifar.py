@@ -29,6 +29,7 @@ TINY = [
     "samples_per_class=1",
     "eval_batch_size=10",
     "probe_steps=5",
+    "judge_train_images=12",
     "text_vocab=300",
     "image_size=null",  # the tiny tokenizer is a SigLIP: it runs at its own size only
 ]
@@ -116,6 +117,9 @@ def test_cifar_recipe_runs_every_stage(tmp_path, shared_data, tiny_tokenizer):
     assert per_image["understanding"]["both"].shape == (10,) and per_image["real_test_features"].shape[0] == 10
     assert per_image["generation"]["cfg_3"]["features"].shape[0] == 10
     assert 0.0 <= results["generation"]["judge_on_real_test_images"] <= 1.0
+    # the real images' features are kept for the next evaluation: the judge's 12, the reference's 10, the test 10
+    kept = sorted(p.name for p in work.glob("features_*.pt"))
+    assert kept == ["features_test_10_64x64.pt", "features_train_10_64x64.pt", "features_train_12_64x64.pt"]
     low, high = results["understanding"]["both"]["mllm_accuracy_interval_95"]
     assert 0.0 <= low <= results["understanding"]["both"]["mllm_accuracy"] <= high <= 1.0
     assert "| semantic + pixel |" in (work / "results.md").read_text()
