@@ -174,17 +174,6 @@ def run_arms(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def judge(work: Path, cfg: recipe.RecipeConfig, size: tuple[int, int]) -> recipe.LinearProbe:
-    """One classifier for every arm: logistic regression on EfficientNet-Lite0 features of the real training images
-    at the arms' image ``size`` (the same images and features for each arm: the judge does not depend on a tokenizer)."""
-    labels = json.loads((work / "images" / "train" / "labels.json").read_text())
-    ids = sorted(labels)
-    images = torch.stack([recipe.load_image(work / "images" / "train" / f"{i}.png", size) for i in ids])
-    features = recipe.image_features(recipe.EfficientNetFeatures(), images, cfg.eval_batch_size, "judge")
-    targets = torch.tensor([labels[i] for i in ids])
-    return recipe.LinearProbe(features, targets, 10, cfg.probe_steps, cfg.probe_weight_decay)
-
-
 @torch.no_grad()
 def encode_seconds(tokenizer, images: torch.Tensor, repeats: int = 3) -> float:
     """Median seconds per image of ``tokenizer.encode`` on ``images`` (after one warm-up call)."""
@@ -220,7 +209,7 @@ def score(args: argparse.Namespace) -> dict:
     configs = [arm_config(args, tokenizers[run["arm"]], run) for run in plan]
     loaded = {arm: load_visual_tokenizer(folder) for arm, folder in tokenizers.items()}
     size = loaded["dualtoken"].image_size
-    referee = judge(Path(configs[0].work), configs[0], size)
+    referee = recipe.judge(Path(configs[0].work), configs[0], size)
     rows, hits_of, judge_hits, per_run = [], {}, None, {}
     for run, cfg in zip(plan, configs, strict=True):
         per_image = per_run[(run["arm"], run["seed"])] = torch.load(Path(cfg.work) / "per_image.pt", weights_only=False)

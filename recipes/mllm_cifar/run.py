@@ -8,9 +8,10 @@ Stages (each resumable; ``all`` runs them in order), every number in ``config.js
     train     one small LLM from scratch per input mode (semantic+pixel, semantic only, pixel only), same data
               (understanding and generation mixed), same steps; its config is written to train_<mode>.json
     evaluate  answer accuracy on the test images per input mode, next to a linear probe on the same tokens;
-              "Draw a {class}." with and without classifier-free guidance, judged by a token classifier trained
-              on the real training images' tokens and by a Fréchet distance on EfficientNet-Lite0 features
-              against the real test images; a PNG grid of samples per class; results.json + results.md
+              "Draw a {class}." with and without classifier-free guidance, judged by an independent classifier
+              (logistic regression on EfficientNet-Lite0 features of the real training images, no tokenizer in it)
+              and by a Fréchet distance on the same features against the real test images; a PNG grid of samples
+              per class; results.json + results.md
 
     python recipes/mllm_cifar/run.py all --config recipes/mllm_cifar/config.json
 
@@ -106,7 +107,15 @@ class RecipeConfig:
     # top-k off: with 1024-code books the release's top-k 900 filters next to nothing and costs a topk per depth
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(top_k=0, max_new_tokens=16))
     modes: tuple[Literal["both", "semantic", "pixel"], ...] = MODES
+    # the first N residual depths of each vocabulary the MLLMs read and predict (MLLMConfig.pixel_depths /
+    # semantic_depths); None = all of the tokenizer's (4 pixel, 8 semantic for dualtoken-efflite0)
+    pixel_depths: int | None = None
+    semantic_depths: int | None = None
     steps: int = 1000
+    max_seconds: float = 0.0  # a wall-clock budget per training run (0: none); a run cut by it ends as if finished
+    export_every: int = 0  # also write runs/<mode>/export-<step> every so many steps (0: only final)
+    # which folder of each run ``evaluate`` reads: "final", or an export such as "export-00000300"
+    evaluate_export: str = "final"
     batch_size: int = 8
     optim: OptimizerConfig = field(
         default_factory=lambda: OptimizerConfig(
@@ -123,6 +132,7 @@ class RecipeConfig:
     # the input modes whose models draw (each of them must be in ``modes``); results keys of modes other than
     # "both" are prefixed with the mode ("pixel_cfg_3")
     generation_modes: tuple[Literal["both", "semantic", "pixel"], ...] = ("both",)
+    judge_train_images: int | None = None  # the first N training images train the judge of drawings (None = all)
     grid_columns: int = 10
     comparison_columns: int = 3  # samples per class and scale in samples_by_guidance.png
 
@@ -239,6 +249,8 @@ def train_config(cfg: RecipeConfig, mode: str, tokenizer_ref: str, text_vocab_si
         fusion=dataclasses.replace(MLLMConfig().fusion, inputs=mode),
         heads=cfg.heads,
         sampling=cfg.sampling,
+        pixel_depths=cfg.pixel_depths,
+        semantic_depths=cfg.semantic_depths,
     )
     return MLLMTrainConfig(
         model=model,
@@ -251,11 +263,12 @@ def train_config(cfg: RecipeConfig, mode: str, tokenizer_ref: str, text_vocab_si
         ),
         optimizer=cfg.optim,
         max_steps=cfg.steps,
+        max_seconds=cfg.max_seconds,
         seed=cfg.seed,
         precision=cfg.precision,
         output_dir=str((work / "runs" / mode).resolve()),
         log=LogConfig(every=max(1, cfg.steps // 100), console=False),
-        checkpoint=CheckpointConfig(every=max(1, cfg.steps // 10), keep_last=2),
+        checkpoint=CheckpointConfig(every=max(1, cfg.steps // 10), keep_last=2, export_every=cfg.export_every),
     )
 
 
@@ -317,6 +330,29 @@ class LinearProbe:
         return self.linear((features - self.mean) / self.std).argmax(-1)
 
 
+def real_features(work: Path, cfg: RecipeConfig, split: str, ids: list[str], size: tuple[int, int]) -> torch.Tensor:
+    """EfficientNet-Lite0 features of the real images ``ids`` of ``split`` at ``size``, kept in
+    ``<work>/features_<split>_<count>_<H>x<W>.pt`` for the next evaluation (ids are always a split's first images)."""
+    cached = work / f"features_{split}_{len(ids)}_{size[0]}x{size[1]}.pt"
+    if cached.is_file():
+        return torch.load(cached)
+    images = torch.stack([load_image(work / "images" / split / f"{i}.png", size) for i in ids])
+    features = image_features(EfficientNetFeatures(), images, cfg.eval_batch_size, f"real {split}")
+    torch.save(features, cached)
+    return features
+
+
+def judge(work: Path, cfg: RecipeConfig, size: tuple[int, int]) -> LinearProbe:
+    """The independent judge of drawn images: logistic regression on EfficientNet-Lite0 features of the first
+    ``cfg.judge_train_images`` real training images at ``size`` (no tokenizer and no MLLM in it, so no model judges
+    its own drawings)."""
+    labels = json.loads((work / "images" / "train" / "labels.json").read_text())
+    ids = sorted(labels)[: cfg.judge_train_images]
+    features = real_features(work, cfg, "train", ids, size)
+    targets = torch.tensor([labels[i] for i in ids])
+    return LinearProbe(features, targets, 10, cfg.probe_steps, cfg.probe_weight_decay)
+
+
 def parse_answer(text: str, names: list[str]) -> int:
     """The class named in an answer (the first one mentioned), or -1."""
     found = [(text.find(n), i) for i, n in enumerate(names) if n in text]
@@ -345,6 +381,9 @@ def evaluate(cfg: RecipeConfig) -> dict:
     tokenizer, _ = visual_tokenizer(cfg)
     _, train_pixel, train_semantic, train_labels = load_split(work, "train")
     test_ids, test_pixel, test_semantic, test_labels = load_split(work, "test")
+    # the linear probes read the depths the MLLMs read
+    train_pixel, test_pixel = train_pixel[..., : cfg.pixel_depths], test_pixel[..., : cfg.pixel_depths]
+    train_semantic, test_semantic = train_semantic[..., : cfg.semantic_depths], test_semantic[..., : cfg.semantic_depths]
     results: dict[str, Any] = {
         "train_images": len(train_labels),
         "test_images": len(test_labels),
@@ -366,7 +405,7 @@ def evaluate(cfg: RecipeConfig) -> dict:
         probe_accuracy = (
             probe.predict(token_features(tokenizer, test_pixel, test_semantic, mode)) == test_labels
         )
-        model = DualTokenMLLM.from_pretrained(work / "runs" / mode / "final")
+        model = DualTokenMLLM.from_pretrained(work / "runs" / mode / cfg.evaluate_export)
         predictions, exact = [], 0
         for start in tqdm(range(0, len(test_ids), cfg.eval_batch_size), desc=f"answer ({mode})"):
             rows = slice(start, start + cfg.eval_batch_size)
@@ -377,36 +416,31 @@ def evaluate(cfg: RecipeConfig) -> dict:
         per_image["understanding"][mode] = correct
         results["understanding"][mode] = {
             "mllm_accuracy": float(correct.float().mean()),
+            "mllm_accuracy_interval_95": wilson_interval(int(correct.sum()), len(correct)),
             "exact_answers": exact / len(test_ids),
             "linear_probe_accuracy": float(probe_accuracy.float().mean()),
         }
 
     # generation, with the semantic+pixel model; judged on the decoded images
     features = EfficientNetFeatures()
-    real_test = torch.stack(
-        [load_image(work / "images" / "test" / f"{i}.png", tokenizer.image_size) for i in test_ids]
-    )
-    real_features = image_features(features, real_test, cfg.eval_batch_size, "real test")
-    per_image["real_test_features"] = real_features
+    test_features = real_features(work, cfg, "test", test_ids, tokenizer.image_size)
+    per_image["real_test_features"] = test_features
     train_ids = sorted(json.loads((work / "images" / "train" / "labels.json").read_text()))
     reference_count = min(len(train_ids), cfg.samples_per_class * len(names))
-    real_train = torch.stack(
-        [
-            load_image(work / "images" / "train" / f"{i}.png", tokenizer.image_size)
-            for i in train_ids[:reference_count]
-        ]
-    )
+    reference = real_features(work, cfg, "train", train_ids[:reference_count], tokenizer.image_size)
     results["generation"] = {
         "reference_real_train_images": {
             "images": reference_count,
-            "frechet_efficientnet_lite0": frechet_distance(
-                real_features, image_features(features, real_train, 100, "real train")
-            ),
+            "frechet_efficientnet_lite0": frechet_distance(test_features, reference),
         }
     }
+    referee = judge(work, cfg, tokenizer.image_size)
+    results["generation"]["judge_on_real_test_images"] = float(
+        (referee.predict(test_features) == test_labels).float().mean()
+    )
     grids = []
     for generation_mode in cfg.generation_modes:
-        grids += draw(cfg, generation_mode, tokenizer, probes, features, real_features, results, per_image)
+        grids += draw(cfg, generation_mode, referee, features, test_features, results, per_image)
     results["generation"]["grids"] = grids
     torch.save(per_image, work / "per_image.pt")
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -418,19 +452,17 @@ def evaluate(cfg: RecipeConfig) -> dict:
 def draw(
     cfg: RecipeConfig,
     mode: str,
-    tokenizer: DualTokenizer | TokenizerPair,
-    probes: dict[str, LinearProbe],
+    referee: LinearProbe,
     features: EfficientNetFeatures,
-    real_features: torch.Tensor,
+    test_features: torch.Tensor,
     results: dict[str, Any],
     per_image: dict[str, Any],
 ) -> list[str]:
     """The prompts "Draw a {class}." drawn by the ``mode`` model at every guidance scale: the images judged by the
-    token classifier (the semantic + pixel linear probe, when that mode was trained) and by the Fréchet distance to
-    the real test images; a labelled grid per scale and one side by side. Fills ``results`` and ``per_image``;
+    independent ``referee`` (:func:`judge`) and by the Fréchet distance to the real test images; a labelled grid per scale and one side by side. Fills ``results`` and ``per_image``;
     returns the grids."""
     work, names = Path(cfg.work), class_names(cfg)
-    model = DualTokenMLLM.from_pretrained(work / "runs" / mode / "final")
+    model = DualTokenMLLM.from_pretrained(work / "runs" / mode / cfg.evaluate_export)
     prefix = "" if mode == "both" else f"{mode}_"
     grids, cells_by_scale, footers = [], [], []
     for scale in cfg.guidance_scales:
@@ -442,30 +474,20 @@ def draw(
             out = generate_images(model, prompts, cfg_scale=scale, seed=cfg.seed + chunk)
             images.append(out.images.clamp(-1, 1))
         images = torch.cat(images)
-        tokens = [
-            tokenizer.encode(images[i : i + cfg.eval_batch_size])
-            for i in range(0, len(images), cfg.eval_batch_size)
-        ]
-        pixel, semantic = torch.cat([t.pixel for t in tokens]), torch.cat([t.semantic for t in tokens])
-        judged = (
-            probes["both"].predict(token_features(tokenizer, pixel, semantic, "both"))
-            if "both" in probes
-            else None
-        )
         key = prefix + ("without_cfg" if scale == 1.0 else f"cfg_{scale:g}")
-        hits = None if judged is None else int((judged == requested).sum())
         drawn_features = image_features(features, images, cfg.eval_batch_size, "generated")
+        hits = int((referee.predict(drawn_features) == requested).sum())
         per_image["generation"][key] = {"requested": requested, "features": drawn_features}
         results["generation"][key] = {
             "images": len(images),
-            "requested_class_accuracy": None if hits is None else hits / len(images),
-            "requested_class_interval_95": None if hits is None else wilson_interval(hits, len(images)),
-            "frechet_efficientnet_lite0": frechet_distance(real_features, drawn_features),
+            "requested_class_accuracy": hits / len(images),
+            "requested_class_interval_95": wilson_interval(hits, len(images)),
+            "frechet_efficientnet_lite0": frechet_distance(test_features, drawn_features),
         }
         cells = [[to_uint8(img) for img in images[requested == c][: cfg.grid_columns]] for c in range(len(names))]
         cells_by_scale.append(cells)
-        footers.append(f"{scale:g}: " + ("-" if hits is None else f"{hits}/{len(images)}"))
-        judged_text = "" if hits is None else f"; the requested class in {hits} of {len(images)} (token classifier)"
+        footers.append(f"{scale:g}: {hits}/{len(images)}")
+        judged_text = f"; the requested class in {hits} of {len(images)} (independent judge)"
         grid = work / f"samples_{key}.png"
         save_image(
             labelled_grid(
@@ -480,7 +502,7 @@ def draw(
         )
         grids.append(str(grid))
     comparison = work / f"{prefix}samples_by_guidance.png"
-    footer = "requested class by guidance scale (token classifier): " + ", ".join(footers)
+    footer = "requested class by guidance scale (independent judge): " + ", ".join(footers)
     save_image(
         guidance_comparison(cells_by_scale, cfg.guidance_scales, names, cfg.comparison_columns, footer),
         comparison,
@@ -517,23 +539,24 @@ def render(results: dict) -> str:
     lines = [
         f"CIFAR-10: {results['train_images']} training images, {results['test_images']} test images.",
         "",
-        "| input | MLLM answer accuracy | exact answers | linear probe on the same tokens |",
+        "| input | MLLM answer accuracy, 95 % interval | exact answers | linear probe on the same tokens |",
         "|---|---|---|---|",
     ]
     labels = {"both": "semantic + pixel", "semantic": "semantic only", "pixel": "pixel only"}
     for mode, row in results["understanding"].items():
+        low, high = row["mllm_accuracy_interval_95"]
         lines.append(
-            f"| {labels[mode]} | {row['mllm_accuracy']:.1%} | {row['exact_answers']:.1%} | "
+            f"| {labels[mode]} | {row['mllm_accuracy']:.1%} ({low:.1%} to {high:.1%}) | {row['exact_answers']:.1%} | "
             f"{row['linear_probe_accuracy']:.1%} |"
         )
     lines += [
         "",
-        "| generation | images | requested class (token classifier), 95 % interval | Fréchet distance "
+        "| generation | images | requested class (independent judge), 95 % interval | Fréchet distance "
         "(EfficientNet-Lite0) |",
         "|---|---|---|---|",
     ]
     for key, row in results["generation"].items():
-        if key == "grids":
+        if not isinstance(row, dict):  # the grids, the judge's own accuracy
             continue
         accuracy, interval = row.get("requested_class_accuracy"), row.get("requested_class_interval_95")
         judged = "-" if accuracy is None else f"{accuracy:.1%}"
@@ -543,6 +566,8 @@ def render(results: dict) -> str:
             f"| {key.replace('_', ' ')} | {row['images']} | {judged} | "
             f"{row['frechet_efficientnet_lite0']:.2f} |"
         )
+    judge_accuracy = results["generation"]["judge_on_real_test_images"]
+    lines += ["", f"The judge names the class of {judge_accuracy:.1%} of the real test images (its ceiling)."]
     return "\n".join(lines) + "\n"
 
 

@@ -1,11 +1,11 @@
 """Which floating-point precision a run uses: one setting, ``auto`` | ``fp32`` | ``bf16`` | ``fp16``.
 
-``auto`` is bf16 autocast where bf16 is the faster choice (CUDA; a CPU whose torch build reports AMX tiles) and
-float32 elsewhere: on a CPU without bf16 units torch emulates bf16 matrix products, far slower than float32
-(measured on an AVX2-only AMD EPYC: about 1 against 60 GFLOP/s), and a CPU with AVX-512 BF16 but no AMX tiles
-(AMD EPYC Zen 5) ran the EfficientNet-Lite0 tower at half its float32 speed under bf16 autocast, with an exact
-search that rescored many more rows (docs/PERFORMANCE.md). ``bf16`` asked for explicitly runs on either kind of
-bf16 unit. Training, inference and the command line all resolve the setting here.
+``auto`` is bf16 autocast on CUDA and on a CPU whose torch build reports AMX tiles, float32 elsewhere: on a CPU
+without bf16 units torch emulates bf16 matrix products, far slower than float32 (measured on an AVX2-only AMD
+EPYC: about 1 against 60 GFLOP/s). A CPU with AVX-512 BF16 but no AMX tiles (AMD EPYC Zen 5) runs bf16 fast
+(docs/PERFORMANCE.md: the EfficientNet-Lite0 tower 3.1x its float32 speed), but ``auto`` stays float32 there until
+the suite's float32 assumptions are checked on such a CPU; ``bf16`` asked for explicitly runs on it. Training,
+inference and the command line all resolve the setting here.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def cpu_has_bf16_matmul() -> bool:
 
 
 def cpu_prefers_bf16() -> bool:
-    """True where ``auto`` picks bf16 on this CPU: AMX tiles (AVX-512 BF16 alone measured slower than float32)."""
+    """True where ``auto`` picks bf16 on this CPU: AMX tiles."""
     return cpu_bf16_flags()["amx_tile"]
 
 
@@ -111,7 +111,7 @@ def explain(precision: str, device: torch.device | str) -> str:
     if dtype is not None:
         units = "has AMX bf16 tiles"
     elif cpu_has_bf16_matmul():
-        units = "has AVX-512 BF16 but no AMX tiles, where float32 is faster"
+        units = "has AVX-512 BF16 but no AMX tiles (auto stays float32; ask for bf16 to use them)"
     else:
         units = "has no bf16 matrix units"
     return f"{describe(dtype)} (auto: this CPU {units}: {found})"

@@ -460,3 +460,17 @@ def test_train_cli_refuses_a_bad_sharing_mode_and_writes_nothing(tmp_path, capsy
     assert code == 2 and not out.exists()
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "codebook_sharing" in error and "per_depth" in error
+
+
+def test_a_cpu_never_scores_the_search_in_bf16(monkeypatch):
+    import dualtoken.quantizer as quantizer_module
+
+    calls = []
+    real = quantizer_module.residual_codes
+    monkeypatch.setattr(quantizer_module, "residual_codes", lambda *a, **k: calls.append(k) or real(*a, **k))
+    q = make(K=256, D=64, Q=4, search_first_pass="matmul").eval()
+    x = torch.randn(100, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        codes = q(x).codes
+    assert torch.equal(codes, per_depth_codes(x, q.codebook, 4))
+    assert calls and all(k.get("low_precision") is None for k in calls)

@@ -44,3 +44,16 @@ def test_new_names_take_overrides_and_old_ones_do_not(tmp_path):
     assert (config.max_steps, config.checkpoint.every, config.precision) == (3, 1, "fp32")
     with pytest.raises(ConfigError, match="unknown key 'steps'"):
         apply_overrides(config, ["steps=3"])
+
+
+def test_the_depth_prefix_round_trips_and_rejects_nonsense():
+    from dualtoken.config import from_dict
+    from dualtoken.mllm import MLLMConfig
+
+    config = MLLMConfig(pixel_depths=2, semantic_depths=3)
+    assert from_dict(MLLMConfig, json.loads(json.dumps(to_dict(config)))) == config
+    assert (MLLMConfig().pixel_depths, MLLMConfig().semantic_depths) == (None, None)  # all depths by default
+    with pytest.raises(ConfigError, match="semantic_depths must be >= 1"):
+        MLLMConfig(semantic_depths=0)
+    with pytest.raises(ConfigError, match="pixel_depths must be >= 1"):
+        apply_overrides(MLLMConfig(), ["pixel_depths=-1"])

@@ -148,8 +148,10 @@ def test_token_cache_lookup_and_compatibility(cache_dir, tiny_codes):
     with pytest.raises(DataError, match="not in the token cache"):
         cache.codes(["c.jpg"])
     cache.check_compatible((8, 8), (4, 4), (256, 256))
-    with pytest.raises(DataError, match="encode the images with the same tokenizer"):
-        cache.check_compatible((16, 16), (4, 4), (256, 256))
+    cache.check_compatible((8, 8), (2, 1), (256, 256))  # a model reading a prefix of the depths
+    for grid, depths, sizes in (((16, 16), (4, 4), (256, 256)), ((8, 8), (4, 5), (256, 256)), ((8, 8), (4, 4), (8, 256))):
+        with pytest.raises(DataError, match="encode the images with the same tokenizer"):
+            cache.check_compatible(grid, depths, sizes)
     with pytest.raises(DataError, match="token cache not found"):
         TokenCache([cache_dir / "missing"])
 

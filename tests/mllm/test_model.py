@@ -168,6 +168,23 @@ def test_the_chunked_cross_entropy_equals_the_plain_one_in_value_and_gradient(ch
     assert leaves[1].grad is None and leaves[2].grad is None
 
 
+def test_the_chunked_cross_entropy_runs_in_float32_under_bf16_autocast():
+    """A code_table head under bf16 autocast (precision auto on a CPU with bf16 units) hands it bf16 features and a
+    float32 table; the loss is float32 and every input gets a gradient of its own dtype."""
+    from dualtoken.mllm.depth_head import linear_cross_entropy
+
+    torch.manual_seed(0)
+    x = torch.randn(30, 12).bfloat16().requires_grad_()
+    table, bias = torch.randn(50, 12).requires_grad_(), torch.zeros(50, requires_grad=True)
+    targets = torch.randint(0, 50, (30,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(x, table, bias, targets, chunk_rows=7)
+    loss.backward()
+    assert loss.dtype == torch.float32 and x.grad.dtype == torch.bfloat16 and table.grad.dtype == torch.float32
+    plain = F.cross_entropy(x.float() @ table.T + bias, targets, reduction="sum")
+    torch.testing.assert_close(loss, plain)
+
+
 @pytest.mark.parametrize("classifier", ["per_depth", "code_table"])
 @pytest.mark.parametrize("sharing", ["shared", "per_depth"])
 def test_the_heads_training_losses_are_the_cross_entropy_of_their_logits(mllm_config, tiny_images, classifier, sharing):
@@ -285,3 +302,37 @@ def test_the_mllm_trains_saves_and_draws_on_a_tokenizer_pair(mllm_config, tiny_i
     drawn = generate_images(loaded, ["Draw a dog."], cfg_scale=2.0, seed=1)
     assert drawn.pixel_codes.shape == (1, 8, 8, 3) and drawn.semantic_codes.shape == (1, 8, 8, 5)
     assert drawn.images.shape == (1, 3, 64, 64)
+
+
+def test_a_prefix_of_depths_is_read_trained_generated_saved_and_loaded(make_mllm, tiny_codes, mixed_batch, tmp_path):
+    from dualtoken.mllm import DualTokenMLLM
+    from dualtoken.mllm.generation import generate_images
+
+    model = make_mllm(pixel_depths=2, semantic_depths=1)
+    assert model.depths == {"pixel": 2, "semantic": 1}
+    assert model.pixel_head.depth == 2 and model.semantic_head.depth == 1
+    # full-depth codes are read as their prefix: later depths change nothing, earlier ones do
+    pixel, semantic = tiny_codes.pixel, tiny_codes.semantic
+    vectors = model.visual_inputs(pixel, semantic)
+    later = pixel.clone()
+    later[..., 2:] = (later[..., 2:] + 1) % 256
+    torch.testing.assert_close(model.visual_inputs(later, semantic), vectors)
+    torch.testing.assert_close(model.visual_inputs(pixel[..., :2], semantic[..., :1]), vectors)
+    assert not torch.allclose(model.visual_inputs((pixel + 1) % 256, semantic), vectors)
+    with pytest.raises(DataError, match="reads the first 2"):
+        model.visual_inputs(pixel[..., :1], semantic)
+    losses = model.train()(mixed_batch(model, tiny_codes))
+    assert losses.pixel_per_depth.shape == (2,) and losses.semantic_per_depth.shape == (1,)
+    losses.loss.backward()
+    assert all(p.grad is not None for p in model.semantic_head.parameters())
+    model.save_pretrained(tmp_path / "mllm")
+    loaded = DualTokenMLLM.from_pretrained(tmp_path / "mllm")
+    assert loaded.depths == {"pixel": 2, "semantic": 1}
+    drawn = generate_images(loaded, ["Draw a dog."], cfg_scale=2.0, seed=1)
+    assert drawn.pixel_codes.shape == (1, 8, 8, 2) and drawn.semantic_codes.shape == (1, 8, 8, 1)
+    torch.testing.assert_close(drawn.images, loaded.visual_tokenizer.decode(drawn.pixel_codes))
+
+
+def test_a_prefix_longer_than_the_vocabulary_is_a_config_error(make_mllm):
+    with pytest.raises(ConfigError, match="semantic_depths is 5, but the tokenizer's semantic vocabulary has 4"):
+        make_mllm(semantic_depths=5)

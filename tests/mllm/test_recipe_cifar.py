@@ -29,6 +29,7 @@ TINY = [
     "samples_per_class=1",
     "eval_batch_size=10",
     "probe_steps=5",
+    "judge_train_images=12",
     "text_vocab=300",
     "image_size=null",  # the tiny tokenizer is a SigLIP: it runs at its own size only
 ]
@@ -115,6 +116,12 @@ def test_cifar_recipe_runs_every_stage(tmp_path, shared_data, tiny_tokenizer):
     assert set(per_image["understanding"]) == {"both", "semantic", "pixel"}
     assert per_image["understanding"]["both"].shape == (10,) and per_image["real_test_features"].shape[0] == 10
     assert per_image["generation"]["cfg_3"]["features"].shape[0] == 10
+    assert 0.0 <= results["generation"]["judge_on_real_test_images"] <= 1.0
+    # the real images' features are kept for the next evaluation: the judge's 12, the reference's 10, the test 10
+    kept = sorted(p.name for p in work.glob("features_*.pt"))
+    assert kept == ["features_test_10_64x64.pt", "features_train_10_64x64.pt", "features_train_12_64x64.pt"]
+    low, high = results["understanding"]["both"]["mllm_accuracy_interval_95"]
+    assert 0.0 <= low <= results["understanding"]["both"]["mllm_accuracy"] <= high <= 1.0
     assert "| semantic + pixel |" in (work / "results.md").read_text()
     assert "95 % interval" in (work / "results.md").read_text()
 
@@ -128,6 +135,16 @@ def test_cifar_recipe_runs_every_stage(tmp_path, shared_data, tiny_tokenizer):
     assert load_config(MLLMTrainConfig, work / "train_both.json").max_steps == 4
     steps = [json.loads(line)["step"] for line in (work / "runs" / "both" / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 4
+
+
+def test_the_recipe_passes_a_depth_prefix_a_time_budget_and_exports(tmp_path):
+    recipe = _recipe_module()
+    cfg = recipe.RecipeConfig(work=str(tmp_path), pixel_depths=2, semantic_depths=3, max_seconds=60.0, export_every=7)
+    config = recipe.train_config(cfg, "semantic", "dualtoken-efflite0", 300)
+    assert (config.model.pixel_depths, config.model.semantic_depths) == (2, 3)
+    assert (config.max_seconds, config.checkpoint.export_every) == (60.0, 7)
+    assert config.model.fusion.inputs == "semantic"
+    assert recipe.RecipeConfig().pixel_depths is None and recipe.RecipeConfig().semantic_depths is None
 
 
 def test_guidance_comparison_puts_each_scale_side_by_side_per_class():

@@ -175,6 +175,17 @@ class MLLMConfig:
     heads: DepthHeadConfig = field(default_factory=DepthHeadConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # the first N residual depths of each vocabulary that the MLLM reads and predicts (the variable token budget of
+    # residual codes); None = all of the tokenizer's depths. Images given in full depth are cut to the prefix, and
+    # generated images are decoded from their prefix of pixel codes
+    pixel_depths: int | None = None
+    semantic_depths: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("pixel_depths", "semantic_depths"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"MLLMConfig.{name} must be >= 1 (or null for all depths), got {value}")
 
 
 @dataclass

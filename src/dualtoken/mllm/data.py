@@ -259,14 +259,18 @@ class TokenCache:
     def check_compatible(
         self, grid: tuple[int, int], depths: tuple[int, int], sizes: tuple[int, int]
     ) -> None:
-        """Raise DataError unless the cached codes fit the MLLM's DualToken tokenizer."""
-        shape = (*grid, depths[0]), (*grid, depths[1])
+        """Raise DataError unless the cached codes fit the MLLM's DualToken tokenizer: its grid, codebook sizes and
+        at least the ``depths`` (pixel, semantic) that the MLLM reads (a cache of all depths serves any prefix)."""
         found = tuple(self.pixel.shape[1:]), tuple(self.semantic.shape[1:])
         top = int(self.pixel.max()), int(self.semantic.max())
-        if found != shape or top[0] >= sizes[0] or top[1] >= sizes[1]:
+        fits = all(
+            shape[:2] == grid and shape[2] >= depth for shape, depth in zip(found, depths, strict=True)
+        )
+        if not fits or top[0] >= sizes[0] or top[1] >= sizes[1]:
             raise DataError(
-                f"the token cache holds codes {found} up to {top}, but the MLLM's tokenizer makes {shape} with "
-                f"codebooks of {sizes}: encode the images with the same tokenizer"
+                f"the token cache holds codes {found} up to {top}, but the MLLM reads {(*grid, depths[0])} pixel and "
+                f"{(*grid, depths[1])} semantic codes with codebooks of {sizes}: encode the images with the same "
+                "tokenizer"
             )
 
 
@@ -278,7 +282,7 @@ class TokenCache:
 @dataclass
 class RenderedItem:
     sample: RenderedSample
-    pixel: torch.Tensor  # (M, h, w, Qp)
+    pixel: torch.Tensor  # (M, h, w, Qp), all the cached depths (the model reads its prefix)
     semantic: torch.Tensor  # (M, h, w, Qs)
 
 

@@ -61,8 +61,10 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """The summed cross-entropy of the logits ``features @ table.T + bias`` against ``targets``, without holding
     the logits: features (N, C), table (K, C), bias (K,), targets (N,) long -> a scalar. Same value and gradients as
-    ``F.cross_entropy(features @ table.T + bias, targets, reduction="sum")`` (tests/mllm/test_model.py)."""
-    return _LinearCrossEntropy.apply(features, table, bias, targets, chunk_rows)
+    ``F.cross_entropy(features @ table.T + bias, targets, reduction="sum")`` (tests/mllm/test_model.py). Computed in
+    float32 whatever the inputs' dtypes and an enclosing autocast (bf16 features and a float32 table, say)."""
+    with torch.autocast(features.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(features.float(), table.float(), bias.float(), targets, chunk_rows)
 
 
 class DepthBlock(nn.Module):

@@ -49,8 +49,8 @@ class MLLMBatch:
     input_ids: torch.Tensor  # (B, T) long; image slots hold the slot token
     attention_mask: torch.Tensor  # (B, T) long, 0 = padding
     labels: torch.Tensor  # (B, T) long, IGNORE where there is no text loss; not shifted
-    pixel_codes: torch.Tensor  # (M, h, w, Qp) long
-    semantic_codes: torch.Tensor  # (M, h, w, Qs) long
+    pixel_codes: torch.Tensor  # (M, h, w, Qp) long; at least the MLLM's pixel_depths
+    semantic_codes: torch.Tensor  # (M, h, w, Qs) long; at least the MLLM's semantic_depths
     generate: torch.Tensor  # (M,) bool: a generation target (visual loss) or an understanding input
 
     def to(self, device: torch.device | str) -> MLLMBatch:
@@ -127,6 +127,20 @@ def add_marker_tokens(llm: nn.Module, text_tokenizer, markers: list[str]) -> Non
             weight[new_ids] = weight[:known].mean(dim=0)
 
 
+def model_depths(config: MLLMConfig, visual_tokenizer: DualTokenizer | TokenizerPair) -> dict[str, int]:
+    """How many residual depths of each vocabulary the MLLM reads and predicts: ``config.pixel_depths`` /
+    ``semantic_depths``, or all of the tokenizer's."""
+    depths = {}
+    for branch, wanted in (("pixel", config.pixel_depths), ("semantic", config.semantic_depths)):
+        available = getattr(visual_tokenizer, f"{branch}_depth")
+        if wanted is not None and wanted > available:
+            raise ConfigError(
+                f"MLLMConfig.{branch}_depths is {wanted}, but the tokenizer's {branch} vocabulary has {available} depths"
+            )
+        depths[branch] = available if wanted is None else wanted
+    return depths
+
+
 class DualTokenMLLM(nn.Module):
     """The unified MLLM. Build with :meth:`from_config`, load with :meth:`from_pretrained`."""
 
@@ -143,26 +157,19 @@ class DualTokenMLLM(nn.Module):
         self.tokens_per_image = h * w
         self.prompt = PromptBuilder(config.prompt, text_tokenizer, self.tokens_per_image)
         width = llm.get_input_embeddings().weight.shape[1]
-        self.code_tables = CodeTables(
-            visual_tokenizer.codebook("pixel"),
-            visual_tokenizer.codebook("semantic"),
-            config.fusion.train_code_embeddings,
-        )
+        self.depths = model_depths(config, visual_tokenizer)
+        codebooks = []
+        for branch in BRANCHES:
+            codebook = visual_tokenizer.codebook(branch)  # (K, D), or (Q, K, D) with one codebook per depth
+            codebooks.append(codebook[: self.depths[branch]] if codebook.dim() == 3 else codebook)
+        self.code_tables = CodeTables(*codebooks, config.fusion.train_code_embeddings)
         code_dims = {b: self.code_tables.codebook(b).shape[-1] for b in BRANCHES}
         self.fusion = VisualInputFusion(config.fusion, code_dims, width)
-        self.pixel_head = DepthTransformer(
-            width,
-            code_dims["pixel"],
-            visual_tokenizer.codebook_size("pixel"),
-            visual_tokenizer.pixel_depth,
-            config.heads,
-        )
-        self.semantic_head = DepthTransformer(
-            width,
-            code_dims["semantic"],
-            visual_tokenizer.codebook_size("semantic"),
-            visual_tokenizer.semantic_depth,
-            config.heads,
+        self.pixel_head, self.semantic_head = (
+            DepthTransformer(
+                width, code_dims[b], visual_tokenizer.codebook_size(b), self.depths[b], config.heads
+            )
+            for b in BRANCHES
         )
 
     # ------------------------------------------------------------------------------------------------------------
@@ -280,12 +287,24 @@ class DualTokenMLLM(nn.Module):
     # inputs
     # ------------------------------------------------------------------------------------------------------------
 
+    def prefix(self, codes: torch.Tensor, branch: str) -> torch.Tensor:
+        """Codes (..., k) of one vocabulary -> their first ``self.depths[branch]`` depths (DataError when k is
+        smaller: the MLLM reads and predicts exactly that many)."""
+        wanted = self.depths[branch]
+        if codes.shape[-1] < wanted:
+            raise DataError(
+                f"{branch} codes of {codes.shape[-1]} depths, but this MLLM reads the first {wanted}: encode the "
+                "images with all of the tokenizer's depths"
+            )
+        return codes[..., :wanted]
+
     def visual_inputs(self, pixel_codes: torch.Tensor, semantic_codes: torch.Tensor) -> torch.Tensor:
-        """Codes (M, h, w, Q) of both vocabularies -> LLM input vectors (M, h·w, width)."""
+        """Codes (M, h, w, k) of both vocabularies, k at least the MLLM's depths -> LLM input vectors (M, h·w, width)."""
         for branch, codes in (("pixel", pixel_codes), ("semantic", semantic_codes)):
             if codes.shape[0]:
                 self.visual_tokenizer.check_codes(codes, branch)
-        return self.fuse(pixel_codes.flatten(1, 2), semantic_codes.flatten(1, 2))
+        pixel, semantic = self.prefix(pixel_codes, "pixel"), self.prefix(semantic_codes, "semantic")
+        return self.fuse(pixel.flatten(1, 2), semantic.flatten(1, 2))
 
     def fuse(self, pixel_codes: torch.Tensor, semantic_codes: torch.Tensor) -> torch.Tensor:
         """Codes (..., Q) of one position each -> (..., width)."""
@@ -351,7 +370,7 @@ class DualTokenMLLM(nn.Module):
         states = out.hidden_states[-1][rows, cols - 1]  # (M_gen·N, width)
         visual = {}
         for branch in BRANCHES:
-            codes = getattr(batch, f"{branch}_codes")[batch.generate].flatten(0, 2)  # (M_gen·N, Q)
+            codes = self.prefix(getattr(batch, f"{branch}_codes")[batch.generate], branch).flatten(0, 2)  # (M_gen·N, Q)
             per_depth = self.head(branch).losses(
                 states, codes, self.code_tables.vectors(codes[:, :-1], branch), self.code_tables.codebook(branch)
             )  # (Q,) summed over the M_gen·N positions

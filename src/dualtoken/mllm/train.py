@@ -61,7 +61,7 @@ def build_dataset(model: DualTokenMLLM, config: MLLMTrainConfig, base_dir: str |
     tok = model.visual_tokenizer
     cache.check_compatible(
         tok.grid,
-        (tok.pixel_depth, tok.semantic_depth),
+        (model.depths["pixel"], model.depths["semantic"]),
         (tok.codebook_size("pixel"), tok.codebook_size("semantic")),
     )
     records: list[ConversationRecord | CaptionRecord] = []
