@@ -51,6 +51,7 @@ def _ablation_module():
     """recipes/efflite0/ablation.py: its recipe handling and training of one run."""
     spec = importlib.util.spec_from_file_location("ablation", HERE.parent / "efflite0" / "ablation.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses resolve their annotations through sys.modules
     spec.loader.exec_module(module)
     return module
 
