@@ -23,6 +23,14 @@ class UpscaledImageWarning(UserWarning):
     reconstruction and codes describe interpolated pixels."""
 
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea")  # in scikit-image: `dualtoken demo`'s and the page's samples
+
+
+def sample_photos() -> list[tuple[str, np.ndarray]]:
+    """Real photos that ship inside scikit-image, :data:`SAMPLE_PHOTOS`: (name, uint8 HWC array)."""
+    from skimage import data
+
+    return [(name, getattr(data, name)()) for name in SAMPLE_PHOTOS]
 
 
 def empty_file_error(name: str, formats: str = "PNG, JPEG, WebP, ...") -> ImageError:

@@ -310,3 +310,24 @@ async def _until(condition, timeout: float = 10.0) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("condition not reached in time")
+
+
+def test_the_sample_photos_that_ship_are_served_for_the_page_and_offered_on_it(client):
+    """The page is not blank before an upload: it offers scikit-image's photos, served pixel-exact."""
+    import re
+
+    from dualtoken.io import SAMPLE_PHOTOS, sample_photos
+
+    for name, pixels in sample_photos():
+        response = client.get(f"/static/samples/{name}.png")
+        assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+        assert np.array_equal(png_pixels(response.content), pixels)
+        assert client.post("/v1/reconstruct", files=upload(response.content, f"{name}.png")).status_code == 200
+    for missing in ("dog.png", "coffee", "coffee.jpg", "__init__.png"):
+        response = client.get(f"/static/samples/{missing}")
+        assert response.status_code == 404 and "the samples: astronaut.png, coffee.png" in response.json()["detail"]
+    assert client.get("/static/samples/..%2Fapp.js").status_code == 404  # a name, never a path
+    page = client.get("/").text
+    assert re.findall(r'data-sample="(\w+)"><img src="/static/samples/(\w+)\.png"', page) == [
+        (name, name) for name in SAMPLE_PHOTOS
+    ]
