@@ -4,6 +4,7 @@ of the authors' release format is :mod:`dualtoken.reference`."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -94,7 +95,7 @@ def model_card(
         "",
         "A [DualToken](https://arxiv.org/abs/2503.14324) image tokenizer: one backbone, a pixel vocabulary for "
         "reconstruction and a semantic vocabulary for understanding, both residual-quantized."
-        + (f" Fine-tuned from `{config.base_model}`." if config.base_model else ""),
+        + _lineage(tokenizer, config),
         "",
         "```python",
         "from dualtoken import DualTokenizer",
@@ -120,6 +121,27 @@ def model_card(
                   for name, value in metrics.items()]
     lines += ["", "## Config", "", "```json", config.to_json(), "```", ""]
     return "\n".join(lines)
+
+
+def weights_digest(tokenizer: DualTokenizer) -> str:
+    """A digest of the state dict (names, dtypes, shapes and bytes of every tensor): equal digests, equal weights."""
+    digest = hashlib.blake2b(digest_size=16)
+    for key, value in tokenizer.state_dict().items():
+        value = value.detach().cpu().contiguous()
+        digest.update(f"{key}:{value.dtype}:{tuple(value.shape)};".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _lineage(tokenizer: DualTokenizer, config: TokenizerConfig) -> str:
+    """The card's sentence on the base model: an export of loaded weights that were not changed since (compared by
+    :func:`weights_digest`) is a copy of them, not a fine-tune."""
+    if not config.base_model:
+        return ""
+    loaded_as = getattr(tokenizer, "pretrained_name", None)
+    if config.base_model == loaded_as and getattr(tokenizer, "pretrained_digest", None) == weights_digest(tokenizer):
+        return f" A copy of `{config.base_model}` (the same weights; nothing was trained)."
+    return f" Fine-tuned from `{config.base_model}`."
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -187,4 +209,5 @@ def load_pretrained(
     tokenizer.name_or_path = spec if is_model(spec) or not Path(spec).is_dir() else str(path.resolve())
     tokenizer.pretrained_name = config.name  # what save_pretrained compares with to name an export
     load_state(tokenizer, read_weights(path / WEIGHTS_NAME), strict, str(path))
+    tokenizer.pretrained_digest = weights_digest(tokenizer)  # an export with this digest is a copy (model_card)
     return tokenizer.eval()

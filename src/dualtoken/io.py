@@ -23,6 +23,26 @@ class UpscaledImageWarning(UserWarning):
     reconstruction and codes describe interpolated pixels."""
 
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+SAMPLE_PHOTOS = ("astronaut", "coffee", "chelsea")  # in scikit-image: `dualtoken demo`'s and the page's samples
+
+
+def sample_photos() -> list[tuple[str, np.ndarray]]:
+    """Real photos that ship inside scikit-image, :data:`SAMPLE_PHOTOS`: (name, uint8 HWC array)."""
+    from skimage import data
+
+    return [(name, getattr(data, name)()) for name in SAMPLE_PHOTOS]
+
+
+def empty_file_error(name: str, formats: str = "PNG, JPEG, WebP, ...") -> ImageError:
+    """The one wording of an empty image file (0 bytes), on the command line and in the server's answers alike."""
+    return ImageError(f"{name}: empty file (0 bytes); expected an image file ({formats})")
+
+
+def _is_empty(source: str | Path | BinaryIO) -> bool:
+    """Whether a file or a seekable stream holds no byte (asked of a source PIL could not identify)."""
+    if isinstance(source, (str, Path)):
+        return os.path.isfile(source) and os.path.getsize(source) == 0
+    return source.seekable() and source.seek(0, os.SEEK_END) == 0
 
 
 def open_rgb(source: str | Path | BinaryIO) -> Image.Image:
@@ -38,6 +58,8 @@ def open_rgb(source: str | Path | BinaryIO) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{name}: image too large ({exc})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        if _is_empty(source):
+            raise empty_file_error(name) from None
         raise ImageError(f"{name}: not a readable image ({exc})") from None
 
 

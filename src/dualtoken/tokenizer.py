@@ -180,7 +180,8 @@ class DualTokenizer(
         **push_to_hub_kwargs: Any,
     ) -> Path:
         """Write ``config.json``, ``model.safetensors`` (tokenizer weights only, never a teacher) and a model card
-        ``README.md`` (config, bits per pixel of each vocabulary, ``metrics`` when given); ``dtype`` casts the
+        ``README.md`` (config, bits per pixel of each vocabulary, ``metrics`` when given; what it was fine-tuned
+        from, or a copy of when no weight changed since :meth:`from_pretrained`); ``dtype`` casts the
         floating-point weights (``torch.float16`` halves the file). ``push_to_hub`` then uploads the folder to
         ``repo_id`` (default: the folder's name) with ``ModelHubMixin.push_to_hub``."""
         from .checkpoint import save_pretrained

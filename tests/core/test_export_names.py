@@ -4,6 +4,7 @@ a model built from an architecture, or renamed in its config, keeps its config's
 import dataclasses
 import json
 
+import torch
 from safetensors import safe_open
 
 from dualtoken import DualTokenizer
@@ -18,6 +19,12 @@ def test_a_fine_tuned_export_is_named_by_its_run_and_names_its_base(tiny_tokeniz
     assert json.loads((base / "config.json").read_text())["name"] == "dualtoken-tiny"
 
     tuned = DualTokenizer.from_pretrained(base)  # the trainer's fine-tune starts like this
+    copy = tuned.save_pretrained(tmp_path / "copy")  # nothing trained yet: a copy, not a fine-tune
+    card = (copy / "README.md").read_text()
+    assert "A copy of `dualtoken-tiny`" in card and "Fine-tuned" not in card
+    assert json.loads((copy / "config.json").read_text())["base_model"] == "dualtoken-tiny"
+    with torch.no_grad():
+        next(tuned.parameters()).add_(1e-3)  # one weight changed: now a fine-tune
     final = tuned.save_pretrained(tmp_path / "ft" / "final")
     export = tuned.save_pretrained(tmp_path / "ft" / "export-00000100")
     mine = tuned.save_pretrained(tmp_path / "my_model")
@@ -57,3 +64,15 @@ def test_commands_and_the_page_show_the_exported_name(tiny_tokenizer, tmp_path, 
     with TestClient(create_app(DualTokenizer.from_pretrained(final))) as client:
         info = client.get("/v1/models").json()["models"][0]
     assert (info["name"], info["base_model"]) == ("ft", "dualtoken-tiny")
+
+
+def test_float16_export_halves_the_file_and_loads_as_the_same_model(tiny_tokenizer, tmp_path):
+    """The README's dtype choice next to save_pretrained: float16 is about half the float32 file."""
+    full = tiny_tokenizer.save_pretrained(tmp_path / "f32") / "model.safetensors"
+    half = tiny_tokenizer.save_pretrained(tmp_path / "f16", dtype=torch.float16) / "model.safetensors"
+    assert 0.45 < half.stat().st_size / full.stat().st_size < 0.55
+    with safe_open(str(half), framework="pt") as handle:
+        assert {handle.get_tensor(key).dtype for key in handle.keys()} & {torch.float16}
+        assert torch.float32 not in {handle.get_tensor(key).dtype for key in handle.keys()}
+    again = DualTokenizer.from_pretrained(tmp_path / "f16")
+    assert again.config == tiny_tokenizer.config

@@ -1,4 +1,6 @@
+import re
 import warnings
+from io import BytesIO
 
 import numpy as np
 import pytest
@@ -77,6 +79,10 @@ def test_corrupt_truncated_and_missing_files(tmp_path):
         load_image(tmp_path / "cut.jpg")
     with pytest.raises(ImageError, match="not found"):
         load_image(tmp_path / "none.png")
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    for source, name in ((tmp_path / "zero.jpg", str(tmp_path / "zero.jpg")), (BytesIO(), "upload")):
+        with pytest.raises(ImageError, match=re.escape(f"{name}: empty file (0 bytes); expected an image file")):
+            load_image(source)
     with pytest.raises(ImageError, match="not a folder"):
         list_images(tmp_path / "none")
 

@@ -57,3 +57,16 @@ def test_marked_block_runs(where: str, code: str, workdir: Path):
     result = subprocess.run([sys.executable, "-c", code], cwd=workdir, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, f"{where} failed:\n{result.stderr[-3000:]}"
+
+
+def test_the_readme_api_block_runs_on_shipped_photos_and_prints_shapes_and_psnr(tmp_path: Path):
+    """The README's first block needs no file of the reader's (an empty folder) and shows what it computed."""
+    where, code = next((name, code) for name, code in BLOCKS if name.startswith("README.md"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, f"{where} failed:\n{result.stderr[-3000:]}"
+    assert "images (2, 3, 256, 256) pixel codes (2, 16, 16, " in result.stdout
+    psnrs = [float(v) for v in re.findall(r"'(\d+\.\d) dB'", result.stdout)]
+    assert len(psnrs) == 2 and all(15 < v < 40 for v in psnrs), result.stdout

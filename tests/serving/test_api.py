@@ -177,7 +177,7 @@ def test_docs_is_an_offline_api_reference_of_every_route(client):
 
 BAD_UPLOADS = {
     "garbage": (b"definitely not an image", 400, "not a readable image"),
-    "empty": (b"", 400, "empty"),
+    "empty": (b"", 400, "upload: empty file (0 bytes); expected an image file (PNG, JPEG, "),
     "truncated": (encode_image(np.full((64, 64, 3), 90, np.uint8))[:120], 400, "not a readable image"),
     "bomb header": (png_header_only(100_000, 100_000), 413, "too large"),
     "too many pixels": (encode_image(np.zeros((2100, 2000), bool)), 413, "at most 4000000"),
@@ -192,6 +192,19 @@ def test_bad_uploads_get_a_4xx_with_a_reason(client, route, case):
     response = client.post(route, files=upload(data))
     assert response.status_code == status
     assert message in response.json()["detail"]
+
+
+def test_an_empty_file_gets_one_wording_from_the_command_line_and_the_server(client, tiny_tokenizer, tmp_path,
+                                                                              capsys):
+    from dualtoken.cli.main import main
+
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    model = tiny_tokenizer.save_pretrained(tmp_path / "model")
+    assert main(["encode", str(tmp_path / "zero.jpg"), "--model", str(model), "--out", str(tmp_path / "t.safetensors")]) == 2
+    cli = capsys.readouterr().err.strip().splitlines()[-1]
+    served = client.post("/v1/encode", files=upload(b"", "zero.jpg")).json()["detail"]
+    fault = "empty file (0 bytes); expected an image file ("
+    assert cli.endswith(f"{tmp_path / 'zero.jpg'}: {fault}PNG, JPEG, WebP, ...)") and served.startswith(f"upload: {fault}")
 
 
 def test_malformed_upload_requests_get_422(client):
@@ -297,3 +310,24 @@ async def _until(condition, timeout: float = 10.0) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("condition not reached in time")
+
+
+def test_the_sample_photos_that_ship_are_served_for_the_page_and_offered_on_it(client):
+    """The page is not blank before an upload: it offers scikit-image's photos, served pixel-exact."""
+    import re
+
+    from dualtoken.io import SAMPLE_PHOTOS, sample_photos
+
+    for name, pixels in sample_photos():
+        response = client.get(f"/static/samples/{name}.png")
+        assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+        assert np.array_equal(png_pixels(response.content), pixels)
+        assert client.post("/v1/reconstruct", files=upload(response.content, f"{name}.png")).status_code == 200
+    for missing in ("dog.png", "coffee", "coffee.jpg", "__init__.png"):
+        response = client.get(f"/static/samples/{missing}")
+        assert response.status_code == 404 and "the samples: astronaut.png, coffee.png" in response.json()["detail"]
+    assert client.get("/static/samples/..%2Fapp.js").status_code == 404  # a name, never a path
+    page = client.get("/").text
+    assert re.findall(r'data-sample="(\w+)"><img src="/static/samples/(\w+)\.png"', page) == [
+        (name, name) for name in SAMPLE_PHOTOS
+    ]

@@ -96,7 +96,8 @@ def test_every_api_route_answers_with_the_key(keyed_client, tiny_tokenizer, phot
 
 
 def test_the_page_and_the_reference_need_no_key(keyed_client):
-    for path in ("/", "/static/app.js", "/static/style.css", "/favicon.ico", "/docs", "/openapi.json"):
+    for path in ("/", "/static/app.js", "/static/style.css", "/favicon.ico", "/docs", "/openapi.json",
+                 "/static/samples/coffee.png"):  # the page's sample photos follow the page's rules
         assert keyed_client.get(path).status_code == 200, path
     assert 'id="key-form"' in keyed_client.get("/").text
     # any other path is the API's: an unknown one is refused too, so it shows nothing of what exists

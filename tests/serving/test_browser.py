@@ -220,6 +220,25 @@ def test_page_shows_what_the_semantic_codes_say(page, efflite0_url, photo_path):
     assert Path(ARTIFACTS / "page.png").stat().st_size > 10_000
 
 
+def test_a_sample_photo_shows_both_vocabularies_in_one_click(page, efflite0_url):
+    """Before any upload the page offers the photos that ship; one click reads both vocabularies of one."""
+    expect = playwright_api.expect
+    page.goto(efflite0_url)
+    expect(page.locator("#model-info")).to_contain_text("dualtoken-efflite0")
+    expect(page.locator("#results")).to_be_hidden()
+    expect(page.locator("button[data-sample]")).to_have_text(["astronaut", "coffee", "chelsea"])
+    for name, width in (("astronaut", 512), ("coffee", 600), ("chelsea", 451)):  # thumbnails of the real photos
+        page.wait_for_function(f"document.querySelector('[data-sample={name}] img').naturalWidth === {width}")
+    page.click("button[data-sample=coffee]")
+    expect(page.locator("#results")).to_be_visible(timeout=60_000)
+    expect(page.locator("#status")).to_contain_text("coffee.png: 256 positions")
+    expect(page.locator("#status")).not_to_have_class("status error")
+    page.wait_for_function("document.getElementById('recon-image').naturalWidth === 256")  # the pixel vocabulary
+    expect(page.locator("#depth-metrics")).to_contain_text("PSNR")
+    expect(page.locator("#meaning-codes li")).to_have_count(5)  # the semantic vocabulary, read as classes
+    assert loaded_width(page, "#semantic-map") == 16
+
+
 def test_the_page_asks_for_the_api_key_once(page, keyed_server_url, photo_path):
     expect = playwright_api.expect
     sent = []  # (url, authorization header) of every request to the API

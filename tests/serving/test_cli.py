@@ -99,6 +99,8 @@ def test_the_command_serves_on_loopback():
                 assert time.monotonic() < deadline, "the server did not come up"
                 time.sleep(0.25)
         assert health.json()["model"] == "dualtoken-tiny"
+        banner = next(line for line in iter(process.stdout.readline, b"") if line.startswith(b"dualtoken serve:"))
+        assert banner.decode().startswith(f"dualtoken serve: model dualtoken-tiny (random weights) on http://127.0.0.1:{port}/")
         assert httpx.get(f"http://127.0.0.1:{port}/").text.count('id="depth-slider"') == 1
     finally:
         process.terminate()
@@ -115,3 +117,16 @@ def test_serve_config_round_trips_through_json_and_rejects_unknown_keys():
         from_dict(ServeConfig, {"max_batch": 2, "batch": 3})
     with pytest.raises(ConfigError, match="allowed_formats"):
         ServeConfig(allowed_formats=())
+
+
+def test_the_banner_names_the_model_its_base_and_folder_not_only_the_folder(tiny_tokenizer, tmp_path):
+    """`serve --model $M/tokenizer --mllm $M`: the folder's name `tokenizer` alone does not say which model runs."""
+    from dualtoken import DualTokenizer
+    from dualtoken.cli.serve import served_models
+
+    base = tiny_tokenizer.save_pretrained(tmp_path / "base")
+    inside = DualTokenizer.from_pretrained(base).save_pretrained(tmp_path / "M" / "tokenizer")  # as an MLLM saves it
+    served = served_models(DualTokenizer.from_pretrained(inside), str(tmp_path / "M"))
+    assert served == (f"model tokenizer (base model dualtoken-tiny, loaded from {inside.resolve()}) "
+                      f"with the MLLM in {(tmp_path / 'M').resolve()}")
+    assert served_models(DualTokenizer.from_pretrained("dualtoken-efflite0"), None) == "model dualtoken-efflite0"

@@ -38,7 +38,7 @@ def test_a_valid_image_is_identified():
 @pytest.mark.parametrize(
     "data, message",
     [
-        (b"", "empty"),
+        (b"", r"^upload: empty file \(0 bytes\); expected an image file \(PNG, JPEG\)$"),
         (b"not an image at all", "not a readable image"),
         (
             encode_image(np.zeros((8, 8, 3), np.uint8), "BMP"),

@@ -11,7 +11,7 @@ import torch
 from ..backend import onnxruntime_available
 from ..errors import ConfigError, DataError
 from ..export import ExportedTokenizer, export_onnx
-from ..io import load_image
+from ..io import load_image, sample_photos
 from .options import MODEL_HELP, load_model
 
 
@@ -26,10 +26,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     sizes = ", ".join(f"{name} ({(out / name).stat().st_size / 2**20:.1f} MiB)" for name in ("encoder.onnx", "decoder.onnx"))
     print(f"wrote {out}/: {sizes}, manifest.json")
     # read it back the way a deployment does, and compare with the PyTorch path on the demo photos
-    from .tokens import demo_images
-
     exported = ExportedTokenizer(out)
-    images = torch.stack([load_image(_png(array), tokenizer.image_size) for _, array in demo_images()])
+    images = torch.stack([load_image(_png(array), tokenizer.image_size) for _, array in sample_photos()])
     with torch.inference_mode():
         reference = tokenizer.encode(images, precision="fp32", backend="torch")
         decoded = tokenizer.decode(reference.pixel, precision="fp32", backend="torch")

@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,6 +19,7 @@ from .options import COUNT, PORT, add_model_options, add_precision_option, load_
 
 if TYPE_CHECKING:
     from ..serving import ServeConfig
+    from ..tokenizer import DualTokenizer
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
@@ -83,6 +85,19 @@ def check_port_free(host: str, port: int) -> None:
             raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port") from None
 
 
+def served_models(tokenizer: DualTokenizer, mllm: str | None) -> str:
+    """The banner's name of what is served: the tokenizer's name, its base model and where it was loaded from (a
+    folder's name alone, such as an MLLM's ``tokenizer``, says little), then the MLLM's folder."""
+    config = tokenizer.config
+    details = [f"base model {config.base_model}"] if config.base_model else []
+    if tokenizer.name_or_path is None:
+        details.append("random weights")
+    elif tokenizer.name_or_path != config.name:
+        details.append(f"loaded from {tokenizer.name_or_path}")
+    text = f"model {config.name}" + (f" ({', '.join(details)})" if details else "")
+    return text + (f" with the MLLM in {Path(mllm).resolve()}" if mllm else "")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -102,7 +117,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if note:
         print(note, file=sys.stderr)
     print(
-        f"dualtoken serve: {tokenizer.config.name} on http://{config.host}:{config.port}/ (API reference at /docs, OpenAPI document at /openapi.json)"
+        f"dualtoken serve: {served_models(tokenizer, args.mllm)} on http://{config.host}:{config.port}/ (API reference at /docs, OpenAPI document at /openapi.json)",
+        flush=True,  # before uvicorn's log lines, when stdout is a pipe
     )
     if key:
         print("dualtoken serve: the API requires an API key (Authorization: Bearer <key>); the page asks for it")

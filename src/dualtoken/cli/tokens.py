@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import DataError
-from ..io import save_image
+from ..io import sample_photos, save_image
 from ..metrics import psnr, ssim
 from ..registry import is_model, list_models, model_entry
 from ..tokenfile import TokenFile, iter_token_files, load_tokens, save_tokens
@@ -259,13 +259,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def demo_images() -> list[tuple[str, torch.Tensor]]:
-    """Real photos that ship inside scikit-image: (name, uint8 HWC array)."""
-    from skimage import data
-
-    return [(name, getattr(data, name)()) for name in ("astronaut", "coffee", "chelsea")]
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     use_precision(args, announce=False)
     from PIL import Image
@@ -276,7 +269,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not inputs:
         source = out / "inputs"
         source.mkdir(parents=True, exist_ok=True)
-        for name, array in demo_images():
+        for name, array in sample_photos():
             Image.fromarray(array).save(source / f"{name}.png")
             inputs.append(str(source / f"{name}.png"))
     rows = reconstruct_files(tokenizer, expand_inputs(inputs), out, None, 4, skip=len(inputs) > 1)

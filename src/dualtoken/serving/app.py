@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from ..errors import CodesError, DualTokenError
+from ..io import SAMPLE_PHOTOS
 from .apidocs import render_api_docs
 from .auth import ApiKeyAuth, check_api_key, declare_bearer
 from .batcher import QueueFullError
@@ -36,7 +37,7 @@ from .schemas import (
     ReconstructResponse,
 )
 from .service import BRANCHES, Reconstruction, TokenizerService
-from .visuals import png_bytes, png_data_url
+from .visuals import png_bytes, png_data_url, sample_png
 
 STATIC_FILES = {
     "index.html": "text/html",
@@ -282,6 +283,14 @@ def _add_page_routes(app: FastAPI) -> None:
     @app.get("/favicon.ico", include_in_schema=False)
     async def favicon() -> Response:
         return Response(assets["favicon.svg"], media_type=STATIC_FILES["favicon.svg"])
+
+    @app.get("/static/samples/{name}", include_in_schema=False)
+    async def sample(name: str) -> Response:
+        photo = name.removesuffix(".png")
+        if name == photo or photo not in SAMPLE_PHOTOS:
+            known = ", ".join(f"{p}.png" for p in SAMPLE_PHOTOS)
+            return JSONResponse({"detail": f"no sample photo {name!r}; the samples: {known}"}, status_code=404)
+        return Response(await run_in_threadpool(sample_png, photo), media_type="image/png")
 
     @app.get("/static/{name}", include_in_schema=False)
     async def static(name: str) -> Response:

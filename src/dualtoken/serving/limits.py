@@ -13,6 +13,7 @@ from io import BytesIO
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import ImageError
+from ..io import empty_file_error
 
 
 class ImageTooLargeError(ImageError):
@@ -27,7 +28,7 @@ def check_image_bytes(data: bytes, max_pixels: int, formats: Iterable[str]) -> t
     """
     allowed = [name.upper() for name in formats]
     if not data:
-        raise ImageError(f"the upload is empty; expected an image file ({', '.join(allowed)})")
+        raise empty_file_error("upload", ", ".join(allowed))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import base64
+import functools
 from io import BytesIO
 
 import numpy as np
 from PIL import Image
+
+from ..io import sample_photos
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -14,6 +17,12 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     buffer = BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+@functools.cache
+def sample_png(name: str) -> bytes:
+    """The sample photo ``name`` (of :data:`dualtoken.io.SAMPLE_PHOTOS`) as PNG bytes, encoded once per process."""
+    return png_bytes(dict(sample_photos())[name])
 
 
 def png_data_url(pixels: np.ndarray) -> str:

@@ -126,6 +126,17 @@ async function reconstruct(file) {
     `${state.model.pixel_depth} pixel + ${state.model.semantic_depth} semantic codes.`);
 }
 
+// A sample photo (the server's /static/samples/, open like the page) goes through the same upload as a file.
+async function trySample(name) {
+  setStatus(`Loading the sample photo ${name}…`);
+  const response = await fetch(`/static/samples/${name}.png`);
+  if (!response.ok) {
+    setStatus(`Could not load the sample photo ${name}: ${await errorText(response)}`, true);
+    return;
+  }
+  await reconstruct(new File([await response.blob()], `${name}.png`, { type: "image/png" }));
+}
+
 function renderResult() {
   const r = state.result;
   const depth = r.steps.length;
@@ -408,6 +419,9 @@ function setUp() {
     zone.classList.remove("over");
     if (event.dataTransfer.files.length) reconstruct(event.dataTransfer.files[0]);
   });
+  for (const button of document.querySelectorAll("button[data-sample]")) {
+    button.addEventListener("click", () => trySample(button.dataset.sample));
+  }
   $("depth-slider").addEventListener("input", (event) => showDepth(Number(event.target.value)));
   $("semantic-slider").addEventListener("input", (event) => showSemanticDepth(Number(event.target.value)));
   $("chat-form").addEventListener("submit", ask);
