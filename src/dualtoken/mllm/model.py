@@ -258,6 +258,11 @@ class DualTokenMLLM(nn.Module):
         return path
 
     @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W): the input size of the visual tokenizer, which :meth:`chat` takes."""
+        return tuple(self.visual_tokenizer.image_size)
+
+    @property
     def lora_enabled(self) -> bool:
         return hasattr(self.llm, "peft_config")
 
