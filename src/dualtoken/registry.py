@@ -175,14 +175,18 @@ def check_manifest(folder: Path) -> None:
         if not path.is_file():
             raise DamagedInstallError(f"{path} is missing; {REINSTALL_HINT}")
         if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
-            raise DamagedInstallError(f"{path} is corrupted (its SHA-256 differs from {MANIFEST_NAME}); {REINSTALL_HINT}")
+            raise DamagedInstallError(
+                f"{path} is corrupted (its SHA-256 differs from {MANIFEST_NAME}); {REINSTALL_HINT}"
+            )
 
 
 def write_manifest(folder: Path) -> Path:
-    """List every file under ``folder`` with its SHA-256 (``sha256sum`` format) in ``folder/MANIFEST_NAME``."""
+    """List every file under ``folder`` but the model card with its SHA-256 (``sha256sum`` format) in
+    ``folder/MANIFEST_NAME``."""
     import hashlib
 
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+    skip = (MANIFEST_NAME, CARD_NAME)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in skip)
     lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(folder).as_posix()}" for p in files]
     (folder / MANIFEST_NAME).write_text("\n".join(lines) + "\n")
     return folder / MANIFEST_NAME
