@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from dualtoken import DualTokenizer, registry
+from dualtoken import DualTokenizer, list_mllms, list_models, registry
 from dualtoken.cli.main import main
 from dualtoken.errors import DamagedInstallError
 from dualtoken.mllm import DualTokenMLLM
@@ -35,7 +35,7 @@ def shipped() -> DualTokenMLLM:
 
 
 def test_it_loads_by_name_with_the_embedded_tokenizer_at_128_px(shipped):
-    assert NAME in registry.list_mllms() and NAME not in registry.list_models()  # not a tokenizer name
+    assert NAME in list_mllms() and NAME not in list_models()  # not a tokenizer name
     assert shipped.config.tokenizer == "dualtoken-efflite0" and shipped.config.tokenizer_image_size == 128
     assert shipped.image_size == (128, 128) and shipped.depths == {"pixel": 2, "semantic": 2}
     assert shipped.config.sampling.cfg_scale == 3.0  # its best measured guidance, the default of `generate`
