@@ -54,6 +54,13 @@ def test_it_ships_float16_weights_under_15_mb_and_no_tokenizer_copy():
         assert dtypes == {"F16"}, (weights, dtypes)
 
 
+def test_saving_it_writes_a_self_contained_folder_with_the_tokenizer_at_128_px(shipped, tmp_path):
+    path = shipped.save_pretrained(tmp_path / "copy")
+    saved = json.loads((path / "mllm_config.json").read_text())
+    assert saved["tokenizer"] == "tokenizer" and saved["tokenizer_image_size"] is None  # the copy is resized
+    assert DualTokenMLLM.from_pretrained(path).image_size == (128, 128)
+
+
 def _run(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "dualtoken", *argv], capture_output=True, text=True, cwd=cwd, env=ENV, timeout=300
