@@ -31,8 +31,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             f"no --image: this MLLM answers about an image ({height}x{width} px; any image file is resized and "
             "centre-cropped to it); pass --image FILE, or --no-image to ask the language model alone"
         )
-    use_precision(args)
     image = load_image(args.image, (height, width)) if args.image else None
+    use_precision(args)
     options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seed": args.seed}
     print(model.chat(image, args.question, **options))
     return 0
