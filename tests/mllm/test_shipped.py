@@ -106,6 +106,11 @@ def test_a_damaged_file_is_named_with_how_to_reinstall(damaged, file, damage, ca
     assert not (damaged / "cat.png").exists()
 
 
+def test_an_empty_prompt_is_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["generate", "  ", "--out", str(tmp_path / "x.png")]) == 2
+    assert capsys.readouterr().err.strip() == 'dualtoken generate: error: empty prompt: say what to draw, e.g. "Draw a horse."'
+    assert not (tmp_path / "x.png").exists()
+
 def _recipe():
     spec = importlib.util.spec_from_file_location("mllm_cifar_run", REPO / "recipes" / "mllm_cifar" / "run.py")
     module = importlib.util.module_from_spec(spec)
@@ -166,3 +171,4 @@ def test_it_answers_70_percent_and_guided_drawings_show_the_class_40_percent(shi
 
 
 JUDGE_IMAGES = 1000
+
