@@ -23,5 +23,9 @@ class CheckpointError(DualTokenError, ValueError):
     """A checkpoint is missing, corrupt, or belongs to another config."""
 
 
+class DamagedInstallError(CheckpointError):
+    """A file of a model embedded in the installed package is missing or corrupted; reinstalling the package fixes it."""
+
+
 class DataError(DualTokenError, ValueError):
     """A data set, token file or conversation file is malformed."""

@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 
 from .config import TokenizerConfig
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, DamagedInstallError
 from .hub import download, is_repo_id
 
 CONFIG_NAME = "config.json"
@@ -31,6 +31,13 @@ CARD_NAME = "README.md"
 MODEL_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
 # the trained model the command line and the server use when no model is named
 DEFAULT_MODEL = "dualtoken-efflite0"
+# a unified MLLM folder (DualTokenMLLM.save_pretrained); an embedded one also lists its files' SHA-256 in MANIFEST_NAME
+MLLM_CONFIG_NAME = "mllm_config.json"
+MLLM_WEIGHTS_NAME = "mllm.safetensors"
+MANIFEST_NAME = "files.sha256"
+# the MLLM that `chat`, `generate` and `serve` use when none is named
+DEFAULT_MLLM = "dualtoken-mllm-cifar10"
+REINSTALL_HINT = "reinstall the package: pip install --force-reinstall dualtoken (from a checkout: make install)"
 
 
 @dataclass(frozen=True)
@@ -130,3 +137,56 @@ def _checked_folder(path: Path, spec: str) -> Path:
         if not (path / name).is_file():
             raise CheckpointError(f"{spec}: {path} has no {name} (expected a folder written by save_pretrained)")
     return path
+
+
+def list_mllms() -> list[str]:
+    """The unified MLLMs embedded in the package: the folders of ``pretrained/`` that are not a tokenizer's (no
+    ``config.json``), so that one with files missing is still found and reported."""
+    pretrained = _package_dir("pretrained")
+    folders = sorted(pretrained.iterdir()) if pretrained.is_dir() else []
+    return [f.name for f in folders if f.is_dir() and not (f / CONFIG_NAME).is_file()]
+
+
+def resolve_mllm_dir(name_or_path: str | Path) -> Path:
+    """The folder of an MLLM: an embedded MLLM's name (its files checked against its manifest first) or a folder
+    written by ``DualTokenMLLM.save_pretrained``. CheckpointError otherwise, naming the embedded MLLMs."""
+    spec = str(name_or_path)
+    if spec in list_mllms():
+        folder = _package_dir("pretrained") / spec
+        check_manifest(folder)
+        return folder
+    path = Path(spec)
+    if path.is_dir():
+        return path
+    raise CheckpointError(f"no MLLM {spec!r}: not an embedded MLLM {list_mllms()} and not a folder")
+
+
+def check_manifest(folder: Path) -> None:
+    """Every file ``folder/MANIFEST_NAME`` lists exists with its SHA-256; DamagedInstallError names the first
+    missing or corrupted one (an embedded model ships inside the package, so reinstalling restores it)."""
+    import hashlib
+
+    manifest = folder / MANIFEST_NAME
+    if not manifest.is_file():
+        raise DamagedInstallError(f"{manifest} is missing; {REINSTALL_HINT}")
+    for line in manifest.read_text().splitlines():
+        digest, _, name = line.partition("  ")
+        path = folder / name
+        if not path.is_file():
+            raise DamagedInstallError(f"{path} is missing; {REINSTALL_HINT}")
+        if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            raise DamagedInstallError(
+                f"{path} is corrupted (its SHA-256 differs from {MANIFEST_NAME}); {REINSTALL_HINT}"
+            )
+
+
+def write_manifest(folder: Path) -> Path:
+    """List every file under ``folder`` but the model card with its SHA-256 (``sha256sum`` format) in
+    ``folder/MANIFEST_NAME``."""
+    import hashlib
+
+    skip = (MANIFEST_NAME, CARD_NAME)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in skip)
+    lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(folder).as_posix()}" for p in files]
+    (folder / MANIFEST_NAME).write_text("\n".join(lines) + "\n")
+    return folder / MANIFEST_NAME

@@ -57,3 +57,14 @@ def test_the_depth_prefix_round_trips_and_rejects_nonsense():
         MLLMConfig(semantic_depths=0)
     with pytest.raises(ConfigError, match="pixel_depths must be >= 1"):
         apply_overrides(MLLMConfig(), ["pixel_depths=-1"])
+
+
+def test_the_tokenizer_image_size_round_trips_and_rejects_nonsense():
+    from dualtoken.config import from_dict
+    from dualtoken.mllm import MLLMConfig
+
+    config = MLLMConfig(tokenizer="dualtoken-efflite0", tokenizer_image_size=128)
+    assert from_dict(MLLMConfig, json.loads(json.dumps(to_dict(config)))) == config
+    assert MLLMConfig().tokenizer_image_size is None  # the tokenizer's own size by default
+    with pytest.raises(ConfigError, match="tokenizer_image_size must be >= 1"):
+        MLLMConfig(tokenizer_image_size=0)

@@ -4,6 +4,7 @@ control that caused them. Leaves screenshots in test-artifacts/serving/ (ignored
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import threading
@@ -68,9 +69,12 @@ def keyed_server_url(tiny_tokenizer):
 
 @pytest.fixture
 def efflite0_url():
+    """What `dualtoken serve` serves by default: the embedded tokenizer and the embedded MLLM."""
     from dualtoken import DualTokenizer
+    from dualtoken.serving.mllm import load_mllm
 
-    yield from serve(create_app(DualTokenizer.from_pretrained("dualtoken-efflite0")))
+    mllm = load_mllm("dualtoken-mllm-cifar10")
+    yield from serve(create_app(DualTokenizer.from_pretrained("dualtoken-efflite0"), mllm=mllm))
 
 
 @pytest.fixture
@@ -237,6 +241,22 @@ def test_a_sample_photo_shows_both_vocabularies_in_one_click(page, efflite0_url)
     expect(page.locator("#depth-metrics")).to_contain_text("PSNR")
     expect(page.locator("#meaning-codes li")).to_have_count(5)  # the semantic vocabulary, read as classes
     assert loaded_width(page, "#semantic-map") == 16
+
+
+def test_the_default_page_asks_and_draws_with_the_shipped_mllm(page, efflite0_url, photo_path):
+    expect = playwright_api.expect
+    page.goto(efflite0_url)
+    expect(page.locator("#mllm")).to_be_visible()
+    page.set_input_files("#file-input", str(photo_path))
+    expect(page.locator("#results")).to_be_visible(timeout=60_000)
+    page.fill("#chat-question", "What is in this image?")
+    page.click("#chat-send")
+    classes = "airplane|automobile|bird|cat|deer|dog|frog|horse|ship|truck"
+    expect(page.locator("#chat-answer")).to_have_text(re.compile(rf"^It is an? ({classes})\.$"), timeout=60_000)
+    page.fill("#gen-prompt", "Draw a horse.")
+    page.click("#gen-send")
+    page.wait_for_function("document.getElementById('gen-image').naturalWidth === 128", timeout=60_000)
+    expect(page.locator("#gen-error")).to_be_empty()
 
 
 def test_the_page_asks_for_the_api_key_once(page, keyed_server_url, photo_path):

@@ -102,6 +102,10 @@ def test_the_command_serves_on_loopback():
         banner = next(line for line in iter(process.stdout.readline, b"") if line.startswith(b"dualtoken serve:"))
         assert banner.decode().startswith(f"dualtoken serve: model dualtoken-tiny (random weights) on http://127.0.0.1:{port}/")
         assert httpx.get(f"http://127.0.0.1:{port}/").text.count('id="depth-slider"') == 1
+        # the shipped MLLM is served by default: the page's ask / draw panel has a model behind it
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["mllm"] is True
+        drawn = httpx.post(f"http://127.0.0.1:{port}/v1/generate", json={"prompt": "Draw a horse."}, timeout=60)
+        assert drawn.status_code == 200 and drawn.content.startswith(b"\x89PNG")
     finally:
         process.terminate()
         process.wait(20)

@@ -88,3 +88,14 @@ def test_an_mllm_returning_a_wrong_shape_is_a_server_error(tiny_tokenizer):
     with TestClient(app, raise_server_exceptions=False) as client:
         assert client.post("/v1/generate", json={"prompt": "a"}).status_code == 500
         assert client.get("/healthz").status_code == 200  # the worker keeps serving
+
+
+def test_chat_uploads_are_resized_to_the_mllms_own_size(tiny_tokenizer, photo_bytes):
+    from fastapi.testclient import TestClient
+
+    model = FakeMLLM((16, 16))  # the served tokenizer takes 32x32
+    with TestClient(create_app(tiny_tokenizer, mllm=model)) as client:
+        files = {"image": ("photo.png", photo_bytes, "image/png")}
+        assert client.post("/v1/chat", files=files, data={"question": "What?"}).status_code == 200
+    assert tuple(tiny_tokenizer.image_size) != (16, 16)
+    assert model.seen_images[0].shape == (3, 16, 16)

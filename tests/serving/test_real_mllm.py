@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 from io import BytesIO
-from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
 
-from dualtoken.errors import ConfigError
 from dualtoken.serving import MultimodalModel, create_app
 from dualtoken.serving.mllm import load_mllm
 
@@ -47,7 +45,7 @@ def mllm_dir(tiny_tokenizer, tmp_path):
 def test_a_saved_mllm_is_served(mllm_dir, tiny_tokenizer, photo_bytes):
     from fastapi.testclient import TestClient
 
-    model = load_mllm(mllm_dir, tiny_tokenizer)
+    model = load_mllm(mllm_dir)
     assert isinstance(model, MultimodalModel)
     with TestClient(create_app(tiny_tokenizer, mllm=model)) as client:
         files = {"image": ("photo.png", photo_bytes, "image/png")}
@@ -57,8 +55,3 @@ def test_a_saved_mllm_is_served(mllm_dir, tiny_tokenizer, photo_bytes):
         first, again = (client.post("/v1/generate", json=body) for _ in range(2))
         assert first.status_code == 200 and first.content == again.content  # deterministic for a seed
         assert Image.open(BytesIO(first.content)).size == (64, 64)
-
-
-def test_an_mllm_for_another_image_size_is_refused(mllm_dir):
-    with pytest.raises(ConfigError, match="takes 64x64 images but the served model takes 32x32"):
-        load_mllm(mllm_dir, SimpleNamespace(image_size=(32, 32)))

@@ -10,13 +10,14 @@ import torch
 from ..config import apply_overrides
 from ..errors import DataError
 from ..io import load_image, save_image
+from ..registry import DEFAULT_MLLM
 from .options import COUNT, ZERO_OR_MORE, add_precision_option, use_precision
 
 
-def _load(model_dir: str, device: str):
+def _load(name_or_path: str, device: str):
     from ..mllm import DualTokenMLLM
 
-    model = DualTokenMLLM.from_pretrained(model_dir)
+    model = DualTokenMLLM.from_pretrained(name_or_path)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device)
@@ -30,8 +31,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             f"no --image: this MLLM answers about an image ({height}x{width} px; any image file is resized and "
             "centre-cropped to it); pass --image FILE, or --no-image to ask the language model alone"
         )
-    use_precision(args)
     image = load_image(args.image, (height, width)) if args.image else None
+    use_precision(args)
     options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seed": args.seed}
     print(model.chat(image, args.question, **options))
     return 0
@@ -40,8 +41,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from ..mllm import generate_images
 
-    use_precision(args)
+    if not args.prompt.strip():
+        raise DataError('empty prompt: say what to draw, e.g. "Draw a horse."')
     model = _load(args.model, args.device)
+    use_precision(args)
     out = Path(args.out)
     prompts = [args.prompt] * args.num
     result = generate_images(
@@ -75,7 +78,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("chat", help="answer a question about an image with an MLLM")
     p.add_argument("question", help="the question, in plain text")
-    p.add_argument("--model", required=True, help="MLLM folder written by save_pretrained / train-mllm")
+    p.add_argument(
+        "--model", default=DEFAULT_MLLM,
+        help=f"an embedded MLLM's name or a folder written by save_pretrained / train-mllm (default: {DEFAULT_MLLM})",
+    )
     p.add_argument(
         "--image", default=None,
         help="image file (any PIL-readable format), resized and centre-cropped to the MLLM's input size",
@@ -90,10 +96,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("generate", help="draw an image from a text prompt with an MLLM")
     p.add_argument("prompt", help="what to draw, in plain text")
-    p.add_argument("--model", required=True, help="MLLM folder written by save_pretrained / train-mllm")
+    p.add_argument(
+        "--model", default=DEFAULT_MLLM,
+        help=f"an embedded MLLM's name or a folder written by save_pretrained / train-mllm (default: {DEFAULT_MLLM})",
+    )
     p.add_argument("--out", required=True, help="output PNG (with --num N: OUT_0.png ... OUT_{N-1}.png)")
     p.add_argument(
-        "--cfg", type=float, default=None, help="classifier-free guidance scale; 1 = off (default: 3)"
+        "--cfg", type=float, default=None,
+        help="classifier-free guidance scale; 1 = off (default: the model's sampling.cfg_scale, its best measured "
+        f"scale; 3 for {DEFAULT_MLLM})",
     )
     p.add_argument("--num", type=COUNT, default=1, help="images to draw for the prompt")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the model's default)")

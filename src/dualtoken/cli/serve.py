@@ -15,6 +15,7 @@ import torch
 
 from ..config import apply_overrides, load_config_file
 from ..errors import ConfigError
+from ..registry import DEFAULT_MLLM
 from .options import COUNT, PORT, add_model_options, add_precision_option, load_model, use_precision
 
 if TYPE_CHECKING:
@@ -111,7 +112,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if config.torch_threads is not None:
         torch.set_num_threads(config.torch_threads)
     tokenizer = load_model(args.model, args.random_weights)
-    mllm = load_mllm(args.mllm, tokenizer) if args.mllm else None
+    mllm = None if args.no_mllm else load_mllm(args.mllm)
     app = create_app(tokenizer, mllm=mllm, config=config, api_key=key)
     note = access_note(config.host, key)
     if note:
@@ -130,7 +131,12 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="HTTP tokenization service + web page (loopback by default)")
     add_model_options(p)
     add_precision_option(p)
-    p.add_argument("--mllm", default=None, help="an MLLM folder: adds /v1/chat and /v1/generate")
+    p.add_argument(
+        "--mllm", default=DEFAULT_MLLM,
+        help=f"the MLLM behind /v1/chat and /v1/generate and the page's ask / draw panel: an embedded name or a "
+        f"folder (default: {DEFAULT_MLLM})",
+    )
+    p.add_argument("--no-mllm", action="store_true", help="serve the tokenizer alone (no chat, no drawing)")
     p.add_argument("--host", default=None, help="address to bind (default: 127.0.0.1)")
     p.add_argument("--port", type=PORT, default=None, help="port (default: 8000)")
     p.add_argument(

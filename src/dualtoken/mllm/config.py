@@ -169,6 +169,9 @@ class MLLMConfig:
 
     # the DualToken tokenizer: a folder written by save_pretrained, or an embedded model's name
     tokenizer: str = "dualtoken-efflite0"
+    # the input size the MLLM reads that tokenizer at (DualTokenizer.at_resolution, convolutional backbones only);
+    # None = the tokenizer's own size. Lets a shipped MLLM name an embedded tokenizer instead of carrying a resized copy
+    tokenizer_image_size: int | None = None
     llm: LLMConfig = field(default_factory=lambda: LLMConfig(path="llm"))
     prompt: PromptConfig = field(default_factory=PromptConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
@@ -182,10 +185,10 @@ class MLLMConfig:
     semantic_depths: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("pixel_depths", "semantic_depths"):
+        for name in ("tokenizer_image_size", "pixel_depths", "semantic_depths"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ConfigError(f"MLLMConfig.{name} must be >= 1 (or null for all depths), got {value}")
+                raise ConfigError(f"MLLMConfig.{name} must be >= 1 or null, got {value}")
 
 
 @dataclass

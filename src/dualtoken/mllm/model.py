@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, DataError
+from ..registry import MLLM_CONFIG_NAME, MLLM_WEIGHTS_NAME, resolve_mllm_dir
 from ..tokenizer import DualTokenizer
 from ..tokenizer_pair import TokenizerPair, load_visual_tokenizer
 from .config import LoraSettings, MLLMConfig, load_config, locate, save_config
@@ -32,8 +33,8 @@ from .depth_head import DepthTransformer
 from .fusion import BRANCHES, CodeTables, VisualInputFusion
 from .prompt import IGNORE, PromptBuilder
 
-CONFIG_NAME = "mllm_config.json"
-WEIGHTS_NAME = "mllm.safetensors"
+CONFIG_NAME = MLLM_CONFIG_NAME
+WEIGHTS_NAME = MLLM_WEIGHTS_NAME
 OWN_MODULES = ("code_tables", "fusion", "pixel_head", "semantic_head")  # what mllm.safetensors holds
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # transformers renamed `torch_dtype` to `dtype` in 4.56
@@ -187,14 +188,18 @@ class DualTokenMLLM(nn.Module):
         projectors and heads, code tables copied from the visual tokenizer's codebooks."""
         if visual_tokenizer is None:
             visual_tokenizer = load_visual_tokenizer(locate(config.tokenizer, base_dir))
+            size = config.tokenizer_image_size
+            if size is not None and tuple(visual_tokenizer.image_size) != (size, size):
+                visual_tokenizer = visual_tokenizer.at_resolution(size)
         return cls(
             config, build_llm(config, base_dir), load_text_tokenizer(config, base_dir), visual_tokenizer
         )
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> DualTokenMLLM:
-        """Load a folder written by :meth:`save_pretrained`, in eval mode."""
-        path = Path(path)
+    def from_pretrained(cls, name_or_path: str | Path) -> DualTokenMLLM:
+        """Load an embedded MLLM by name (``dualtoken-mllm-cifar10``; its files checked first, DamagedInstallError
+        naming a missing or corrupted one) or a folder written by :meth:`save_pretrained`, in eval mode."""
+        path = resolve_mllm_dir(name_or_path)
         if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
             raise CheckpointError(
                 f"{path} is not a DualToken MLLM folder (expected {CONFIG_NAME} and {WEIGHTS_NAME})"
@@ -242,7 +247,8 @@ class DualTokenMLLM(nn.Module):
             self.config.llm, path="llm", architecture=None, text_tokenizer="text_tokenizer"
         )
         save_config(
-            dataclasses.replace(self.config, tokenizer="tokenizer", llm=llm_config), tmp / CONFIG_NAME
+            dataclasses.replace(self.config, tokenizer="tokenizer", tokenizer_image_size=None, llm=llm_config),
+            tmp / CONFIG_NAME,
         )
         old = path.with_name(f".{path.name}.old{os.getpid()}")
         if path.exists():
@@ -250,6 +256,11 @@ class DualTokenMLLM(nn.Module):
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
         return path
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W): the input size of the visual tokenizer, which :meth:`chat` takes."""
+        return tuple(self.visual_tokenizer.image_size)
 
     @property
     def lora_enabled(self) -> bool:

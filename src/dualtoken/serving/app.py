@@ -251,7 +251,7 @@ def _add_mllm_routes(app: FastAPI, service: TokenizerService, chat: MllmService,
         question: Annotated[str, Form(min_length=1, max_length=config.max_prompt_chars)],
     ) -> dict[str, str]:
         """Answer a question about an uploaded image."""
-        tensor = await run_in_threadpool(service.preprocess, await image.read())
+        tensor = await run_in_threadpool(service.preprocess, await image.read(), tuple(chat.model.image_size))
         return {"answer": await chat.chatter.run((tensor, question))}
 
     @app.post(

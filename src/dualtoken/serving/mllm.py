@@ -13,7 +13,6 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from ..errors import ConfigError
 from ..io import to_uint8
 from .batcher import MicroBatcher
 from .config import ServeConfig
@@ -23,8 +22,13 @@ from .config import ServeConfig
 class MultimodalModel(Protocol):
     """What ``/v1/chat`` and ``/v1/generate`` call."""
 
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W): the size uploaded chat images are resized and centre-cropped to."""
+        ...
+
     def chat(self, image: torch.Tensor, question: str) -> str:
-        """Answer ``question`` about ``image`` ((3, H, W) in [-1, 1] at the tokenizer's size)."""
+        """Answer ``question`` about ``image`` ((3, H, W) in [-1, 1] at ``image_size``)."""
         ...
 
     def generate(self, prompt: str, cfg_scale: float, seed: int) -> torch.Tensor:
@@ -72,16 +76,9 @@ class MllmService:
         return images
 
 
-def load_mllm(path: str | Path, tokenizer) -> MultimodalModel:
-    """A DualTokenMLLM folder (``save_pretrained`` format) for ``--mllm``; its visual tokenizer must take images of
-    the served tokenizer's size, since chat uploads are preprocessed once, for both."""
+def load_mllm(name_or_path: str | Path) -> MultimodalModel:
+    """An embedded MLLM's name or a DualTokenMLLM folder (``save_pretrained`` format) for ``--mllm``; chat uploads
+    are preprocessed to its own input size, which may differ from the served tokenizer's."""
     from ..mllm.model import DualTokenMLLM
 
-    model = DualTokenMLLM.from_pretrained(path)
-    expected, got = tuple(tokenizer.image_size), tuple(model.visual_tokenizer.image_size)
-    if got != expected:
-        raise ConfigError(
-            f"--mllm {path}: its visual tokenizer takes {got[0]}x{got[1]} images but the served model takes "
-            f"{expected[0]}x{expected[1]}; serve the tokenizer the MLLM was trained with"
-        )
-    return model
+    return DualTokenMLLM.from_pretrained(name_or_path)

@@ -85,10 +85,11 @@ class TokenizerService:
     def depth(self, branch: str) -> int:
         return self.tokenizer.pixel_depth if branch == "pixel" else self.tokenizer.semantic_depth
 
-    def preprocess(self, data: bytes) -> torch.Tensor:
-        """Uploaded file bytes -> (3, H, W) in [-1, 1] at the model's size; header checked before decoding."""
+    def preprocess(self, data: bytes, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Uploaded file bytes -> (3, H, W) in [-1, 1] at ``size`` (default: the tokenizer's); header checked
+        before decoding."""
         check_image_bytes(data, self.config.max_image_pixels, self.config.allowed_formats)
-        return load_image(BytesIO(data), size=tuple(self.tokenizer.image_size))
+        return load_image(BytesIO(data), size=tuple(size or self.tokenizer.image_size))
 
     def close(self) -> None:
         for batcher in self.batchers:
