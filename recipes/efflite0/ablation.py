@@ -49,7 +49,7 @@ from dualtoken.errors import ConfigError, DataError, DualTokenError
 from dualtoken.evaluation.codebook_stats import code_histogram
 from dualtoken.evaluation.samples import labels_from_tsv
 from dualtoken.evaluation.semantic import token_cosine
-from dualtoken.metrics import psnr, ssim
+from dualtoken.metrics import bootstrap_mean, psnr, ssim
 from dualtoken.tokenizer import DualTokens
 from dualtoken.training import TrainConfig, load_train_config, train
 from dualtoken.training.tap_cache import states_below_tap
@@ -147,15 +147,7 @@ def check_paths(base: TrainConfig, kodak: str, heldout: str) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def bootstrap(values: torch.Tensor, resamples: int, seed: int = 0) -> dict[str, float]:
-    """Mean and 95 % percentile bootstrap interval of per-image ``values``. Given the per-image differences of two
-    runs on the same images it is the paired bootstrap: each resample draws one set of images for both."""
-    values = values.double()
-    generator = torch.Generator().manual_seed(seed)
-    index = torch.randint(len(values), (resamples, len(values)), generator=generator)
-    means = values[index].mean(dim=1)
-    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return {"mean": float(values.mean()), "low": low, "high": high, "n": len(values)}
+bootstrap = bootstrap_mean  # the paired percentile bootstrap of per-image values (dualtoken.metrics)
 
 
 def verdict(difference: dict | None) -> str:

@@ -93,8 +93,8 @@ def resolve_backend(backend: str, device: torch.device | str, precision: str = "
 
 
 def explain_backend(backend: str, device: torch.device | str, precision: str = "auto") -> str:
-    """One line naming what ``backend`` resolves to and why, e.g. ``onnxruntime (auto: ONNX Runtime 1.32 on
-    the CPU, float32)``."""
+    """One line naming what ``backend`` resolves to and why, e.g. ``onnxruntime (auto: ONNX Runtime 1.32.0 on
+    the CPU)``."""
     chosen = resolve_backend(backend, device, precision)
     if backend != "auto":
         return f"{chosen} ({backend})"
@@ -148,15 +148,12 @@ def weights_version(tokenizer: torch.nn.Module) -> tuple:
     return tuple((t.data_ptr(), t._version) for t in tokenizer.state_dict(keep_vars=True).values())
 
 
-def weights_digest(tokenizer: DualTokenizer) -> str:
-    """A digest of the config and every weight's bytes: the key of the exported graphs in the cache."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(repr(tokenizer.config).encode())
-    digest.update(torch.__version__.encode())
-    for name, tensor in tokenizer.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
-    return digest.hexdigest()
+def graphs_key(tokenizer: DualTokenizer) -> str:
+    """The cache key of a model's graphs: its config, this torch version (the exporter) and every weight."""
+    from .checkpoint import weights_digest
+
+    key = hashlib.blake2b(f"{tokenizer.config!r}|{torch.__version__}|{weights_digest(tokenizer)}".encode(), digest_size=16)
+    return key.hexdigest()
 
 
 def cache_dir() -> Path:
@@ -174,7 +171,7 @@ class OnnxRuntime:
 
         from .export import export_pixels_graph, export_taps_graph
 
-        folder = cache_dir() / weights_digest(tokenizer)
+        folder = cache_dir() / graphs_key(tokenizer)
         with torch.inference_mode(False):  # the exporter traces: no inference tensors, even inside a caller's mode
             for name, writer in ((self.TAPS, export_taps_graph), (self.PIXELS, export_pixels_graph)):
                 if not (folder / name).is_file():

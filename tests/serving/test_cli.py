@@ -100,7 +100,9 @@ def test_the_command_serves_on_loopback():
                 time.sleep(0.25)
         assert health.json()["model"] == "dualtoken-tiny"
         banner = next(line for line in iter(process.stdout.readline, b"") if line.startswith(b"dualtoken serve:"))
-        assert banner.decode().startswith(f"dualtoken serve: model dualtoken-tiny (random weights) on http://127.0.0.1:{port}/")
+        assert banner.decode().startswith(
+            f"dualtoken serve: model dualtoken-tiny (random weights) with the MLLM dualtoken-mllm-cifar10 on "
+            f"http://127.0.0.1:{port}/")
         assert httpx.get(f"http://127.0.0.1:{port}/").text.count('id="depth-slider"') == 1
         # the shipped MLLM is served by default: the page's ask / draw panel has a model behind it
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["mllm"] is True
@@ -134,3 +136,5 @@ def test_the_banner_names_the_model_its_base_and_folder_not_only_the_folder(tiny
     assert served == (f"model tokenizer (base model dualtoken-tiny, loaded from {inside.resolve()}) "
                       f"with the MLLM in {(tmp_path / 'M').resolve()}")
     assert served_models(DualTokenizer.from_pretrained("dualtoken-efflite0"), None) == "model dualtoken-efflite0"
+    shipped = served_models(DualTokenizer.from_pretrained("dualtoken-efflite0"), "dualtoken-mllm-cifar10")
+    assert shipped == "model dualtoken-efflite0 with the MLLM dualtoken-mllm-cifar10"  # a name, not a path

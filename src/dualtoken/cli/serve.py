@@ -15,7 +15,7 @@ import torch
 
 from ..config import apply_overrides, load_config_file
 from ..errors import ConfigError
-from ..registry import DEFAULT_MLLM
+from ..registry import DEFAULT_MLLM, list_mllms
 from .options import COUNT, PORT, add_model_options, add_precision_option, load_model, use_precision
 
 if TYPE_CHECKING:
@@ -96,7 +96,9 @@ def served_models(tokenizer: DualTokenizer, mllm: str | None) -> str:
     elif tokenizer.name_or_path != config.name:
         details.append(f"loaded from {tokenizer.name_or_path}")
     text = f"model {config.name}" + (f" ({', '.join(details)})" if details else "")
-    return text + (f" with the MLLM in {Path(mllm).resolve()}" if mllm else "")
+    if mllm is None:
+        return text
+    return text + (f" with the MLLM {mllm}" if mllm in list_mllms() else f" with the MLLM in {Path(mllm).resolve()}")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -118,7 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if note:
         print(note, file=sys.stderr)
     print(
-        f"dualtoken serve: {served_models(tokenizer, args.mllm)} on http://{config.host}:{config.port}/ (API reference at /docs, OpenAPI document at /openapi.json)",
+        f"dualtoken serve: {served_models(tokenizer, None if args.no_mllm else args.mllm)} on http://{config.host}:{config.port}/ (API reference at /docs, OpenAPI document at /openapi.json)",
         flush=True,  # before uvicorn's log lines, when stdout is a pipe
     )
     if key:
