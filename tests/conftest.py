@@ -70,6 +70,12 @@ def tiny_tokenizer():
 
 
 @pytest.fixture
+def base_dir(tiny_tokenizer, tmp_path: Path) -> Path:
+    """``tiny_tokenizer`` saved in float16, as the shipped model is: a base model to fine-tune."""
+    return tiny_tokenizer.save_pretrained(tmp_path / "base", dtype=torch.float16)
+
+
+@pytest.fixture
 def tiny_images() -> torch.Tensor:
     """Two smooth 64x64 images in [-1, 1]."""
     g = torch.Generator().manual_seed(0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -31,6 +32,13 @@ def sample_photos() -> list[tuple[str, np.ndarray]]:
     from skimage import data
 
     return [(name, getattr(data, name)()) for name in SAMPLE_PHOTOS]
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """uint8 (H, W, 3) -> PNG file bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def empty_file_error(name: str, formats: str = "PNG, JPEG, WebP, ...") -> ImageError:

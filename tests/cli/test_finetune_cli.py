@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from dualtoken import DualTokenizer
 from dualtoken.cli.main import main
@@ -15,11 +14,6 @@ from dualtoken.training.pixel import PixelTapTask
 from ..training.conftest import write_images
 
 FAST = ["--set", "train.max_steps=2", "--set", "train.data.batch_size=4", "--set", "train.cache.crops_per_image=1"]
-
-
-@pytest.fixture
-def base_dir(tiny_tokenizer, tmp_path: Path) -> Path:
-    return tiny_tokenizer.save_pretrained(tmp_path / "base", dtype=torch.float16)
 
 
 @pytest.fixture

@@ -30,12 +30,6 @@ FAST = ["train.max_steps=3", "train.log.progress=false", "train.data.batch_size=
 
 
 @pytest.fixture
-def base_dir(tiny_tokenizer, tmp_path: Path) -> Path:
-    """dualtoken-tiny saved in float16, as the shipped model is."""
-    return tiny_tokenizer.save_pretrained(tmp_path / "base", dtype=torch.float16)
-
-
-@pytest.fixture
 def photos(tmp_path: Path) -> Path:
     return write_images(tmp_path / "photos", 20)
 

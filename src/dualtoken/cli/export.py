@@ -11,7 +11,7 @@ import torch
 from ..backend import onnxruntime_available
 from ..errors import ConfigError, DataError
 from ..export import ExportedTokenizer, export_onnx
-from ..io import load_image, sample_photos
+from ..io import load_image, png_bytes, sample_photos
 from .options import MODEL_HELP, load_model
 
 
@@ -27,7 +27,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"wrote {out}/: {sizes}, manifest.json")
     # read it back the way a deployment does, and compare with the PyTorch path on the demo photos
     exported = ExportedTokenizer(out)
-    images = torch.stack([load_image(_png(array), tokenizer.image_size) for _, array in sample_photos()])
+    images = torch.stack([load_image(io.BytesIO(png_bytes(array)), tokenizer.image_size) for _, array in sample_photos()])
     with torch.inference_mode():
         reference = tokenizer.encode(images, precision="fp32", backend="torch")
         decoded = tokenizer.decode(reference.pixel, precision="fp32", backend="torch")
@@ -38,15 +38,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"checked in ONNX Runtime on {len(images)} demo photos: codes equal to PyTorch's: pixel {agree[0]:.2%}, "
           f"semantic {agree[1]:.2%}; decoded images within {gap:.1e} of PyTorch's")
     return 0
-
-
-def _png(array) -> io.BytesIO:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    buffer.seek(0)
-    return buffer
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from ..errors import CodesError, DualTokenError
-from ..io import SAMPLE_PHOTOS
+from ..io import SAMPLE_PHOTOS, png_bytes
 from .apidocs import render_api_docs
 from .auth import ApiKeyAuth, check_api_key, declare_bearer
 from .batcher import QueueFullError
@@ -37,7 +37,7 @@ from .schemas import (
     ReconstructResponse,
 )
 from .service import BRANCHES, Reconstruction, TokenizerService
-from .visuals import png_bytes, png_data_url, sample_png
+from .visuals import png_data_url, sample_png
 
 STATIC_FILES = {
     "index.html": "text/html",

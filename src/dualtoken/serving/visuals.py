@@ -4,19 +4,10 @@ from __future__ import annotations
 
 import base64
 import functools
-from io import BytesIO
 
 import numpy as np
-from PIL import Image
 
-from ..io import sample_photos
-
-
-def png_bytes(pixels: np.ndarray) -> bytes:
-    """uint8 (H, W, 3) -> PNG file bytes."""
-    buffer = BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
+from ..io import png_bytes, sample_photos
 
 
 @functools.cache
