@@ -13,6 +13,11 @@ Sections (all on the shipped ``dualtoken-efflite0`` and real photos, ratios agai
 - ``agreement``: the share of codes that differ between eager float32 and the default on Kodak-24 and the 500
   held-out images, and the largest decoded-pixel difference.
 
+``--baseline REV`` adds an earlier commit of this repository to the ``search`` and ``cli`` sections, in the same
+run: its ``src/`` is taken from git (``git archive``) into a temporary folder; the search section imports its
+``quantizer.py``, the cli section runs its ``dualtoken`` (eager float32) on the same files and counts how many of
+its codes differ from the default's.
+
 Run: ``OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_inference.py --data ../shared/data`` (sections with
 ``--only``). Prints a markdown table per section with the CPU's name, flags and the load average.
 """
@@ -20,6 +25,7 @@ Run: ``OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_inference.py --data .
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import subprocess
@@ -36,6 +42,7 @@ from dualtoken import DualTokenizer
 from dualtoken.evaluation.samples import labels_from_tsv
 from dualtoken.io import list_images, load_image
 from dualtoken.precision import cpu_bf16_flags, cpu_has_bf16_matmul
+from dualtoken.tokenfile import load_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("tower", "api", "search", "cli", "agreement")
@@ -53,6 +60,22 @@ def table(title: str, rows: list[tuple[str, float, str]], unit: str) -> None:
     print(f"\n### {title}\n\n| | {unit} | vs {rows[0][0]} | |\n|---|---|---|---|")
     for name, rate, note in rows:
         print(f"| {name} | {rate:.1f} | {rate / rows[0][1]:.2f}x | {note} |")
+
+
+def baseline_source(rev: str, into: Path) -> Path:
+    """The ``src/`` folder of commit ``rev`` of this repository, extracted under ``into``."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "src"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into / "src"
+
+
+def baseline_quantizer(source: Path):
+    """The ``dualtoken.quantizer`` module of a baseline's ``source``, imported beside today's (its relative imports
+    resolve to today's package: only the search functions are called)."""
+    spec = importlib.util.spec_from_file_location("dualtoken._baseline_quantizer", source / "dualtoken" / "quantizer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def photos(data: Path, count: int) -> torch.Tensor:
@@ -118,7 +141,7 @@ def bench_api(tokenizer: DualTokenizer, images: torch.Tensor, repeats: int) -> N
                 table(f"{op}, batch {batch}", pair, "images/s")
 
 
-def bench_search(tokenizer: DualTokenizer, images: torch.Tensor, repeats: int) -> None:
+def bench_search(tokenizer: DualTokenizer, images: torch.Tensor, repeats: int, baseline: tuple[str, Path] | None) -> None:
     import faiss
 
     from dualtoken.quantizer import nearest_codes, residual_codes
@@ -159,11 +182,17 @@ def bench_search(tokenizer: DualTokenizer, images: torch.Tensor, repeats: int) -
                 repeats), f"Gram {gram.numel() * 4 / 2**20:.0f} MiB"),
             ("exact search, per-depth float32", len(vectors) / time_it(per_depth, repeats), "no table"),
         ]
+        if baseline is not None:
+            old = baseline_quantizer(baseline[1])
+            equal = bool(torch.equal(old.residual_codes(vectors, codebook, depth, 256, gram=gram), ours))
+            rows.append((f"exact search, Gram matrix, at {baseline[0]}", len(vectors) / time_it(
+                lambda: old.residual_codes(vectors, codebook, depth, 256, gram=gram), repeats),
+                f"codes {'identical' if equal else 'DIFFER'}"))
     table(f"semantic search, {len(vectors)} real latents, {depth} depths of {codebook.shape[0]} codes "
           f"of width {codebook.shape[1]}", rows, "vectors/s")
 
 
-def bench_cli(data: Path, count: int) -> None:
+def bench_cli(data: Path, count: int, baseline: tuple[str, Path] | None) -> None:
     source = data / "imagenet_samples" / "images"
     files = sorted(list_images(source))[:count] if source.exists() else []
     files = files or sorted(list_images(data / "kodak"))
@@ -174,17 +203,27 @@ def bench_cli(data: Path, count: int) -> None:
         inputs.mkdir()
         for path in files:
             (inputs / path.name).symlink_to(path.resolve())
-        for name, flags in (("eager (--backend torch --precision fp32)", ["--backend", "torch", "--precision", "fp32"]),
-                            ("default (auto)", [])):
+        runs = [("eager (--backend torch --precision fp32)", ["--backend", "torch", "--precision", "fp32"], None),
+                ("default (auto)", [], None)]
+        if baseline is not None:
+            runs.insert(0, (f"eager at {baseline[0]} (--precision fp32)", ["--precision", "fp32"], baseline[1]))
+        codes = []
+        for name, flags, source in runs:
+            env = {**os.environ, "PYTHONPATH": str(source)} if source else None
             tokens = Path(folder) / f"{len(rows_encode)}.safetensors"
             start = time.perf_counter()
             subprocess.run(dualtoken + ["encode", str(inputs), "--out", str(tokens), *flags], check=True,
-                           capture_output=True)
+                           capture_output=True, env=env)
             rows_encode.append((name, len(files) / (time.perf_counter() - start), "whole command"))
+            codes.append(load_tokens(tokens))
             start = time.perf_counter()
             subprocess.run(dualtoken + ["decode", str(tokens), "--out", str(Path(folder) / f"dec{len(rows_decode)}"),
-                                        *flags], check=True, capture_output=True)
+                                        *flags], check=True, capture_output=True, env=env)
             rows_decode.append((name, len(files) / (time.perf_counter() - start), "whole command"))
+        for row, file in enumerate(codes[:-1]):
+            differ = [float((getattr(file, b) != getattr(codes[-1], b)).float().mean()) for b in ("pixel", "semantic")]
+            rows_encode[row] = (*rows_encode[row][:2], f"whole command; codes differing from the default: pixel "
+                                f"{differ[0]:.3%}, semantic {differ[1]:.3%}")
     table(f"dualtoken encode of {len(files)} photos, model load included", rows_encode, "images/s")
     table("dualtoken decode of their codes, model load included", rows_decode, "images/s")
 
@@ -221,20 +260,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cli-images", type=int, default=240)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile in the tower section")
+    parser.add_argument("--baseline", metavar="REV", help="also run this commit's search and CLI (search, cli)")
+    parser.add_argument("--search-images", type=int, default=16, help="Kodak photos whose latents the search codes")
     args = parser.parse_args()
     flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in cpu_bf16_flags().items())
     print(f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"{flags}; load average {os.getloadavg()[0]:.1f} at the start")
     tokenizer = DualTokenizer.from_pretrained("dualtoken-efflite0")
     images = photos(args.data, 8)
+    scratch = tempfile.TemporaryDirectory()
+    baseline = (args.baseline, baseline_source(args.baseline, Path(scratch.name))) if args.baseline else None
     if "tower" in args.only:
         bench_tower(images, args.repeats, args.compile)
     if "api" in args.only:
         bench_api(tokenizer, images, args.repeats)
     if "search" in args.only:
-        bench_search(tokenizer, images, args.repeats)
+        bench_search(tokenizer, photos(args.data, args.search_images), args.repeats, baseline)
     if "cli" in args.only:
-        bench_cli(args.data, args.cli_images)
+        bench_cli(args.data, args.cli_images, baseline)
     if "agreement" in args.only:
         bench_agreement(tokenizer, args.data)
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end")

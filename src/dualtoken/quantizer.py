@@ -30,8 +30,8 @@ from .errors import ConfigError
 # columns per group of the blocked argmin: the minimum of each group first, then the argmin inside the first group that
 # holds the row's minimum (torch.argmin's answer, first index on ties, in about half its time on a CPU)
 ARGMIN_GROUP = 128
-# codes rescored exactly per undecided row before a whole row is computed in float64
-RESCORED_CANDIDATES = 16
+# (row, code) pairs measured in float64 per pass of the exact settling (a pass holds PAIRS_PER_PASS x D doubles)
+PAIRS_PER_PASS = 1 << 16
 
 
 def nearest_codes(vectors: torch.Tensor, codebook: torch.Tensor, block_rows: int = 256) -> torch.Tensor:
@@ -120,25 +120,20 @@ def row_minimum(
 def _exact_nearest(
     vectors: torch.Tensor, codebook: torch.Tensor, scores: torch.Tensor, limit: torch.Tensor
 ) -> torch.Tensor:
-    """Exact nearest codes (float64 distances, first index on ties) of rows whose candidates are the codes scoring
-    at most ``limit``: the ``RESCORED_CANDIDATES`` best when that holds them all, every code otherwise."""
-    count = min(RESCORED_CANDIDATES, codebook.shape[0])
-    top_scores, candidates = torch.topk(scores, count, dim=1, largest=False)  # (U, C)
-    candidates = candidates.sort(dim=1).values  # code order: argmin's first index is the lowest code
-    whole = top_scores[:, -1] <= limit if count < codebook.shape[0] else torch.zeros_like(limit, dtype=torch.bool)
-    exact = _float64_distances(vectors, codebook, candidates)  # (U, C)
-    codes = candidates.gather(1, exact.argmin(dim=1, keepdim=True)).squeeze(1)
-    for row in whole.nonzero().squeeze(1).tolist():  # more near-ties than candidates: every code
-        every = torch.arange(codebook.shape[0], device=codebook.device)[None]
-        codes[row] = _float64_distances(vectors[row : row + 1], codebook, every).argmin()
-    return codes
-
-
-def _float64_distances(vectors: torch.Tensor, codebook: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """Squared distances (U, C) in float64 of rows ``vectors`` (U, D) to their ``candidates`` (U, C), elementwise:
-    each difference and square is exact, and every pair is summed the same way."""
-    difference = vectors.double()[:, None, :] - codebook.double()[candidates]  # (U, C, D)
-    return difference.pow(2).sum(dim=2)
+    """Exact nearest codes of rows ``vectors`` (U, D) whose candidates are the codes scoring at most ``limit`` (U,)
+    in ``scores`` (U, K): every candidate pair (row, code) is measured in float64 and each row takes its nearest
+    candidate, the lowest code on ties (argmin's answer). Pairs are measured ``PAIRS_PER_PASS`` at a time, so a row
+    whose every code is a near-tie costs memory in proportion to that bound, not to K x D."""
+    rows, candidates = (scores <= limit[:, None]).nonzero(as_tuple=True)  # (P,) each, codes ascending per row
+    exact = torch.cat([
+        (vectors[rows[i : i + PAIRS_PER_PASS]].double() - codebook[candidates[i : i + PAIRS_PER_PASS]].double())
+        .pow(2).sum(dim=1)
+        for i in range(0, len(rows), PAIRS_PER_PASS)
+    ])  # (P,) each difference and square exact, every pair summed the same way
+    nearest = exact.new_full((len(vectors),), math.inf).scatter_reduce(0, rows, exact, "amin")  # (U,)
+    winners = exact == nearest[rows]  # (P,) ties included
+    none = torch.full((len(vectors),), codebook.shape[0], dtype=torch.long, device=codebook.device)
+    return none.scatter_reduce(0, rows[winners], candidates[winners], "amin")
 
 
 def residual_codes(
@@ -148,6 +143,7 @@ def residual_codes(
     block_rows: int = 256,
     gram: torch.Tensor | None = None,
     low_precision: torch.dtype | None = None,
+    compiled: bool = True,
 ) -> torch.Tensor:
     """Residual codes (N, Q) of ``vectors`` (N, D): exactly what :func:`nearest_codes` gives depth after depth on
     the float32 residual, from a cheaper first pass scoring every code, ``block_rows`` rows at a time through all
@@ -159,7 +155,9 @@ def residual_codes(
     - per depth by one float32 addmm (neither given): no table, the FLOP a CPU with wide vector units does fast.
 
     Each pass's rounding is bounded per row (:func:`float32_dot_slack`; the low-precision products add four unit
-    roundoffs of that dtype), and :func:`settle_codes` decides every row exactly within that bound.
+    roundoffs of that dtype), and :func:`settle_codes` decides every row exactly within that bound. On a CPU the
+    Gram pass's depth loop runs compiled (:mod:`dualtoken.search_kernel`, one pass per row and depth, the same
+    decision) unless ``compiled`` is False or numba is missing.
     """
     if gram is not None and low_precision is not None:
         raise ValueError("residual_codes takes at most one of gram and low_precision")
@@ -172,6 +170,7 @@ def residual_codes(
     pass_slack = float32_dot_slack(width) + (4 * torch.finfo(low_precision).eps / 2 if low_precision else 0.0)
     codes = torch.empty(rows, depth, dtype=torch.long, device=vectors.device)
     scores = vectors.new_empty(min(block_rows, rows), codebook.shape[0])  # (B, K) reused by every block
+    kernel = _compiled_depth_loop(vectors, codebook, gram) if compiled else None
     gathered = torch.empty_like(scores) if gram is not None else None  # (B, K) Gram rows, reused: no allocation
     for start in range(0, rows, block_rows):
         residual = vectors[start : start + block_rows].clone()  # (B, D)
@@ -179,6 +178,10 @@ def residual_codes(
         reach = residual.norm(dim=1)  # (B,) bounds the norm of every residual and code sum the scores have seen
         if gram is not None:
             torch.addmm(half_sq, residual, codebook_t, alpha=-1.0, out=block)
+        if kernel is not None:
+            kernel(block, gram, codebook, residual, codes[start : start + block_rows],
+                   [float32_dot_slack(width, level) for level in range(depth)])
+            continue
         for level in range(depth):
             if gram is not None:
                 slack = float32_dot_slack(width, level) * (reach + largest).pow(2)
@@ -195,6 +198,22 @@ def residual_codes(
                 block.add_(torch.index_select(gram, 0, code, out=gathered[: len(code)]))
                 reach.add_(code_norms[code])
     return codes
+
+
+def _compiled_depth_loop(vectors: torch.Tensor, codebook: torch.Tensor, gram: torch.Tensor | None):
+    """:func:`dualtoken.search_kernel.depth_loop` where it serves these tensors (the Gram pass on a CPU in float32,
+    K a multiple of its lanes, numba installed), else None."""
+    if gram is None or vectors.device.type != "cpu" or vectors.requires_grad:
+        return None
+    if {vectors.dtype, codebook.dtype, gram.dtype} != {torch.float32}:
+        return None
+    from . import search_kernel  # numba loads on the first search, not on ``import dualtoken``
+
+    if not search_kernel.available() or codebook.shape[0] % search_kernel.LANES:
+        return None
+    if not (codebook.is_contiguous() and gram.is_contiguous()):
+        return None
+    return search_kernel.depth_loop
 
 
 class GramCache:

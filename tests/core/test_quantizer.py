@@ -84,7 +84,7 @@ def test_nearest_codes_agrees_with_the_plain_float32_search_off_ties():
     assert torch.equal(nearest_codes(vectors, codebook), plain_nearest(vectors, codebook))
 
 
-@pytest.mark.parametrize("first_pass", ["gram", "matmul", "bf16"])
+@pytest.mark.parametrize("first_pass", ["gram", "gram_torch_loop", "matmul", "bf16"])
 @pytest.mark.parametrize("case", ["random", "near_ties"])
 def test_residual_codes_equal_the_per_depth_search(case, first_pass):
     if case == "random":
@@ -93,10 +93,12 @@ def test_residual_codes_equal_the_per_depth_search(case, first_pass):
     else:
         vectors, codebook = near_tie_codebook()
     expected = per_depth_codes(vectors, codebook, 4)
-    gram = codebook @ codebook.t() if first_pass == "gram" else None
+    gram = codebook @ codebook.t() if first_pass.startswith("gram") else None
     low_precision = torch.bfloat16 if first_pass == "bf16" else None
+    compiled = first_pass != "gram_torch_loop"  # the Gram pass's depth loop: compiled on a CPU, or PyTorch's
     for block_rows in (64, 256):
-        codes = residual_codes(vectors, codebook, 4, block_rows, gram=gram, low_precision=low_precision)
+        codes = residual_codes(vectors, codebook, 4, block_rows, gram=gram, low_precision=low_precision,
+                               compiled=compiled)
         assert torch.equal(codes, expected)
     with pytest.raises(ValueError):
         residual_codes(vectors, codebook, 4, gram=codebook @ codebook.t(), low_precision=torch.bfloat16)
@@ -143,7 +145,9 @@ def test_codes_of_the_parity_fixtures_through_every_search(parity_dir):
         reference = expected[codes].reshape(x.shape[0], -1)
         depth = reference.shape[1]
         assert torch.equal(per_depth_codes(x, codebook, depth), reference)
-        assert torch.equal(residual_codes(x, codebook, depth, gram=codebook @ codebook.t()), reference)
+        for compiled in (True, False):
+            gram = codebook @ codebook.t()
+            assert torch.equal(residual_codes(x, codebook, depth, gram=gram, compiled=compiled), reference)
         assert torch.equal(residual_codes(x, codebook, depth, low_precision=torch.bfloat16), reference)
 
 
@@ -161,7 +165,9 @@ def test_codes_of_kodak_with_the_shipped_model_through_every_search(shared_data)
     expected = per_depth_codes(x, codebook, depth)
     plain = per_depth_codes(x, codebook, depth, search=plain_nearest)
     assert (plain != expected).float().mean() < 1e-3  # the old search differs only at rounding-level ties
-    assert torch.equal(residual_codes(x, codebook, depth, gram=codebook @ codebook.t()), expected)
+    gram = codebook @ codebook.t()
+    assert torch.equal(residual_codes(x, codebook, depth, gram=gram), expected)
+    assert torch.equal(residual_codes(x, codebook, depth, gram=gram, compiled=False), expected)
     rows = slice(0, 8)  # bf16 matmuls are emulated (slow) on CPUs without bf16 units
     low = residual_codes(x[rows], codebook, depth, low_precision=torch.bfloat16)
     assert torch.equal(low, expected[rows])

@@ -1,0 +1,156 @@
+"""The exact residual search's depth loop over the Gram matrix as one compiled pass per row and depth (CPU).
+
+:func:`dualtoken.quantizer.residual_codes` scores every code of a row once by a float32 matmul and then updates the
+scores depth after depth from the Gram matrix, ``s_{q+1} = s_q + G[c_q]``. In PyTorch that is five passes over the
+(rows, K) score block per depth (gather the Gram rows, add them, the group minima, the runner-up, the candidates);
+here, compiled by numba, it is one pass per row and depth that adds the Gram row and keeps, per SIMD lane, the
+smallest score, where it is and the second smallest, so each score is read and written once while it is in cache,
+and the Gram row is the only memory the pass must stream.
+
+The decision is the same as :func:`dualtoken.quantizer.settle_codes`: a row whose runner-up scores more than twice the
+rounding bound above its best takes the best (the first index on ties); the others measure every code within that
+window in float64 and take the nearest, the lowest code on ties. So the codes are the exact nearest ones, as the
+PyTorch loop's are.
+
+Rows are split across ``torch.get_num_threads()`` Python threads (the compiled function releases the GIL), so no
+numba threading layer is involved and concurrent callers (``serve``'s workers) are safe. The compiled code is cached
+under ``$NUMBA_CACHE_DIR`` (by default ``~/.cache/dualtoken/numba``), so a new process loads it in a fraction of a
+second instead of compiling for a few seconds. Without numba, :func:`available` is False and the PyTorch loop runs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+os.environ.setdefault(
+    "NUMBA_CACHE_DIR",
+    str(Path(os.environ.get("DUALTOKEN_CACHE", Path.home() / ".cache" / "dualtoken")) / "numba"),
+)
+try:
+    from numba import njit
+except ImportError:  # pragma: no cover - numba is a dependency; this keeps the PyTorch loop working without it
+    njit = None
+
+# scores kept per SIMD lane by the scan: lane l sees columns l, l + LANES, l + 2 LANES, ... (4 AVX-512 registers)
+LANES = 64
+
+
+def available() -> bool:
+    """Whether the compiled depth loop can run here (numba imports)."""
+    return njit is not None
+
+
+def _add_and_scan(scores, gram_row, best, second, chunk_of_best):  # pragma: no cover - compiled
+    """``scores += gram_row`` (K,), and per lane l: its smallest score ``best[l]``, the chunk (column // LANES) of its
+    first occurrence ``chunk_of_best[l]``, and its second smallest ``second[l]``. Element-wise selects only, so the
+    compiler vectorises the loop (min / max need no NaN handling: scores are finite)."""
+    best[:] = np.inf
+    second[:] = np.inf
+    chunk_of_best[:] = 0
+    for chunk in range(scores.shape[0] // LANES):
+        base = chunk * LANES
+        for lane in range(LANES):
+            score = scores[base + lane] + gram_row[base + lane]
+            scores[base + lane] = score
+            smallest = best[lane]
+            second[lane] = min(second[lane], max(smallest, score))
+            chunk_of_best[lane] = chunk if score < smallest else chunk_of_best[lane]
+            best[lane] = min(smallest, score)
+
+
+def _depth_loop(scores, gram, codebook, residual, codes, slack_unit, code_norms, largest):  # pragma: no cover
+    """Codes (R, Q) of rows whose first-depth scores ``||e||^2 / 2 - r.e`` are ``scores`` (R, K); ``residual`` (R, D)
+    is consumed. ``slack_unit[q]`` is :func:`dualtoken.quantizer.float32_dot_slack` at depth q, to be multiplied
+    by the square of (the norms the scores have seen + the largest code norm)."""
+    rows, size = scores.shape
+    width = codebook.shape[1]
+    zeros = np.zeros(size, dtype=np.float32)  # the first depth adds nothing: one scan serves every depth
+    best = np.empty(LANES, dtype=np.float32)
+    second = np.empty(LANES, dtype=np.float32)
+    chunk_of_best = np.empty(LANES, dtype=np.int64)
+    for row in range(rows):
+        score, vector = scores[row], residual[row]
+        reach = math.sqrt(np.sum(vector.astype(np.float64) ** 2))
+        code = 0
+        for level in range(codes.shape[1]):
+            if level:
+                reach += code_norms[code]
+            _add_and_scan(score, gram[code] if level else zeros, best, second, chunk_of_best)
+            top, top_code = np.inf, size  # the smallest score, the lowest code on ties
+            for lane in range(LANES):
+                candidate = chunk_of_best[lane] * LANES + lane
+                if best[lane] < top or (best[lane] == top and candidate < top_code):
+                    top, top_code = best[lane], candidate
+            runner_up = np.inf
+            for lane in range(LANES):
+                if chunk_of_best[lane] * LANES + lane != top_code:
+                    runner_up = min(runner_up, best[lane])
+                runner_up = min(runner_up, second[lane])
+            limit = top + 2 * slack_unit[level] * (reach + largest) ** 2
+            code = top_code
+            if runner_up <= limit:  # near-ties: the exact winner is among the codes scoring at most limit
+                nearest = np.inf
+                for k in range(size):
+                    if score[k] <= limit:
+                        distance = 0.0
+                        for d in range(width):
+                            difference = np.float64(vector[d]) - np.float64(codebook[k, d])
+                            distance += difference * difference
+                        if distance < nearest:
+                            nearest, code = distance, k
+            codes[row, level] = code
+            for d in range(width):
+                vector[d] -= codebook[code, d]
+
+
+if njit is not None:
+    _add_and_scan = njit(fastmath={"nnan", "ninf"}, cache=True, nogil=True)(_add_and_scan)
+    _depth_loop = njit(cache=True, nogil=True)(_depth_loop)
+
+_pool: ThreadPoolExecutor | None = None
+_pool_threads = 0
+
+
+def _forget_pool() -> None:
+    """A forked child has none of its parent's threads: it starts its own pool."""
+    global _pool, _pool_threads
+    _pool, _pool_threads = None, 0
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
+def depth_loop(
+    scores: torch.Tensor,
+    gram: torch.Tensor,
+    codebook: torch.Tensor,
+    residual: torch.Tensor,
+    codes: torch.Tensor,
+    slack_unit: list[float],
+) -> None:
+    """Fill ``codes`` (R, Q) int64 from the first-depth scores (R, K) of ``residual`` (R, D), all float32 CPU tensors;
+    ``scores`` and ``residual`` are overwritten. Rows are split across ``torch.get_num_threads()`` threads."""
+    global _pool, _pool_threads
+    code_norms = codebook.double().pow(2).sum(dim=1).sqrt()  # (K,)
+    arrays = (gram.numpy(), codebook.numpy())
+    extra = (np.asarray(slack_unit, dtype=np.float64), code_norms.numpy(), float(code_norms.max()))
+    threads = max(1, min(torch.get_num_threads(), scores.shape[0]))
+    if threads == 1:
+        _depth_loop(scores.numpy(), *arrays, residual.numpy(), codes.numpy(), *extra)
+        return
+    if _pool is None or _pool_threads < threads:
+        _pool, _pool_threads = ThreadPoolExecutor(threads, thread_name_prefix="dualtoken-search"), threads
+    bounds = [round(i * scores.shape[0] / threads) for i in range(threads + 1)]
+    parts = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+    futures = [
+        _pool.submit(_depth_loop, scores[p].numpy(), *arrays, residual[p].numpy(), codes[p].numpy(), *extra)
+        for p in parts
+    ]
+    for future in futures:
+        future.result()

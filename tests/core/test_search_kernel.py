@@ -1,0 +1,89 @@
+"""The compiled depth loop of the Gram-matrix search (dualtoken.search_kernel) against the exact search."""
+
+import threading
+
+import pytest
+import torch
+
+from dualtoken import search_kernel
+from dualtoken.quantizer import _compiled_depth_loop, nearest_codes, residual_codes
+
+pytestmark = pytest.mark.skipif(not search_kernel.available(), reason="numba is not installed")
+
+
+def per_depth_codes(x, codebook, depth):
+    residual, codes = x.clone(), []
+    for _ in range(depth):
+        codes.append(nearest_codes(residual, codebook))
+        residual.sub_(codebook[codes[-1]])
+    return torch.stack(codes, 1)
+
+
+def crowded_case(K=512, D=80, seed=0):
+    """Exact duplicates, copies one float32 step apart, a code repeated 70 times with 1e-7 noise, and rows halfway
+    between two codes: the near-tie settling runs on many rows and depths, with ties to break by the lowest code."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(K // 4, D, generator=g)
+    nudged = base.clone()
+    nudged[:, 0] = torch.nextafter(nudged[:, 0], torch.full_like(nudged[:, 0], 100.0))
+    crowd = base[:1].repeat(70, 1) + 1e-7 * torch.randn(70, D, generator=g)
+    rest = torch.randn(K - 2 * (K // 4) - 70 - K // 8, D, generator=g)
+    codebook = torch.cat([base, base[: K // 8], nudged, crowd, rest])
+    codebook = codebook[torch.randperm(K, generator=g)].contiguous()
+    halfway = (codebook[:100] + codebook[100:200]) / 2
+    vectors = torch.cat([base[:50] + 1e-3 * torch.randn(50, D, generator=g), halfway, base[:1].repeat(5, 1),
+                         3 * torch.randn(60, D, generator=g)])
+    return vectors, codebook
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_the_compiled_loop_gives_the_exact_codes_at_any_thread_count(threads):
+    vectors, codebook = crowded_case()
+    expected = per_depth_codes(vectors, codebook, 5)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for block_rows in (1, 50, 256):
+            codes = residual_codes(vectors, codebook, 5, block_rows, gram=codebook @ codebook.t())
+            assert torch.equal(codes, expected)
+    finally:
+        torch.set_num_threads(before)
+    torch_loop = residual_codes(vectors, codebook, 5, gram=codebook @ codebook.t(), compiled=False)
+    assert torch.equal(torch_loop, expected)
+
+
+def test_concurrent_callers_each_get_their_own_codes():
+    g = torch.Generator().manual_seed(3)
+    codebook = torch.randn(1024, 64, generator=g)
+    gram = codebook @ codebook.t()
+    inputs = [torch.randn(200, 64, generator=g) * (1 + i) for i in range(4)]
+    expected = [per_depth_codes(x, codebook, 4) for x in inputs]
+    results, errors = [None] * 4, []
+
+    def work(i):
+        try:
+            for _ in range(3):
+                results[i] = residual_codes(inputs[i], codebook, 4, 64, gram=gram)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not errors
+    assert all(torch.equal(r, e) for r, e in zip(results, expected))
+
+
+def test_the_loop_serves_only_what_it_can_and_the_torch_loop_the_rest():
+    codebook = torch.randn(256, 64)
+    gram = codebook @ codebook.t()
+    assert _compiled_depth_loop(torch.randn(4, 64), codebook, gram) is search_kernel.depth_loop
+    assert _compiled_depth_loop(torch.randn(4, 64), codebook, None) is None  # the matmul pass: no Gram matrix
+    assert _compiled_depth_loop(torch.randn(4, 64).double(), codebook.double(), gram.double()) is None
+    odd = torch.randn(250, 64)  # K not a multiple of the scan's lanes
+    assert _compiled_depth_loop(torch.randn(4, 64), odd, odd @ odd.t()) is None
+    x = torch.randn(30, 64)
+    assert torch.equal(residual_codes(x, odd, 3, gram=odd @ odd.t()), per_depth_codes(x, odd, 3))
+
