@@ -171,6 +171,14 @@ def residual_codes(
     codes = torch.empty(rows, depth, dtype=torch.long, device=vectors.device)
     scores = vectors.new_empty(min(block_rows, rows), codebook.shape[0])  # (B, K) reused by every block
     kernel = _compiled_depth_loop(vectors, codebook, gram) if compiled else None
+    if kernel is not None:  # the first pass as -r.e by one matmul; the half squared norms and every depth compiled
+        negated_t = codebook_t.neg()  # (D, K) exact
+        slack_units = [float32_dot_slack(width, level) for level in range(depth)]
+        for start in range(0, rows, block_rows):
+            residual = vectors[start : start + block_rows].clone()  # (B, D)
+            block = torch.mm(residual, negated_t, out=scores[: residual.shape[0]])
+            kernel(block, gram, codebook, half_sq, code_norms, residual, codes[start : start + block_rows], slack_units)
+        return codes
     gathered = torch.empty_like(scores) if gram is not None else None  # (B, K) Gram rows, reused: no allocation
     for start in range(0, rows, block_rows):
         residual = vectors[start : start + block_rows].clone()  # (B, D)
@@ -178,10 +186,6 @@ def residual_codes(
         reach = residual.norm(dim=1)  # (B,) bounds the norm of every residual and code sum the scores have seen
         if gram is not None:
             torch.addmm(half_sq, residual, codebook_t, alpha=-1.0, out=block)
-        if kernel is not None:
-            kernel(block, gram, codebook, residual, codes[start : start + block_rows],
-                   [float32_dot_slack(width, level) for level in range(depth)])
-            continue
         for level in range(depth):
             if gram is not None:
                 slack = float32_dot_slack(width, level) * (reach + largest).pow(2)

@@ -64,13 +64,13 @@ def _add_and_scan(scores, gram_row, best, second, chunk_of_best):  # pragma: no 
             best[lane] = min(smallest, score)
 
 
-def _depth_loop(scores, gram, codebook, residual, codes, slack_unit, code_norms, largest):  # pragma: no cover
-    """Codes (R, Q) of rows whose first-depth scores ``||e||^2 / 2 - r.e`` are ``scores`` (R, K); ``residual`` (R, D)
-    is consumed. ``slack_unit[q]`` is :func:`dualtoken.quantizer.float32_dot_slack` at depth q, to be multiplied
-    by the square of (the norms the scores have seen + the largest code norm)."""
+def _depth_loop(scores, gram, codebook, half_sq, residual, codes, slack_unit, code_norms, largest):  # pragma: no cover
+    """Codes (R, Q) of rows whose ``-r.e`` are ``scores`` (R, K) (the first depth's scan adds ``half_sq`` = ||e||^2 / 2,
+    each later one a Gram row); ``residual`` (R, D) is consumed. ``slack_unit[q]`` is
+    :func:`dualtoken.quantizer.float32_dot_slack` at depth q, to be multiplied by the square of (the norms the scores
+    have seen + the largest code norm)."""
     rows, size = scores.shape
     width = codebook.shape[1]
-    zeros = np.zeros(size, dtype=np.float32)  # the first depth adds nothing: one scan serves every depth
     best = np.empty(LANES, dtype=np.float32)
     second = np.empty(LANES, dtype=np.float32)
     chunk_of_best = np.empty(LANES, dtype=np.int64)
@@ -81,7 +81,7 @@ def _depth_loop(scores, gram, codebook, residual, codes, slack_unit, code_norms,
         for level in range(codes.shape[1]):
             if level:
                 reach += code_norms[code]
-            _add_and_scan(score, gram[code] if level else zeros, best, second, chunk_of_best)
+            _add_and_scan(score, gram[code] if level else half_sq, best, second, chunk_of_best)
             top, top_code = np.inf, size  # the smallest score, the lowest code on ties
             for lane in range(LANES):
                 candidate = chunk_of_best[lane] * LANES + lane
@@ -130,16 +130,19 @@ def depth_loop(
     scores: torch.Tensor,
     gram: torch.Tensor,
     codebook: torch.Tensor,
+    half_sq: torch.Tensor,
+    code_norms: torch.Tensor,
     residual: torch.Tensor,
     codes: torch.Tensor,
     slack_unit: list[float],
 ) -> None:
-    """Fill ``codes`` (R, Q) int64 from the first-depth scores (R, K) of ``residual`` (R, D), all float32 CPU tensors;
-    ``scores`` and ``residual`` are overwritten. Rows are split across ``torch.get_num_threads()`` threads."""
+    """Fill ``codes`` (R, Q) int64 from ``scores`` = -residual.E^T (R, K) of ``residual`` (R, D), all float32 CPU
+    tensors (``half_sq`` (K,): ||e||^2 / 2; ``code_norms`` (K,): ||e||); ``scores`` and ``residual`` are overwritten.
+    Rows are split across ``torch.get_num_threads()`` threads."""
     global _pool, _pool_threads
-    code_norms = codebook.double().pow(2).sum(dim=1).sqrt()  # (K,)
-    arrays = (gram.numpy(), codebook.numpy())
-    extra = (np.asarray(slack_unit, dtype=np.float64), code_norms.numpy(), float(code_norms.max()))
+    norms = code_norms.double().numpy()
+    arrays = (gram.numpy(), codebook.numpy(), half_sq.numpy())
+    extra = (np.asarray(slack_unit, dtype=np.float64), norms, float(norms.max()))
     threads = max(1, min(torch.get_num_threads(), scores.shape[0]))
     if threads == 1:
         _depth_loop(scores.numpy(), *arrays, residual.numpy(), codes.numpy(), *extra)
