@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -139,6 +140,34 @@ def save_image(image: torch.Tensor | np.ndarray, path: str | Path) -> Path:
     Image.fromarray(array).save(tmp)
     os.replace(tmp, path)
     return path
+
+
+class BackgroundSaver:
+    """Saves images on a worker thread while the caller computes the next ones (PNG compression releases the GIL,
+    so on a multi-core CPU the writing overlaps the decoding). At most ``pending`` images wait in memory; a failed
+    write raises at the next :meth:`save` or when the ``with`` block ends, and every file is written atomically
+    (:func:`save_image`), so nothing half-written is left behind."""
+
+    def __init__(self, pending: int = 32) -> None:
+        self.pending = pending
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="dualtoken-save")
+        self._futures: list[Future] = []
+
+    def save(self, image: np.ndarray, path: str | Path) -> None:
+        """Queue uint8 (H, W, 3) ``image`` for ``path``; blocks while ``pending`` images wait."""
+        while len(self._futures) >= self.pending:
+            self._futures.pop(0).result()
+        self._futures.append(self._pool.submit(save_image, image, path))
+
+    def __enter__(self) -> BackgroundSaver:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            for future in self._futures:
+                future.result()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def replace_with_default_mode(tmp: str | Path, path: str | Path) -> Path:

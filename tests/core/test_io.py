@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from dualtoken import ImageError
-from dualtoken.io import list_images, load_image, resize_center_crop, save_image, to_uint8
+from dualtoken.io import BackgroundSaver, list_images, load_image, resize_center_crop, save_image, to_uint8
 
 
 def gradient(width=40, height=30):
@@ -122,3 +122,18 @@ def test_an_image_enlarged_more_than_twice_is_named_in_a_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_image(tmp_path / "small.png", (80, 80))  # 2x exactly: no warning
+
+
+def test_background_saver_writes_every_image_and_raises_a_failed_write(tmp_path):
+    images = [np.full((8, 8, 3), 10 * i, dtype=np.uint8) for i in range(5)]
+    with BackgroundSaver(pending=2) as saver:
+        for i, image in enumerate(images):
+            saver.save(image, tmp_path / f"{i}.png")
+    for i, image in enumerate(images):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / f"{i}.png")), image)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OSError):
+        with BackgroundSaver() as saver:
+            saver.save(images[0], blocker / "inside.png")  # its folder is a file: the write fails, and says so
+    assert not list(tmp_path.glob(".*tmp*"))  # nothing half-written left behind

@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import DataError
-from ..io import sample_photos, save_image
+from ..io import BackgroundSaver, sample_photos, save_image, to_uint8
 from ..metrics import psnr, ssim
 from ..registry import is_model, list_models, model_entry
 from ..tokenfile import TokenFile, iter_token_files, load_tokens, save_tokens
@@ -137,13 +137,14 @@ def cmd_decode(args: argparse.Namespace) -> int:
     total = sum(len(t.ids) for t in sets)
     bar, index = _progress(total, "decode"), 0
     announce_precision()
-    with torch.inference_mode():
+    with torch.inference_mode(), BackgroundSaver() as saver:  # PNGs written while the next batch decodes
         for tokens in sets:
             codes = tokens.pixel if args.depth is None else tokens.pixel[..., : args.depth]
             for start in range(0, codes.shape[0], args.batch_size):
-                for offset, image in enumerate(tokenizer.decode(codes[start : start + args.batch_size])):
+                images = to_uint8(tokenizer.decode(codes[start : start + args.batch_size]))  # (B, H, W, 3)
+                for offset, image in enumerate(images):
                     name = Path(tokens.ids[start + offset]).stem
-                    save_image(image, out / f"{index:06d}_{name}.png")
+                    saver.save(image, out / f"{index:06d}_{name}.png")
                     index += 1
                     bar.update(1)
     bar.close()
