@@ -83,7 +83,8 @@ def photos(data: Path, count: int) -> torch.Tensor:
     return torch.stack([load_image(p, (256, 256)) for p in files])
 
 
-def bench_tower(images: torch.Tensor, repeats: int, compile_too: bool) -> None:
+def bench_tower(images: torch.Tensor, repeats: int, compile_too: bool) -> float:
+    """Prints the tower candidates; returns the eager forward's images/s."""
     import onnxruntime as ort
 
     from dualtoken.features import load_efficientnet_lite0
@@ -118,27 +119,36 @@ def bench_tower(images: torch.Tensor, repeats: int, compile_too: bool) -> None:
         rows.append(("ONNX Runtime", len(images) / time_it(lambda: session.run(None, feed), repeats),
                      f"max abs diff {gap:.1e}"))
     table(f"EfficientNet-Lite0 forward alone, batch {len(images)}", rows, "images/s")
+    return rows[0][1]
 
 
-def bench_api(tokenizer: DualTokenizer, images: torch.Tensor, repeats: int) -> None:
+def bench_api(tokenizer: DualTokenizer, images: torch.Tensor, repeats: int, eager_tower: float | None) -> None:
+    """encode / decode / reconstruct per backend (and eager bf16 where the CPU multiplies bf16 natively); with the
+    eager tower's rate of the same run, encode's ratio to it."""
+    paths = [("torch", "fp32"), ("onnxruntime", "fp32")]
+    if cpu_has_bf16_matmul():
+        paths.insert(1, ("torch", "bf16"))
     with torch.inference_mode():
         codes = tokenizer.encode(images, precision="fp32", backend="torch").pixel
         tokenizer.encode(images[:1], backend="onnxruntime")  # graphs exported (or read from the cache) before timing
         for batch in (1, 8):
             rows = []
-            for backend in ("torch", "onnxruntime"):
-                x, c = images[:batch], codes[:batch]
+            for backend, precision in paths:
+                x, c, p = images[:batch], codes[:batch], precision
                 ops = {
-                    "encode": lambda x=x, b=backend: tokenizer.encode(x, "fp32", b),
-                    "decode": lambda c=c, b=backend: tokenizer.decode(c, "fp32", b),
-                    "reconstruct": lambda x=x, b=backend: tokenizer.decode(tokenizer.encode(x, "fp32", b).pixel,
-                                                                       "fp32", b),
+                    "encode": lambda x=x, b=backend, p=p: tokenizer.encode(x, p, b),
+                    "decode": lambda c=c, b=backend, p=p: tokenizer.decode(c, p, b),
+                    "reconstruct": lambda x=x, b=backend, p=p: tokenizer.decode(tokenizer.encode(x, p, b).pixel, p, b),
                 }
                 for op, fn in ops.items():
-                    rows.append((f"{op} {backend}", batch / time_it(fn, repeats), ""))
+                    rows.append((f"{op} {backend} {precision}", batch / time_it(fn, repeats), ""))
             for op in ("encode", "decode", "reconstruct"):
                 pair = [r for r in rows if r[0].startswith(op + " ")]
                 table(f"{op}, batch {batch}", pair, "images/s")
+            if eager_tower and batch == 8:
+                default = next(r[1] for r in rows if r[0] == "encode onnxruntime fp32")
+                print(f"\nencode (default), batch 8: {default:.1f} images/s = {default / eager_tower:.2f}x the eager "
+                      f"EfficientNet-Lite0 forward alone ({eager_tower:.1f} images/s, tower section of this run)")
 
 
 def bench_search(tokenizer: DualTokenizer, images: torch.Tensor, repeats: int, baseline: tuple[str, Path] | None) -> None:
@@ -270,10 +280,9 @@ def main() -> None:
     images = photos(args.data, 8)
     scratch = tempfile.TemporaryDirectory()
     baseline = (args.baseline, baseline_source(args.baseline, Path(scratch.name))) if args.baseline else None
-    if "tower" in args.only:
-        bench_tower(images, args.repeats, args.compile)
+    eager_tower = bench_tower(images, args.repeats, args.compile) if "tower" in args.only else None
     if "api" in args.only:
-        bench_api(tokenizer, images, args.repeats)
+        bench_api(tokenizer, images, args.repeats, eager_tower)
     if "search" in args.only:
         bench_search(tokenizer, photos(args.data, args.search_images), args.repeats, baseline)
     if "cli" in args.only:

@@ -1,7 +1,7 @@
 """Turn a trained recipe MLLM (``<work>/runs/both/final``) into the embedded model ``dualtoken-mllm-cifar10``.
 
     python recipes/mllm_cifar/ship.py runs/mllm_cifar_prefix/runs/both/final \\
-        src/dualtoken/pretrained/dualtoken-mllm-cifar10
+        src/dualtoken/pretrained/dualtoken-mllm-cifar10 --cfg-scale 5
 
 Writes the MLLM's weights and the language model in float16 (the LLM is loaded back in its config's dtype), the
 text tokenizer, a config that names the embedded tokenizer at the recipe's input size instead of the run's resized
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", type=Path, help="the trained MLLM folder (save_pretrained)")
     parser.add_argument("out", type=Path, help="the embedded model's folder")
     parser.add_argument("--tokenizer", default="dualtoken-efflite0", help="the embedded tokenizer it was trained with")
+    parser.add_argument("--cfg-scale", type=float, help="the default guidance scale of generate (the evaluation's best)")
     args = parser.parse_args(argv)
 
     config = load_config(MLLMConfig, args.run / MLLM_CONFIG_NAME)
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copy(args.run / "llm" / name, out / "llm" / name)
     shutil.copytree(args.run / "text_tokenizer", out / "text_tokenizer", dirs_exist_ok=True)
     shipped: MLLMConfig = dataclasses.replace(config, tokenizer=args.tokenizer, tokenizer_image_size=size)
+    if args.cfg_scale is not None:
+        shipped = dataclasses.replace(shipped, sampling=dataclasses.replace(shipped.sampling, cfg_scale=args.cfg_scale))
     save_config(shipped, out / MLLM_CONFIG_NAME)
     print(f"wrote {write_manifest(out)}")
     return 0
