@@ -170,14 +170,16 @@ def residual_codes(
     pass_slack = float32_dot_slack(width) + (4 * torch.finfo(low_precision).eps / 2 if low_precision else 0.0)
     codes = torch.empty(rows, depth, dtype=torch.long, device=vectors.device)
     scores = vectors.new_empty(min(block_rows, rows), codebook.shape[0])  # (B, K) reused by every block
-    kernel = _compiled_depth_loop(vectors, codebook, gram) if compiled else None
+    kernel = _search_kernel(codebook.shape[0], vectors, codebook, gram) if compiled and gram is not None else None
     if kernel is not None:  # the first pass as -r.e by one matmul; the half squared norms and every depth compiled
         negated_t = codebook_t.neg()  # (D, K) exact
         slack_units = [float32_dot_slack(width, level) for level in range(depth)]
+        book, gram = codebook.contiguous(), gram.contiguous()
         for start in range(0, rows, block_rows):
             residual = vectors[start : start + block_rows].clone()  # (B, D)
             block = torch.mm(residual, negated_t, out=scores[: residual.shape[0]])
-            kernel(block, gram, codebook, half_sq, code_norms, residual, codes[start : start + block_rows], slack_units)
+            kernel.gram_codes(block, gram, book, half_sq, code_norms, residual, codes[start : start + block_rows],
+                              slack_units)
         return codes
     gathered = torch.empty_like(scores) if gram is not None else None  # (B, K) Gram rows, reused: no allocation
     for start in range(0, rows, block_rows):
@@ -204,20 +206,14 @@ def residual_codes(
     return codes
 
 
-def _compiled_depth_loop(vectors: torch.Tensor, codebook: torch.Tensor, gram: torch.Tensor | None):
-    """:func:`dualtoken.search_kernel.depth_loop` where it serves these tensors (the Gram pass on a CPU in float32,
-    K a multiple of its lanes, numba installed), else None."""
-    if gram is None or vectors.device.type != "cpu" or vectors.requires_grad:
-        return None
-    if {vectors.dtype, codebook.dtype, gram.dtype} != {torch.float32}:
+def _search_kernel(codebook_size: int, *tensors: torch.Tensor):
+    """The compiled search (:mod:`dualtoken.search_kernel`) where it serves these tensors (float32 on a CPU, no
+    gradient, ``codebook_size`` a multiple of its lanes, numba installed), else None."""
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 or t.requires_grad for t in tensors):
         return None
     from . import search_kernel  # numba loads on the first search, not on ``import dualtoken``
 
-    if not search_kernel.available() or codebook.shape[0] % search_kernel.LANES:
-        return None
-    if not (codebook.is_contiguous() and gram.is_contiguous()):
-        return None
-    return search_kernel.depth_loop
+    return search_kernel if search_kernel.available() and codebook_size % search_kernel.LANES == 0 else None
 
 
 class GramCache:
@@ -429,7 +425,7 @@ class ResidualQuantizer(nn.Module):
         partial = torch.zeros_like(residual)  # A_q: sum of the code vectors so far
         codes, partial_sums, residuals, depth_residuals = [], [], [], []
         # every depth's codes (N, Q) at once where the codebook stays as it is (a shared codebook only), or None
-        planned = None if update or self.per_depth_codebooks else self._planned_codes(residual, low_precision)
+        planned = None if update else self._planned_codes(residual, low_precision)
         for q in range(cfg.depth):
             codebook = self.depth_codebook(q)  # (K, D)
             if planned is not None:
@@ -468,6 +464,13 @@ class ResidualQuantizer(nn.Module):
         config's ``search_first_pass`` (:meth:`first_pass`): one float32 matmul per depth, or the cached Gram
         matrix. None: the per-depth float32 search. The codes are the same either way."""
         cfg = self.config
+        if self.per_depth_codebooks:  # compiled on a CPU (dualtoken.search_kernel), else the loop of _quantize
+            kernel = _search_kernel(cfg.codebook_size, residual, self.codebook)
+            if kernel is None:
+                return None
+            codes = torch.empty(residual.shape[0], cfg.depth, dtype=torch.long)  # (N, Q)
+            kernel.per_depth_codes(residual.clone(), self.codebook, codes, float32_dot_slack(cfg.code_dim))
+            return codes
         # a bf16 / fp16 first pass only on an accelerator: on a CPU its rounding bound left nearly every row of the
         # shipped semantic vocabulary to the float64 rescoring (tokenizing ~50x slower than float32 on an AVX-512
         # BF16 EPYC); the float32 passes below give the same codes

@@ -64,17 +64,45 @@ def _add_and_scan(scores, gram_row, best, second, chunk_of_best):  # pragma: no 
             best[lane] = min(smallest, score)
 
 
-def _depth_loop(scores, gram, codebook, half_sq, residual, codes, slack_unit, code_norms, largest):  # pragma: no cover
-    """Codes (R, Q) of rows whose ``-r.e`` are ``scores`` (R, K) (the first depth's scan adds ``half_sq`` = ||e||^2 / 2,
-    each later one a Gram row); ``residual`` (R, D) is consumed. ``slack_unit[q]`` is
-    :func:`dualtoken.quantizer.float32_dot_slack` at depth q, to be multiplied by the square of (the norms the scores
-    have seen + the largest code norm)."""
-    rows, size = scores.shape
-    width = codebook.shape[1]
+def _decide(score, best, second, chunk_of_best, slack, vector, codebook):  # pragma: no cover - compiled
+    """The exact nearest code of ``vector`` from its ``score`` row after :func:`_add_and_scan`, each score within
+    ``slack`` of its exact value: the best when the runner-up is more than twice the slack above it, else the
+    nearest in float64 of the codes scoring at most that (the lowest code on ties)."""
+    size = score.shape[0]
+    top, top_code = np.inf, size  # the smallest score, the lowest code on ties
+    for lane in range(LANES):
+        candidate = chunk_of_best[lane] * LANES + lane
+        if best[lane] < top or (best[lane] == top and candidate < top_code):
+            top, top_code = best[lane], candidate
+    runner_up = np.inf
+    for lane in range(LANES):
+        if chunk_of_best[lane] * LANES + lane != top_code:
+            runner_up = min(runner_up, best[lane])
+        runner_up = min(runner_up, second[lane])
+    limit = top + 2 * slack
+    if runner_up > limit:
+        return top_code
+    code, nearest = top_code, np.inf  # near-ties: the exact winner is among the codes scoring at most limit
+    for k in range(size):
+        if score[k] <= limit:
+            distance = 0.0
+            for d in range(vector.shape[0]):
+                difference = np.float64(vector[d]) - np.float64(codebook[k, d])
+                distance += difference * difference
+            if distance < nearest:
+                nearest, code = distance, k
+    return code
+
+
+def _gram_loop(scores, gram, codebook, half_sq, residual, codes, slack_unit, code_norms, largest):  # pragma: no cover
+    """Codes (R, Q) of rows whose ``-r.e`` are ``scores`` (R, K) against one shared ``codebook`` (K, D): the first
+    depth's scan adds ``half_sq`` = ||e||^2 / 2, each later one the Gram row of the code just taken; ``residual``
+    (R, D) is consumed. ``slack_unit[q]`` is :func:`dualtoken.quantizer.float32_dot_slack` at depth q, to be
+    multiplied by the square of (the norms the scores have seen + the largest code norm)."""
     best = np.empty(LANES, dtype=np.float32)
     second = np.empty(LANES, dtype=np.float32)
     chunk_of_best = np.empty(LANES, dtype=np.int64)
-    for row in range(rows):
+    for row in range(scores.shape[0]):
         score, vector = scores[row], residual[row]
         reach = math.sqrt(np.sum(vector.astype(np.float64) ** 2))
         code = 0
@@ -82,36 +110,42 @@ def _depth_loop(scores, gram, codebook, half_sq, residual, codes, slack_unit, co
             if level:
                 reach += code_norms[code]
             _add_and_scan(score, gram[code] if level else half_sq, best, second, chunk_of_best)
-            top, top_code = np.inf, size  # the smallest score, the lowest code on ties
-            for lane in range(LANES):
-                candidate = chunk_of_best[lane] * LANES + lane
-                if best[lane] < top or (best[lane] == top and candidate < top_code):
-                    top, top_code = best[lane], candidate
-            runner_up = np.inf
-            for lane in range(LANES):
-                if chunk_of_best[lane] * LANES + lane != top_code:
-                    runner_up = min(runner_up, best[lane])
-                runner_up = min(runner_up, second[lane])
-            limit = top + 2 * slack_unit[level] * (reach + largest) ** 2
-            code = top_code
-            if runner_up <= limit:  # near-ties: the exact winner is among the codes scoring at most limit
-                nearest = np.inf
-                for k in range(size):
-                    if score[k] <= limit:
-                        distance = 0.0
-                        for d in range(width):
-                            difference = np.float64(vector[d]) - np.float64(codebook[k, d])
-                            distance += difference * difference
-                        if distance < nearest:
-                            nearest, code = distance, k
+            slack = slack_unit[level] * (reach + largest) ** 2
+            code = _decide(score, best, second, chunk_of_best, slack, vector, codebook)
             codes[row, level] = code
-            for d in range(width):
-                vector[d] -= codebook[code, d]
+            vector -= codebook[code]
+
+
+def _direct_loop(scores, codebooks_t, codebooks, half_sq, residual, codes, slack_unit, largest):  # pragma: no cover
+    """Codes (R, Q) of ``residual`` (R, D) (consumed) against one codebook per depth, ``codebooks`` (Q, K, D) and
+    their transposes ``codebooks_t`` (Q, D, K): per depth, the scores ``||e||^2 / 2 - r.e`` of a row in ``scores``
+    (R, K; a work area) by one product per dimension over every code, then the same scan and decision.
+    ``slack_unit`` is :func:`dualtoken.quantizer.float32_dot_slack` of the width, ``largest[q]`` depth q's largest
+    code norm."""
+    best = np.empty(LANES, dtype=np.float32)
+    second = np.empty(LANES, dtype=np.float32)
+    chunk_of_best = np.empty(LANES, dtype=np.int64)
+    for row in range(residual.shape[0]):
+        score, vector = scores[row], residual[row]
+        for level in range(codes.shape[1]):
+            book_t = codebooks_t[level]
+            score[:] = 0.0
+            for d in range(vector.shape[0]):
+                weight = vector[d]
+                for k in range(score.shape[0]):
+                    score[k] -= weight * book_t[d, k]
+            _add_and_scan(score, half_sq[level], best, second, chunk_of_best)
+            slack = slack_unit * (math.sqrt(np.sum(vector.astype(np.float64) ** 2)) + largest[level]) ** 2
+            code = _decide(score, best, second, chunk_of_best, slack, vector, codebooks[level])
+            codes[row, level] = code
+            vector -= codebooks[level, code]
 
 
 if njit is not None:
     _add_and_scan = njit(fastmath={"nnan", "ninf"}, cache=True, nogil=True)(_add_and_scan)
-    _depth_loop = njit(cache=True, nogil=True)(_depth_loop)
+    _decide = njit(cache=True, nogil=True)(_decide)
+    _gram_loop = njit(cache=True, nogil=True)(_gram_loop)
+    _direct_loop = njit(cache=True, nogil=True)(_direct_loop)
 
 _pool: ThreadPoolExecutor | None = None
 _pool_threads = 0
@@ -126,7 +160,7 @@ def _forget_pool() -> None:
 os.register_at_fork(after_in_child=_forget_pool)
 
 
-def depth_loop(
+def gram_codes(
     scores: torch.Tensor,
     gram: torch.Tensor,
     codebook: torch.Tensor,
@@ -136,24 +170,40 @@ def depth_loop(
     codes: torch.Tensor,
     slack_unit: list[float],
 ) -> None:
-    """Fill ``codes`` (R, Q) int64 from ``scores`` = -residual.E^T (R, K) of ``residual`` (R, D), all float32 CPU
-    tensors (``half_sq`` (K,): ||e||^2 / 2; ``code_norms`` (K,): ||e||); ``scores`` and ``residual`` are overwritten.
-    Rows are split across ``torch.get_num_threads()`` threads."""
-    global _pool, _pool_threads
+    """Fill ``codes`` (R, Q) int64 from ``scores`` = -residual.E^T (R, K) of ``residual`` (R, D) against a shared
+    codebook (K, D) and its Gram matrix (K, K), all float32 CPU tensors (``half_sq`` (K,): ||e||^2 / 2;
+    ``code_norms`` (K,): ||e||); ``scores`` and ``residual`` are overwritten."""
     norms = code_norms.double().numpy()
-    arrays = (gram.numpy(), codebook.numpy(), half_sq.numpy())
-    extra = (np.asarray(slack_unit, dtype=np.float64), norms, float(norms.max()))
+    shared = (gram.numpy(), codebook.numpy(), half_sq.numpy())
+    _split_rows(_gram_loop, scores, shared, residual, codes,
+                (np.asarray(slack_unit, dtype=np.float64), norms, float(norms.max())))
+
+
+def per_depth_codes(residual: torch.Tensor, codebooks: torch.Tensor, codes: torch.Tensor, slack_unit: float) -> None:
+    """Fill ``codes`` (R, Q) int64 of ``residual`` (R, D) (overwritten) against one codebook per depth, ``codebooks``
+    (Q, K, D), all float32 CPU tensors; ``slack_unit`` is the rounding bound of a width-D score."""
+    half_sq = codebooks.pow(2).sum(dim=2).div(2)  # (Q, K)
+    largest = half_sq.mul(2).sqrt().amax(dim=1).double()  # (Q,)
+    scores = residual.new_empty(residual.shape[0], codebooks.shape[1])  # (R, K) a work area
+    shared = (codebooks.transpose(1, 2).contiguous().numpy(), codebooks.contiguous().numpy(), half_sq.numpy())
+    _split_rows(_direct_loop, scores, shared, residual, codes, (slack_unit, largest.numpy()))
+
+
+def _split_rows(loop, scores: torch.Tensor, shared: tuple, residual: torch.Tensor, codes: torch.Tensor,
+                after: tuple) -> None:
+    """``loop(scores, *shared, residual, codes, *after)`` with the rows split across ``torch.get_num_threads()``
+    threads (the compiled loops release the GIL)."""
+    global _pool, _pool_threads
     threads = max(1, min(torch.get_num_threads(), scores.shape[0]))
     if threads == 1:
-        _depth_loop(scores.numpy(), *arrays, residual.numpy(), codes.numpy(), *extra)
+        loop(scores.numpy(), *shared, residual.numpy(), codes.numpy(), *after)
         return
     if _pool is None or _pool_threads < threads:
         _pool, _pool_threads = ThreadPoolExecutor(threads, thread_name_prefix="dualtoken-search"), threads
     bounds = [round(i * scores.shape[0] / threads) for i in range(threads + 1)]
-    parts = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
     futures = [
-        _pool.submit(_depth_loop, scores[p].numpy(), *arrays, residual[p].numpy(), codes[p].numpy(), *extra)
-        for p in parts
+        _pool.submit(loop, scores[a:b].numpy(), *shared, residual[a:b].numpy(), codes[a:b].numpy(), *after)
+        for a, b in zip(bounds, bounds[1:])
     ]
     for future in futures:
         future.result()

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from dualtoken import search_kernel
-from dualtoken.quantizer import _compiled_depth_loop, nearest_codes, residual_codes
+from dualtoken.config import QuantizerConfig
+from dualtoken.quantizer import ResidualQuantizer, _search_kernel, nearest_codes, residual_codes
 
 pytestmark = pytest.mark.skipif(not search_kernel.available(), reason="numba is not installed")
 
@@ -76,14 +77,37 @@ def test_concurrent_callers_each_get_their_own_codes():
     assert all(torch.equal(r, e) for r, e in zip(results, expected))
 
 
-def test_the_loop_serves_only_what_it_can_and_the_torch_loop_the_rest():
+def test_the_kernel_serves_only_what_it_can_and_the_torch_loop_the_rest():
     codebook = torch.randn(256, 64)
     gram = codebook @ codebook.t()
-    assert _compiled_depth_loop(torch.randn(4, 64), codebook, gram) is search_kernel.depth_loop
-    assert _compiled_depth_loop(torch.randn(4, 64), codebook, None) is None  # the matmul pass: no Gram matrix
-    assert _compiled_depth_loop(torch.randn(4, 64).double(), codebook.double(), gram.double()) is None
-    odd = torch.randn(250, 64)  # K not a multiple of the scan's lanes
-    assert _compiled_depth_loop(torch.randn(4, 64), odd, odd @ odd.t()) is None
+    assert _search_kernel(256, torch.randn(4, 64), codebook, gram) is search_kernel
+    assert _search_kernel(256, torch.randn(4, 64).double(), codebook.double(), gram.double()) is None
+    assert _search_kernel(256, torch.randn(4, 64, requires_grad=True), codebook) is None
+    assert _search_kernel(250, torch.randn(4, 64), codebook) is None  # K not a multiple of the scan's lanes
+    odd = torch.randn(250, 64)
     x = torch.randn(30, 64)
     assert torch.equal(residual_codes(x, odd, 3, gram=odd @ odd.t()), per_depth_codes(x, odd, 3))
 
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_per_depth_codebooks_are_searched_exactly_by_the_compiled_loop(threads, monkeypatch):
+    """The pixel vocabulary's kind (a codebook per depth): the eval forward's codes equal the per-depth torch search
+    depth by depth, on near-ties too, and equal the forward with the compiled search switched off."""
+    config = QuantizerConfig(codebook_size=512, code_dim=16, depth=4, codebook_sharing="per_depth")
+    quantizer = ResidualQuantizer(config).eval()
+    vectors, shared = crowded_case(K=512, D=16, seed=1)
+    quantizer.codebook.copy_(torch.stack([shared, shared.flip(0), shared.roll(7, 0), shared * 0.5]))
+    x = torch.cat([vectors, quantizer.codebook[2, :20] + quantizer.codebook[3, 20:40]])
+    residual, expected = x.clone(), []
+    for q in range(4):
+        expected.append(nearest_codes(residual, quantizer.codebook[q]))
+        residual -= quantizer.codebook[q][expected[-1]]
+    expected = torch.stack(expected, 1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert torch.equal(quantizer(x).codes, expected)
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setattr(search_kernel, "available", lambda: False)
+    assert torch.equal(quantizer(x).codes, expected)
