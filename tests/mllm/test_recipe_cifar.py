@@ -218,7 +218,7 @@ def test_missing_data_or_recipe_is_one_line_naming_the_path(tmp_path):
 
 
 @pytest.mark.data
-@pytest.mark.parametrize("name", ["quick.json", "config.json"])
+@pytest.mark.parametrize("name", ["quick.json", "config.json", "prefix.json"])
 def test_the_shipped_recipes_read_the_shared_data_from_any_working_directory(name, shared_data, tmp_path, monkeypatch):
     recipe = _recipe_module()
     monkeypatch.chdir(tmp_path)
