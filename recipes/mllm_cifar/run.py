@@ -45,6 +45,7 @@ from dualtoken.errors import ConfigError, DataError, DualTokenError
 from dualtoken.evaluation.distribution import frechet_distance
 from dualtoken.features import EfficientNetFeatures
 from dualtoken.io import UpscaledImageWarning, load_image, save_image, to_uint8
+from dualtoken.metrics import bootstrap_mean
 from dualtoken.mllm import (
     DepthHeadConfig,
     DualTokenMLLM,
@@ -421,6 +422,13 @@ def evaluate(cfg: RecipeConfig) -> dict:
             "linear_probe_accuracy": float(probe_accuracy.float().mean()),
         }
 
+    # the modes against each other on the same images: paired bootstrap intervals of the differences in answers
+    modes = list(per_image["understanding"])
+    results["understanding_differences"] = {
+        f"{a} - {b}": bootstrap_mean(per_image["understanding"][a].double() - per_image["understanding"][b].double())
+        for i, a in enumerate(modes) for b in modes[i + 1 :]
+    }
+
     # generation, with the semantic+pixel model; judged on the decoded images
     features = EfficientNetFeatures()
     test_features = real_features(work, cfg, "test", test_ids, tokenizer.image_size)
@@ -549,6 +557,13 @@ def render(results: dict) -> str:
             f"| {labels[mode]} | {row['mllm_accuracy']:.1%} ({low:.1%} to {high:.1%}) | {row['exact_answers']:.1%} | "
             f"{row['linear_probe_accuracy']:.1%} |"
         )
+    differences = results.get("understanding_differences", {})
+    if differences:
+        lines += ["", "| answers, paired on the same test images | difference | 95 % interval (paired bootstrap) |",
+                  "|---|---|---|"]
+        for pair, row in differences.items():
+            a, b = pair.split(" - ")
+            lines.append(f"| {labels[a]} - {labels[b]} | {row['mean']:+.1%} | {row['low']:+.1%} to {row['high']:+.1%} |")
     lines += [
         "",
         "| generation | images | requested class (independent judge), 95 % interval | Fréchet distance "

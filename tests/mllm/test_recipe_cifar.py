@@ -124,6 +124,13 @@ def test_cifar_recipe_runs_every_stage(tmp_path, shared_data, tiny_tokenizer):
     assert 0.0 <= low <= results["understanding"]["both"]["mllm_accuracy"] <= high <= 1.0
     assert "| semantic + pixel |" in (work / "results.md").read_text()
     assert "95 % interval" in (work / "results.md").read_text()
+    # every pair of modes compared on the same images: the paired difference lies within its interval
+    assert set(results["understanding_differences"]) == {"both - semantic", "both - pixel", "semantic - pixel"}
+    for pair, row in results["understanding_differences"].items():
+        a, b = pair.split(" - ")
+        expected = results["understanding"][a]["mllm_accuracy"] - results["understanding"][b]["mllm_accuracy"]
+        assert abs(row["mean"] - expected) < 1e-6 and row["low"] <= row["mean"] <= row["high"]
+    assert "| semantic + pixel - semantic only |" in (work / "results.md").read_text()
 
     # an override given to the train stage reaches the training config (it is built from the recipe, not the
     # prepare stage's files): two more steps resume the same runs
