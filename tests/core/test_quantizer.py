@@ -73,7 +73,7 @@ def test_nearest_codes_decides_rounding_ties_exactly():
     assert torch.equal(nearest_codes(vectors, codebook), exact_nearest(vectors, codebook))
     for block_rows in (1, 5, 256):  # the codes no longer depend on the block (or the BLAS kernel it picks)
         assert torch.equal(nearest_codes(vectors, codebook, block_rows), nearest_codes(vectors, codebook))
-    # many near-duplicates of the nearest code: more than the rescored candidates, every code is rescored
+    # many near-duplicates of the nearest code: every one of them is measured in float64
     crowded = torch.cat([codebook[:1].repeat(40, 1) + 1e-7 * torch.randn(40, codebook.shape[1]), codebook])
     assert torch.equal(nearest_codes(vectors, crowded), exact_nearest(vectors, crowded))
 
