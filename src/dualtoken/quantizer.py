@@ -424,7 +424,7 @@ class ResidualQuantizer(nn.Module):
         residual = x32.detach().reshape(-1, cfg.code_dim).clone()  # (N, D)
         partial = torch.zeros_like(residual)  # A_q: sum of the code vectors so far
         codes, partial_sums, residuals, depth_residuals = [], [], [], []
-        # every depth's codes (N, Q) at once where the codebook stays as it is (a shared codebook only), or None
+        # every depth's codes (N, Q) at once where the codebook stays as it is (per-depth codebooks: on a CPU), or None
         planned = None if update else self._planned_codes(residual, low_precision)
         for q in range(cfg.depth):
             codebook = self.depth_codebook(q)  # (K, D)

@@ -12,6 +12,8 @@ from dualtoken.quantizer import (
     split_codes,
 )
 
+from .conftest import per_depth_codes
+
 
 def plain_nearest(vectors, codebook):
     distances = torch.addmm(vectors.pow(2).sum(1, keepdim=True) + codebook.t().pow(2).sum(0, keepdim=True), vectors, codebook.t(), alpha=-2.0)
@@ -33,14 +35,6 @@ def test_ties_take_the_first_index():
 def exact_nearest(vectors, codebook):
     """The exact nearest code in float64, first index on ties: what the search must return."""
     return (vectors.double()[:, None] - codebook.double()[None]).pow(2).sum(2).argmin(1)
-
-
-def per_depth_codes(x, codebook, depth, search=nearest_codes):
-    residual, codes = x.clone(), []
-    for _ in range(depth):
-        codes.append(search(residual, codebook))
-        residual.sub_(codebook[codes[-1]])
-    return torch.stack(codes, 1)
 
 
 def near_tie_codebook(K=512, D=96, seed=0):

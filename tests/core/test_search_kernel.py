@@ -9,15 +9,9 @@ from dualtoken import search_kernel
 from dualtoken.config import QuantizerConfig
 from dualtoken.quantizer import ResidualQuantizer, _search_kernel, nearest_codes, residual_codes
 
+from .conftest import per_depth_codes
+
 pytestmark = pytest.mark.skipif(not search_kernel.available(), reason="numba is not installed")
-
-
-def per_depth_codes(x, codebook, depth):
-    residual, codes = x.clone(), []
-    for _ in range(depth):
-        codes.append(nearest_codes(residual, codebook))
-        residual.sub_(codebook[codes[-1]])
-    return torch.stack(codes, 1)
 
 
 def crowded_case(K=512, D=80, seed=0):
