@@ -154,8 +154,14 @@ def graphs_key(tokenizer: DualTokenizer) -> str:
     return key.hexdigest()
 
 
+def cache_root() -> Path:
+    """The folder of what the CPU path caches (``$DUALTOKEN_CACHE``, default ``~/.cache/dualtoken``)."""
+    return Path(os.environ.get("DUALTOKEN_CACHE", Path.home() / ".cache" / "dualtoken"))
+
+
 def cache_dir() -> Path:
-    return Path(os.environ.get("DUALTOKEN_CACHE", Path.home() / ".cache" / "dualtoken")) / "onnx"
+    """The ONNX graphs' folder under :func:`cache_root`."""
+    return cache_root() / "onnx"
 
 
 class OnnxRuntime:

@@ -23,15 +23,13 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import torch
 
-os.environ.setdefault(
-    "NUMBA_CACHE_DIR",
-    str(Path(os.environ.get("DUALTOKEN_CACHE", Path.home() / ".cache" / "dualtoken")) / "numba"),
-)
+from .backend import cache_root
+
+os.environ.setdefault("NUMBA_CACHE_DIR", str(cache_root() / "numba"))  # read when numba is imported, below
 try:
     from numba import njit
 except ImportError:  # pragma: no cover - numba is a dependency; this keeps the PyTorch loop working without it
