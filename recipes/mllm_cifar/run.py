@@ -108,10 +108,13 @@ class RecipeConfig:
     # top-k off: with 1024-code books the release's top-k 900 filters next to nothing and costs a topk per depth
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(top_k=0, max_new_tokens=16))
     modes: tuple[Literal["both", "semantic", "pixel"], ...] = MODES
-    # the first N residual depths of each vocabulary the MLLMs read and predict (MLLMConfig.pixel_depths /
-    # semantic_depths); None = all of the tokenizer's (4 pixel, 8 semantic for dualtoken-efflite0)
+    # the first N residual depths of each vocabulary the MLLMs read (MLLMConfig.pixel_depths / semantic_depths);
+    # None = all of the tokenizer's (4 pixel, 8 semantic for dualtoken-efflite0)
     pixel_depths: int | None = None
     semantic_depths: int | None = None
+    # the first N of those they predict when they draw (MLLMConfig.predict_*_depths); None = the depths they read
+    predict_pixel_depths: int | None = None
+    predict_semantic_depths: int | None = None
     steps: int = 1000
     max_seconds: float = 0.0  # a wall-clock budget per training run (0: none); a run cut by it ends as if finished
     export_every: int = 0  # also write runs/<mode>/export-<step> every so many steps (0: only final)
@@ -252,6 +255,8 @@ def train_config(cfg: RecipeConfig, mode: str, tokenizer_ref: str, text_vocab_si
         sampling=cfg.sampling,
         pixel_depths=cfg.pixel_depths,
         semantic_depths=cfg.semantic_depths,
+        predict_pixel_depths=cfg.predict_pixel_depths,
+        predict_semantic_depths=cfg.predict_semantic_depths,
     )
     return MLLMTrainConfig(
         model=model,

@@ -333,6 +333,45 @@ def test_a_prefix_of_depths_is_read_trained_generated_saved_and_loaded(make_mllm
     torch.testing.assert_close(drawn.images, loaded.visual_tokenizer.decode(drawn.pixel_codes))
 
 
+def test_it_can_read_every_depth_and_draw_a_prefix(make_mllm, tiny_codes, mixed_batch, tmp_path):
+    from dualtoken.mllm import DualTokenMLLM
+    from dualtoken.mllm.generation import generate_images
+
+    model = make_mllm(predict_pixel_depths=2, predict_semantic_depths=1)
+    assert model.depths == {"pixel": 4, "semantic": 4} and model.predict_depths == {"pixel": 2, "semantic": 1}
+    assert model.pixel_head.depth == 2 and model.semantic_head.depth == 1
+    pixel, semantic = tiny_codes.pixel, tiny_codes.semantic  # (2, 8, 8, 4) each
+    later = pixel.clone()
+    later[..., 2:] = (later[..., 2:] + 1) % 256
+    drawn = torch.tensor([False, True])
+    read, moved = model.visual_inputs(pixel, semantic, drawn), model.visual_inputs(later, semantic, drawn)
+    assert not torch.allclose(read[0], moved[0])  # an image it answers about: every depth counts
+    torch.testing.assert_close(read[1], moved[1])  # a drawing: only the depths it predicts
+    # a drawing is read as generation feeds its codes back, one position at a time
+    fed_back = model.fuse(pixel[1:, ..., :2].flatten(1, 2), semantic[1:, ..., :1].flatten(1, 2))
+    torch.testing.assert_close(read[1:], fed_back)
+    torch.testing.assert_close(model.visual_inputs(pixel, semantic)[0], read[0])
+    losses = model.train()(mixed_batch(model, tiny_codes))
+    assert losses.pixel_per_depth.shape == (2,) and losses.semantic_per_depth.shape == (1,)
+    losses.loss.backward()
+    assert all(p.grad is not None for p in model.fusion.parameters())
+    model.save_pretrained(tmp_path / "mllm")
+    loaded = DualTokenMLLM.from_pretrained(tmp_path / "mllm")
+    assert loaded.depths == {"pixel": 4, "semantic": 4} and loaded.predict_depths == model.predict_depths
+    images = generate_images(loaded, ["Draw a dog."], cfg_scale=2.0, seed=1)
+    uncached = generate_images(loaded, ["Draw a dog."], cfg_scale=2.0, seed=1, use_cache=False)
+    assert images.pixel_codes.shape == (1, 8, 8, 2) and images.semantic_codes.shape == (1, 8, 8, 1)
+    assert torch.equal(images.pixel_codes, uncached.pixel_codes)
+    torch.testing.assert_close(images.images, loaded.visual_tokenizer.decode(images.pixel_codes))
+
+
+def test_it_cannot_draw_more_depths_than_it_reads(make_mllm):
+    with pytest.raises(ConfigError, match="predict_pixel_depths is 3, more than the 2 pixel depths"):
+        make_mllm(pixel_depths=2, predict_pixel_depths=3)
+    with pytest.raises(ConfigError, match="predict_semantic_depths is 5, more than the 4 semantic depths"):
+        make_mllm(predict_semantic_depths=5)
+
+
 def test_a_prefix_longer_than_the_vocabulary_is_a_config_error(make_mllm):
     with pytest.raises(ConfigError, match="semantic_depths is 5, but the tokenizer's semantic vocabulary has 4"):
         make_mllm(semantic_depths=5)

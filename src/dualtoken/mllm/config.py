@@ -178,14 +178,19 @@ class MLLMConfig:
     heads: DepthHeadConfig = field(default_factory=DepthHeadConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    # the first N residual depths of each vocabulary that the MLLM reads and predicts (the variable token budget of
-    # residual codes); None = all of the tokenizer's depths. Images given in full depth are cut to the prefix, and
-    # generated images are decoded from their prefix of pixel codes
+    # the first N residual depths of each vocabulary that the MLLM reads (the variable token budget of residual
+    # codes); None = all of the tokenizer's depths. Images given in full depth are cut to the prefix
     pixel_depths: int | None = None
     semantic_depths: int | None = None
+    # the first N depths that it predicts when it draws, at most the depths it reads; None = the depths it reads. A
+    # drawn image is read back (fed to the next position, trained on) with these depths only, and decoded from its
+    # prefix of pixel codes. Reading more than it draws buys answers without the cost of predicting every depth
+    predict_pixel_depths: int | None = None
+    predict_semantic_depths: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("tokenizer_image_size", "pixel_depths", "semantic_depths"):
+        depths = ("pixel_depths", "semantic_depths", "predict_pixel_depths", "predict_semantic_depths")
+        for name in ("tokenizer_image_size", *depths):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"MLLMConfig.{name} must be >= 1 or null, got {value}")

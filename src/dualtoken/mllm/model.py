@@ -128,18 +128,28 @@ def add_marker_tokens(llm: nn.Module, text_tokenizer, markers: list[str]) -> Non
             weight[new_ids] = weight[:known].mean(dim=0)
 
 
-def model_depths(config: MLLMConfig, visual_tokenizer: DualTokenizer | TokenizerPair) -> dict[str, int]:
-    """How many residual depths of each vocabulary the MLLM reads and predicts: ``config.pixel_depths`` /
-    ``semantic_depths``, or all of the tokenizer's."""
-    depths = {}
-    for branch, wanted in (("pixel", config.pixel_depths), ("semantic", config.semantic_depths)):
+def model_depths(
+    config: MLLMConfig, visual_tokenizer: DualTokenizer | TokenizerPair
+) -> tuple[dict[str, int], dict[str, int]]:
+    """How many residual depths of each vocabulary the MLLM reads (``config.pixel_depths`` / ``semantic_depths``,
+    or all of the tokenizer's) and how many it predicts (``config.predict_*_depths``, or the ones it reads)."""
+    read, predict = {}, {}
+    for branch in BRANCHES:
+        wanted = getattr(config, f"{branch}_depths")
         available = getattr(visual_tokenizer, f"{branch}_depth")
         if wanted is not None and wanted > available:
             raise ConfigError(
                 f"MLLMConfig.{branch}_depths is {wanted}, but the tokenizer's {branch} vocabulary has {available} depths"
             )
-        depths[branch] = available if wanted is None else wanted
-    return depths
+        read[branch] = available if wanted is None else wanted
+        drawn = getattr(config, f"predict_{branch}_depths")
+        if drawn is not None and drawn > read[branch]:
+            raise ConfigError(
+                f"MLLMConfig.predict_{branch}_depths is {drawn}, more than the {read[branch]} {branch} depths "
+                "the MLLM reads: it draws a prefix of what it reads"
+            )
+        predict[branch] = read[branch] if drawn is None else drawn
+    return read, predict
 
 
 class DualTokenMLLM(nn.Module):
@@ -158,7 +168,7 @@ class DualTokenMLLM(nn.Module):
         self.tokens_per_image = h * w
         self.prompt = PromptBuilder(config.prompt, text_tokenizer, self.tokens_per_image)
         width = llm.get_input_embeddings().weight.shape[1]
-        self.depths = model_depths(config, visual_tokenizer)
+        self.depths, self.predict_depths = model_depths(config, visual_tokenizer)  # read, drawn
         codebooks = []
         for branch in BRANCHES:
             codebook = visual_tokenizer.codebook(branch)  # (K, D), or (Q, K, D) with one codebook per depth
@@ -168,7 +178,7 @@ class DualTokenMLLM(nn.Module):
         self.fusion = VisualInputFusion(config.fusion, code_dims, width)
         self.pixel_head, self.semantic_head = (
             DepthTransformer(
-                width, code_dims[b], visual_tokenizer.codebook_size(b), self.depths[b], config.heads
+                width, code_dims[b], visual_tokenizer.codebook_size(b), self.predict_depths[b], config.heads
             )
             for b in BRANCHES
         )
@@ -298,24 +308,33 @@ class DualTokenMLLM(nn.Module):
     # inputs
     # ------------------------------------------------------------------------------------------------------------
 
-    def prefix(self, codes: torch.Tensor, branch: str) -> torch.Tensor:
-        """Codes (..., k) of one vocabulary -> their first ``self.depths[branch]`` depths (DataError when k is
-        smaller: the MLLM reads and predicts exactly that many)."""
+    def prefix(self, codes: torch.Tensor, branch: str, drawn: bool = False) -> torch.Tensor:
+        """Codes (..., k) of one vocabulary -> their first ``self.depths[branch]`` depths, or with ``drawn`` the
+        first ``self.predict_depths[branch]`` (DataError when k is smaller than the depths the MLLM reads)."""
         wanted = self.depths[branch]
         if codes.shape[-1] < wanted:
             raise DataError(
                 f"{branch} codes of {codes.shape[-1]} depths, but this MLLM reads the first {wanted}: encode the "
                 "images with all of the tokenizer's depths"
             )
-        return codes[..., :wanted]
+        return codes[..., : self.predict_depths[branch] if drawn else wanted]
 
-    def visual_inputs(self, pixel_codes: torch.Tensor, semantic_codes: torch.Tensor) -> torch.Tensor:
-        """Codes (M, h, w, k) of both vocabularies, k at least the MLLM's depths -> LLM input vectors (M, h·w, width)."""
+    def visual_inputs(
+        self, pixel_codes: torch.Tensor, semantic_codes: torch.Tensor, drawn: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Codes (M, h, w, k) of both vocabularies, k at least the MLLM's depths -> LLM input vectors (M, h·w, width).
+        The images marked in ``drawn`` ((M,) bool: generation targets) are read with the depths the MLLM predicts,
+        as it reads its own drawing back while it draws."""
         for branch, codes in (("pixel", pixel_codes), ("semantic", semantic_codes)):
             if codes.shape[0]:
                 self.visual_tokenizer.check_codes(codes, branch)
         pixel, semantic = self.prefix(pixel_codes, "pixel"), self.prefix(semantic_codes, "semantic")
-        return self.fuse(pixel.flatten(1, 2), semantic.flatten(1, 2))
+        inputs = self.fuse(pixel.flatten(1, 2), semantic.flatten(1, 2))  # (M, h·w, width)
+        if drawn is not None and drawn.any() and self.predict_depths != self.depths:
+            pixel = self.prefix(pixel_codes[drawn], "pixel", drawn=True)
+            semantic = self.prefix(semantic_codes[drawn], "semantic", drawn=True)
+            inputs[drawn] = self.fuse(pixel.flatten(1, 2), semantic.flatten(1, 2))
+        return inputs
 
     def fuse(self, pixel_codes: torch.Tensor, semantic_codes: torch.Tensor) -> torch.Tensor:
         """Codes (..., Q) of one position each -> (..., width)."""
@@ -324,9 +343,14 @@ class DualTokenMLLM(nn.Module):
         return self.fusion(sums)
 
     def embed(
-        self, input_ids: torch.Tensor, pixel_codes: torch.Tensor, semantic_codes: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        pixel_codes: torch.Tensor,
+        semantic_codes: torch.Tensor,
+        drawn: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token embeddings (B, T, width) with every image slot replaced by its image's fused codes."""
+        """Token embeddings (B, T, width) with every image slot replaced by its image's fused codes (``drawn``: see
+        :meth:`visual_inputs`)."""
         slots = input_ids == self.prompt.slot_id
         images = pixel_codes.shape[0]
         if int(slots.sum()) != images * self.tokens_per_image or semantic_codes.shape[0] != images:
@@ -336,7 +360,7 @@ class DualTokenMLLM(nn.Module):
             )
         embeds = self.llm.get_input_embeddings()(input_ids)
         if images:
-            visual = self.visual_inputs(pixel_codes, semantic_codes).to(embeds.dtype)
+            visual = self.visual_inputs(pixel_codes, semantic_codes, drawn).to(embeds.dtype)
             embeds = embeds.masked_scatter(slots.unsqueeze(-1), visual)
         return embeds
 
@@ -363,7 +387,7 @@ class DualTokenMLLM(nn.Module):
 
     def forward(self, batch: MLLMBatch) -> MLLMLoss:
         """Text cross-entropy + per-depth visual cross-entropy of both vocabularies (docs/METHOD.md "Generation"), weighted."""
-        embeds = self.embed(batch.input_ids, batch.pixel_codes, batch.semantic_codes)
+        embeds = self.embed(batch.input_ids, batch.pixel_codes, batch.semantic_codes, batch.generate)
         out = self.llm(
             inputs_embeds=embeds,
             attention_mask=batch.attention_mask,
@@ -381,7 +405,8 @@ class DualTokenMLLM(nn.Module):
         states = out.hidden_states[-1][rows, cols - 1]  # (M_gen·N, width)
         visual = {}
         for branch in BRANCHES:
-            codes = self.prefix(getattr(batch, f"{branch}_codes")[batch.generate], branch).flatten(0, 2)  # (M_gen·N, Q)
+            drawn = self.prefix(getattr(batch, f"{branch}_codes")[batch.generate], branch, drawn=True)
+            codes = drawn.flatten(0, 2)  # (M_gen·N, Q) of the depths it predicts
             per_depth = self.head(branch).losses(
                 states, codes, self.code_tables.vectors(codes[:, :-1], branch), self.code_tables.codebook(branch)
             )  # (Q,) summed over the M_gen·N positions
