@@ -179,7 +179,7 @@ class OnnxRuntime:
         with torch.inference_mode(False):  # the exporter traces: no inference tensors, even inside a caller's mode
             for name, writer in ((self.TAPS, export_taps_graph), (self.PIXELS, export_pixels_graph)):
                 if not (folder / name).is_file():
-                    _write_atomically(folder / name, lambda path, writer=writer: writer(tokenizer, path))
+                    write_atomically(folder / name, lambda path, writer=writer: writer(tokenizer, path))
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1
@@ -206,7 +206,7 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(tensor.detach().cpu().numpy())
 
 
-def _write_atomically(path: Path, write) -> None:
+def write_atomically(path: Path, write) -> None:
     """``write(temporary path)`` then rename: a reader never sees half a graph, concurrent writers are harmless."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".part")

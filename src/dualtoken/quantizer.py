@@ -172,14 +172,13 @@ def residual_codes(
     scores = vectors.new_empty(min(block_rows, rows), codebook.shape[0])  # (B, K) reused by every block
     kernel = _search_kernel(codebook.shape[0], vectors, codebook, gram) if compiled and gram is not None else None
     if kernel is not None:  # the first pass as -r.e by one matmul; the half squared norms and every depth compiled
-        negated_t = codebook_t.neg()  # (D, K) exact
+        negated_t = codebook_t.neg().contiguous()  # (D, K) exact
         slack_units = [float32_dot_slack(width, level) for level in range(depth)]
         book, gram = codebook.contiguous(), gram.contiguous()
         for start in range(0, rows, block_rows):
             residual = vectors[start : start + block_rows].clone()  # (B, D)
-            block = torch.mm(residual, negated_t, out=scores[: residual.shape[0]])
-            kernel.gram_codes(block, gram, book, half_sq, code_norms, residual, codes[start : start + block_rows],
-                              slack_units)
+            kernel.gram_codes(residual, negated_t, gram, book, half_sq, code_norms, codes[start : start + block_rows],
+                              slack_units, scores[: residual.shape[0]])
         return codes
     gathered = torch.empty_like(scores) if gram is not None else None  # (B, K) Gram rows, reused: no allocation
     for start in range(0, rows, block_rows):
@@ -232,7 +231,8 @@ class GramCache:
         if self.gram is None:
             self.rows += rows
             if self.rows * (depth - 1) >= codebook.shape[0]:
-                self.gram = codebook @ codebook.t()  # (K, K)
+                kernel = _search_kernel(codebook.shape[0], codebook)  # its GEMM where it serves the search
+                self.gram = kernel.matmul(codebook, codebook.t()) if kernel else codebook @ codebook.t()  # (K, K)
         return self.gram
 
 

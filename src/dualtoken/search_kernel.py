@@ -12,6 +12,12 @@ rounding bound above its best takes the best (the first index on ties); the othe
 window in float64 and take the nearest, the lowest code on ties. So the codes are the exact nearest ones, as the
 PyTorch loop's are.
 
+The first pass's matmul (``-r.E^T``, 2 R K D FLOP) runs in the same threads, each on its own rows, through ONNX
+Runtime's float32 GEMM (MLAS) on the calling thread: about twice PyTorch's MKL at these shapes on the CPUs measured
+(docs/PERFORMANCE.md), and no second pool of OpenMP threads spinning on the cores the compiled loop needs. Without
+ONNX Runtime it is one ``torch.mm`` before the rows are split. Any float32 GEMM keeps the search exact: the rounding
+bound holds for every order of summation.
+
 Rows are split across ``torch.get_num_threads()`` Python threads (the compiled function releases the GIL), so no
 numba threading layer is involved and concurrent callers (``serve``'s workers) are safe. The compiled code is cached
 under ``$NUMBA_CACHE_DIR`` (by default ``~/.cache/dualtoken/numba``), so a new process loads it in a fraction of a
@@ -27,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .backend import cache_root
+from .backend import cache_root, onnxruntime_available, write_atomically
 
 os.environ.setdefault("NUMBA_CACHE_DIR", str(cache_root() / "numba"))  # read when numba is imported, below
 try:
@@ -147,34 +153,105 @@ if njit is not None:
 
 _pool: ThreadPoolExecutor | None = None
 _pool_threads = 0
+_gemm = None  # the ONNX Runtime session of one MatMul, opened on first use (False: none here)
+MATMUL_GRAPH = "matmul-v1.onnx"
 
 
 def _forget_pool() -> None:
-    """A forked child has none of its parent's threads: it starts its own pool."""
-    global _pool, _pool_threads
-    _pool, _pool_threads = None, 0
+    """A forked child has none of its parent's threads: it starts its own pool and session."""
+    global _pool, _pool_threads, _gemm
+    _pool, _pool_threads, _gemm = None, 0, None
+
+
+def _gemm_session():
+    """ONNX Runtime's session of ``product = a @ b`` (float32, any shapes), run on the calling thread (one intra-op
+    thread: the callers are the search's own threads); None without ONNX Runtime. The 104-byte graph is written
+    once by onnx into the cache folder, so later processes skip importing onnx."""
+    global _gemm
+    if _gemm is None:
+        _gemm = False
+        if onnxruntime_available():
+            import onnxruntime as ort
+
+            path = cache_root() / "onnx" / MATMUL_GRAPH
+            graph: str | bytes = str(path)
+            if not path.is_file():
+                graph = _matmul_graph()
+                try:
+                    write_atomically(path, lambda temporary: temporary.write_bytes(graph))
+                except OSError:  # a read-only cache folder: built again by the next process
+                    pass
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = options.inter_op_num_threads = 1
+            options.log_severity_level = 3
+            _gemm = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    return _gemm or None
+
+
+def _matmul_graph() -> bytes:
+    """The serialized ONNX graph of ``product = a @ b``, a (n, d) and b (d, k) float32."""
+    from onnx import TensorProto, helper
+
+    def matrix(name: str, rows: str, columns: str):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, [rows, columns])
+
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["product"])], "matmul",
+                              [matrix("a", "n", "d"), matrix("b", "d", "k")], [matrix("product", "n", "k")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def _gemm_into(session, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+    """``out[:] = a @ b`` (all C-contiguous float32) on this thread, the GIL released."""
+    binding = session.io_binding()
+    binding.bind_cpu_input("a", a)
+    binding.bind_cpu_input("b", b)
+    binding.bind_output("product", "cpu", element_type=np.float32, shape=out.shape, buffer_ptr=out.ctypes.data)
+    session.run_with_iobinding(binding)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` (float32 CPU tensors (N, D) and (D, K)) with a's rows split across the search's threads, each
+    through ONNX Runtime's GEMM; ``torch.mm`` without ONNX Runtime. Builds the Gram matrix (16,384^2 x 112: 60 GFLOP)."""
+    session = _gemm_session()
+    if session is None:
+        return torch.mm(a, b)
+    a, b = a.contiguous(), b.contiguous()
+    out = a.new_empty(a.shape[0], b.shape[1])
+    _split_rows(lambda rows, part: _gemm_into(session, rows, b.numpy(), part), a, out)
+    return out
 
 
 os.register_at_fork(after_in_child=_forget_pool)
 
 
 def gram_codes(
-    scores: torch.Tensor,
+    residual: torch.Tensor,
+    negated_t: torch.Tensor,
     gram: torch.Tensor,
     codebook: torch.Tensor,
     half_sq: torch.Tensor,
     code_norms: torch.Tensor,
-    residual: torch.Tensor,
     codes: torch.Tensor,
     slack_unit: list[float],
+    scores: torch.Tensor,
 ) -> None:
-    """Fill ``codes`` (R, Q) int64 from ``scores`` = -residual.E^T (R, K) of ``residual`` (R, D) against a shared
-    codebook (K, D) and its Gram matrix (K, K), all float32 CPU tensors (``half_sq`` (K,): ||e||^2 / 2;
-    ``code_norms`` (K,): ||e||); ``scores`` and ``residual`` are overwritten."""
+    """Fill ``codes`` (R, Q) int64 of ``residual`` (R, D) against a shared codebook (K, D), its negated transpose
+    ``negated_t`` (D, K) and its Gram matrix (K, K), all float32 CPU tensors (``half_sq`` (K,): ||e||^2 / 2;
+    ``code_norms`` (K,): ||e||); ``residual`` is consumed, ``scores`` (R, K) is the work area."""
     norms = code_norms.double().numpy()
     shared = (gram.numpy(), codebook.numpy(), half_sq.numpy())
-    _split_rows(_gram_loop, scores, shared, residual, codes,
-                (np.asarray(slack_unit, dtype=np.float64), norms, float(norms.max())))
+    after = (np.asarray(slack_unit, dtype=np.float64), norms, float(norms.max()))
+    session = _gemm_session()
+    if session is None:
+        torch.mm(residual, negated_t, out=scores)
+    book_t = negated_t.contiguous().numpy()
+
+    def search(rows: np.ndarray, part: np.ndarray, codes_part: np.ndarray) -> None:
+        if session is not None:
+            _gemm_into(session, rows, book_t, part)  # -r.E^T
+        _gram_loop(part, *shared, rows, codes_part, *after)
+
+    _split_rows(search, residual, scores, codes)
 
 
 def per_depth_codes(residual: torch.Tensor, codebooks: torch.Tensor, codes: torch.Tensor, slack_unit: float) -> None:
@@ -184,24 +261,23 @@ def per_depth_codes(residual: torch.Tensor, codebooks: torch.Tensor, codes: torc
     largest = half_sq.mul(2).sqrt().amax(dim=1).double()  # (Q,)
     scores = residual.new_empty(residual.shape[0], codebooks.shape[1])  # (R, K) a work area
     shared = (codebooks.transpose(1, 2).contiguous().numpy(), codebooks.contiguous().numpy(), half_sq.numpy())
-    _split_rows(_direct_loop, scores, shared, residual, codes, (slack_unit, largest.numpy()))
+    after = (slack_unit, largest.numpy())
+    _split_rows(lambda rows, part, codes_part: _direct_loop(part, *shared, rows, codes_part, *after),
+                residual, scores, codes)
 
 
-def _split_rows(loop, scores: torch.Tensor, shared: tuple, residual: torch.Tensor, codes: torch.Tensor,
-                after: tuple) -> None:
-    """``loop(scores, *shared, residual, codes, *after)`` with the rows split across ``torch.get_num_threads()``
-    threads (the compiled loops release the GIL)."""
+def _split_rows(work, *tensors: torch.Tensor) -> None:
+    """``work(*row slices as numpy arrays)`` of ``tensors`` (the same rows each) with the rows split across
+    ``torch.get_num_threads()`` threads (the compiled loops and ONNX Runtime release the GIL)."""
     global _pool, _pool_threads
-    threads = max(1, min(torch.get_num_threads(), scores.shape[0]))
+    rows = tensors[0].shape[0]
+    threads = max(1, min(torch.get_num_threads(), rows))
     if threads == 1:
-        loop(scores.numpy(), *shared, residual.numpy(), codes.numpy(), *after)
+        work(*(t.numpy() for t in tensors))
         return
     if _pool is None or _pool_threads < threads:
         _pool, _pool_threads = ThreadPoolExecutor(threads, thread_name_prefix="dualtoken-search"), threads
-    bounds = [round(i * scores.shape[0] / threads) for i in range(threads + 1)]
-    futures = [
-        _pool.submit(loop, scores[a:b].numpy(), *shared, residual[a:b].numpy(), codes[a:b].numpy(), *after)
-        for a, b in zip(bounds, bounds[1:])
-    ]
+    bounds = [round(i * rows / threads) for i in range(threads + 1)]
+    futures = [_pool.submit(work, *(t[a:b].numpy() for t in tensors)) for a, b in zip(bounds, bounds[1:])]
     for future in futures:
         future.result()

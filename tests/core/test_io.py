@@ -137,3 +137,45 @@ def test_background_saver_writes_every_image_and_raises_a_failed_write(tmp_path)
         with BackgroundSaver() as saver:
             saver.save(images[0], blocker / "inside.png")  # its folder is a file: the write fails, and says so
     assert not list(tmp_path.glob(".*tmp*"))  # nothing half-written left behind
+
+
+def test_pngs_are_written_fast_and_lossless_and_other_formats_still_save(tmp_path):
+    from dualtoken.io import PNG_COMPRESS_LEVEL, png_bytes, sample_photos
+
+    photo = sample_photos()[0][1][:256, :256]  # uint8 (256, 256, 3)
+    save_image(photo, tmp_path / "photo.png")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "photo.png")), photo)
+    assert Image.open(BytesIO(png_bytes(photo))).tobytes() == photo.tobytes()
+    Image.fromarray(photo).save(tmp_path / "default.png")  # Pillow's default zlib level, 6
+    fast, default = (tmp_path / "photo.png").stat().st_size, (tmp_path / "default.png").stat().st_size
+    assert PNG_COMPRESS_LEVEL < 6 and fast < 1.15 * default
+    save_image(photo, tmp_path / "photo.jpg")
+    assert Image.open(tmp_path / "photo.jpg").format == "JPEG"
+
+
+def test_read_ahead_keeps_order_reads_on_another_thread_and_raises_in_place():
+    import threading
+
+    from dualtoken.io import read_ahead
+
+    threads = []
+
+    def produce(fail_at=None):
+        for i in range(5):
+            threads.append(threading.current_thread().name)
+            if i == fail_at:
+                raise ImageError(f"item {i} is unreadable")
+            yield i
+
+    assert list(read_ahead(produce())) == [0, 1, 2, 3, 4]
+    assert all(name.startswith("dualtoken-read") for name in threads)
+    got = []
+    with pytest.raises(ImageError, match="item 3 is unreadable"):
+        for item in read_ahead(produce(fail_at=3)):
+            got.append(item)
+    assert got == [0, 1, 2]
+    threads.clear()
+    early = read_ahead(produce())
+    assert next(early) == 0
+    early.close()  # stops with at most one item read ahead
+    assert len(threads) <= 2

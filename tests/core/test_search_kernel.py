@@ -105,3 +105,31 @@ def test_per_depth_codebooks_are_searched_exactly_by_the_compiled_loop(threads, 
         torch.set_num_threads(before)
     monkeypatch.setattr(search_kernel, "available", lambda: False)
     assert torch.equal(quantizer(x).codes, expected)
+
+
+def test_the_first_pass_gives_the_same_codes_through_onnx_runtime_or_torch(monkeypatch):
+    """The first pass's GEMM runs in the search's threads through ONNX Runtime where it is installed, else as one
+    torch.mm: either way the codes are the exact ones, on near-ties too."""
+    vectors, codebook = crowded_case(seed=2)
+    gram = codebook @ codebook.t()
+    expected = per_depth_codes(vectors, codebook, 5)
+    assert search_kernel._gemm_session() is not None  # onnxruntime is a dependency
+    assert (search_kernel.cache_root() / "onnx" / search_kernel.MATMUL_GRAPH).is_file()
+    assert torch.equal(residual_codes(vectors, codebook, 5, 64, gram=gram), expected)
+    monkeypatch.setattr(search_kernel, "_gemm", False)  # as without onnxruntime
+    assert torch.equal(residual_codes(vectors, codebook, 5, 64, gram=gram), expected)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_threaded_matmul_is_a_float32_matmul(threads, monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(301, 112, generator=g), torch.randn(112, 640, generator=g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        product = search_kernel.matmul(a, b.t().contiguous().t())  # any strides
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(product, a.double().mm(b.double()).float(), rtol=0, atol=1e-4)
+    monkeypatch.setattr(search_kernel, "_gemm", False)
+    torch.testing.assert_close(search_kernel.matmul(a, b), a @ b)

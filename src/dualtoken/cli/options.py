@@ -19,7 +19,7 @@ import torch
 from ..backend import BACKENDS, check_backend, explain_backend, set_inference_backend
 from ..data.images import warn_skipped
 from ..errors import DataError, ImageError
-from ..io import list_images, load_image
+from ..io import list_images, load_image, read_ahead
 from ..precision import INFERENCE_PRECISIONS, check_precision, explain, set_inference_precision
 from ..registry import DEFAULT_MODEL, get_config
 from ..tokenizer import DualTokenizer
@@ -157,8 +157,15 @@ def _skip_or_raise(item: str, reason: str, count: int) -> None:
 def image_batches(
     files: list[Path], size: tuple[int, int], batch_size: int, skip: bool = True
 ) -> Iterator[tuple[list[Path], torch.Tensor]]:
-    """(paths, images (B, 3, H, W)) of the readable files, ``batch_size`` at a time; unreadable ones are skipped
-    (``skip=False``, for a single input: the ImageError of the only image is the command's error)."""
+    """(paths, images (B, 3, H, W)) of the readable files, ``batch_size`` at a time, the next batch read while the
+    caller works on this one; unreadable ones are skipped (``skip=False``, for a single input: the ImageError of the
+    only image is the command's error)."""
+    return read_ahead(_read_batches(files, size, batch_size, skip))
+
+
+def _read_batches(
+    files: list[Path], size: tuple[int, int], batch_size: int, skip: bool
+) -> Iterator[tuple[list[Path], torch.Tensor]]:
     paths, images = [], []
     for path in files:
         try:

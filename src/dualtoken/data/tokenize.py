@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from ..errors import DataError, ImageError
+from ..io import read_ahead
 from ..process_group import in_process_group, join_process_group
 from ..tokenfile import save_tokens
 from .images import decode_record, warn_skipped
@@ -187,7 +188,7 @@ def encode_dataset(
     writers: dict[int, _UnitWriter] = {}
     summaries, files = [], []
     bar = tqdm(total=len(todo), desc=f"encode (rank {rank})", unit="unit", disable=not progress or not todo)
-    for batch in loader:
+    for batch in read_ahead(loader) if loader.num_workers == 0 else loader:  # the next batch read meanwhile
         unit = batch["unit"]
         writer = writers.setdefault(
             unit, _UnitWriter(out, unit, shard_size, model, sizes, tokenizer.name_or_path)
