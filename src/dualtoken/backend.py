@@ -24,6 +24,7 @@ import os
 import tempfile
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,8 @@ BACKENDS = ("auto", "torch", "onnxruntime")
 
 _inference_backend = "auto"
 _lock = threading.Lock()  # one export at a time per process (serve's worker threads share a model)
+_pool: ThreadPoolExecutor | None = None  # the CPU path's worker threads (the graphs' batches, the exact search)
+_pool_threads = 0
 
 
 class BackendWarning(UserWarning):
@@ -164,8 +167,37 @@ def cache_dir() -> Path:
     return cache_root() / "onnx"
 
 
+def split_rows(work, *arrays):
+    """``[work(*row slices of arrays), ...]`` with the rows (the first dimension, the same in every array) split in
+    ``torch.get_num_threads()`` contiguous parts, each on its own thread; the parts' results in row order. ``work``
+    must release the GIL (compiled code, ONNX Runtime) for the threads to run at once."""
+    global _pool, _pool_threads
+    rows = arrays[0].shape[0]
+    threads = max(1, min(torch.get_num_threads(), rows))
+    if threads == 1:
+        return [work(*arrays)]
+    if _pool is None or _pool_threads < threads:
+        _pool, _pool_threads = ThreadPoolExecutor(threads, thread_name_prefix="dualtoken-cpu"), threads
+    bounds = [round(i * rows / threads) for i in range(threads + 1)]
+    futures = [_pool.submit(work, *(a[start:end] for a in arrays)) for start, end in zip(bounds, bounds[1:])]
+    return [future.result() for future in futures]
+
+
+def _forget_pool() -> None:
+    """A forked child has none of its parent's threads: it starts its own pool."""
+    global _pool, _pool_threads
+    _pool, _pool_threads = None, 0
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 class OnnxRuntime:
-    """Two ONNX Runtime sessions of one tokenizer: image -> latents at both taps, pixel codes -> image."""
+    """ONNX Runtime sessions of one tokenizer's two graphs: image -> latents at both taps, pixel codes -> image.
+
+    A batch of at least as many images as threads is split across the threads, each image run by a one-thread
+    session on its own core (on 2 cores about 1.2x one session with two intra-op threads, docs/PERFORMANCE.md); a
+    smaller batch runs on one session with every thread, for the latency of a single image."""
 
     TAPS = "taps.onnx"
     PIXELS = "pixels.onnx"
@@ -180,25 +212,36 @@ class OnnxRuntime:
             for name, writer in ((self.TAPS, export_taps_graph), (self.PIXELS, export_pixels_graph)):
                 if not (folder / name).is_file():
                     write_atomically(folder / name, lambda path, writer=writer: writer(tokenizer, path))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        # no busy-waiting between runs: the exact search runs in torch on the same cores right after each graph
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.log_severity_level = 3
-        providers = ["CPUExecutionProvider"]
-        self.taps = ort.InferenceSession(str(folder / self.TAPS), options, providers=providers)
-        self.pixels = ort.InferenceSession(str(folder / self.PIXELS), options, providers=providers)
+        self.threads = torch.get_num_threads()
+        self.sessions = {}  # (graph, intra-op threads) -> session
+        for name in (self.TAPS, self.PIXELS):
+            for threads in {self.threads, 1}:
+                options = ort.SessionOptions()
+                options.intra_op_num_threads = threads
+                options.inter_op_num_threads = 1
+                # no busy-waiting between runs: the exact search runs on the same cores right after each graph
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                options.log_severity_level = 3
+                self.sessions[name, threads] = ort.InferenceSession(
+                    str(folder / name), options, providers=["CPUExecutionProvider"]
+                )
         self.folder = folder
+
+    def _run(self, graph: str, name: str, batch: np.ndarray) -> list[np.ndarray]:
+        """The graph's outputs of ``batch``, split across the threads when it has an image for each."""
+        if batch.shape[0] < self.threads:
+            return self.sessions[graph, self.threads].run(None, {name: batch})
+        parts = split_rows(lambda part: self.sessions[graph, 1].run(None, {name: part}), batch)
+        return [np.concatenate(outputs) for outputs in zip(*parts)]
 
     def latents(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (B, 3, H, W) -> (pixel latent, semantic latent), each (B, h*w, D) float32."""
-        pixel, semantic = self.taps.run(None, {"images": _numpy(images)})
+        pixel, semantic = self._run(self.TAPS, "images", _numpy(images))
         return torch.from_numpy(pixel), torch.from_numpy(semantic)
 
     def decode(self, pixel_codes: torch.Tensor) -> torch.Tensor:
         """Pixel codes (B, h, w, k) -> images (B, 3, H, W) float32, unclamped."""
-        (images,) = self.pixels.run(None, {"pixel_codes": _numpy(pixel_codes.long())})
+        (images,) = self._run(self.PIXELS, "pixel_codes", _numpy(pixel_codes.long()))
         return torch.from_numpy(images)
 
 

@@ -28,12 +28,11 @@ from __future__ import annotations
 
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
-from .backend import cache_root, onnxruntime_available, write_atomically
+from .backend import cache_root, onnxruntime_available, split_rows, write_atomically
 
 os.environ.setdefault("NUMBA_CACHE_DIR", str(cache_root() / "numba"))  # read when numba is imported, below
 try:
@@ -151,16 +150,14 @@ if njit is not None:
     _gram_loop = njit(cache=True, nogil=True)(_gram_loop)
     _direct_loop = njit(cache=True, nogil=True)(_direct_loop)
 
-_pool: ThreadPoolExecutor | None = None
-_pool_threads = 0
 _gemm = None  # the ONNX Runtime session of one MatMul, opened on first use (False: none here)
 MATMUL_GRAPH = "matmul-v1.onnx"
 
 
-def _forget_pool() -> None:
-    """A forked child has none of its parent's threads: it starts its own pool and session."""
-    global _pool, _pool_threads, _gemm
-    _pool, _pool_threads, _gemm = None, 0, None
+def _forget_session() -> None:
+    """A forked child opens its own session."""
+    global _gemm
+    _gemm = None
 
 
 def _gemm_session():
@@ -221,7 +218,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-os.register_at_fork(after_in_child=_forget_pool)
+os.register_at_fork(after_in_child=_forget_session)
 
 
 def gram_codes(
@@ -267,17 +264,6 @@ def per_depth_codes(residual: torch.Tensor, codebooks: torch.Tensor, codes: torc
 
 
 def _split_rows(work, *tensors: torch.Tensor) -> None:
-    """``work(*row slices as numpy arrays)`` of ``tensors`` (the same rows each) with the rows split across
-    ``torch.get_num_threads()`` threads (the compiled loops and ONNX Runtime release the GIL)."""
-    global _pool, _pool_threads
-    rows = tensors[0].shape[0]
-    threads = max(1, min(torch.get_num_threads(), rows))
-    if threads == 1:
-        work(*(t.numpy() for t in tensors))
-        return
-    if _pool is None or _pool_threads < threads:
-        _pool, _pool_threads = ThreadPoolExecutor(threads, thread_name_prefix="dualtoken-search"), threads
-    bounds = [round(i * rows / threads) for i in range(threads + 1)]
-    futures = [_pool.submit(work, *(t[a:b].numpy() for t in tensors)) for a, b in zip(bounds, bounds[1:])]
-    for future in futures:
-        future.result()
+    """``work(*row slices as numpy arrays)`` of ``tensors`` (the same rows each), the rows split across the CPU
+    path's threads (:func:`dualtoken.backend.split_rows`; the compiled loops and ONNX Runtime release the GIL)."""
+    split_rows(work, *(t.numpy() for t in tensors))

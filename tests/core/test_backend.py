@@ -141,3 +141,25 @@ def test_shipped_model_on_kodak(shared_data):
         assert (fast.semantic != eager.semantic).float().mean() <= 0.001
         reference = tokenizer.decode(eager.pixel, precision="fp32", backend="torch")
         assert (tokenizer.decode(eager.pixel, backend="onnxruntime") - reference).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_a_batch_split_across_threads_gives_what_one_image_at_a_time_gives(tiny_tokenizer, tiny_images, threads):
+    images = torch.cat([tiny_images, tiny_images.flip(-1), tiny_images.flip(-2)])  # (6, 3, H, W)
+    codes = tiny_tokenizer.encode(images, precision="fp32", backend="torch").pixel
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        runtime = backend_module.OnnxRuntime(tiny_tokenizer.eval())
+        assert {threads, 1} == {t for _, t in runtime.sessions}
+        for batch in (1, 2, 5, 6):  # below, at and above the thread count: whole or split
+            latents = runtime.latents(images[:batch])
+            decoded = runtime.decode(codes[:batch])
+            one_by_one = [runtime.latents(images[i : i + 1]) for i in range(batch)]
+            for branch in (0, 1):
+                expected = torch.cat([parts[branch] for parts in one_by_one])
+                torch.testing.assert_close(latents[branch], expected, rtol=0, atol=1e-5)
+            expected = torch.cat([runtime.decode(codes[i : i + 1]) for i in range(batch)])
+            torch.testing.assert_close(decoded, expected, rtol=0, atol=1e-5)
+    finally:
+        torch.set_num_threads(before)
