@@ -146,9 +146,11 @@ def test_cifar_recipe_runs_every_stage(tmp_path, shared_data, tiny_tokenizer):
 
 def test_the_recipe_passes_a_depth_prefix_a_time_budget_and_exports(tmp_path):
     recipe = _recipe_module()
-    cfg = recipe.RecipeConfig(work=str(tmp_path), pixel_depths=2, semantic_depths=3, max_seconds=60.0, export_every=7)
+    cfg = recipe.RecipeConfig(work=str(tmp_path), pixel_depths=2, semantic_depths=3, predict_pixel_depths=1,
+                              predict_semantic_depths=2, max_seconds=60.0, export_every=7)
     config = recipe.train_config(cfg, "semantic", "dualtoken-efflite0", 300)
     assert (config.model.pixel_depths, config.model.semantic_depths) == (2, 3)
+    assert (config.model.predict_pixel_depths, config.model.predict_semantic_depths) == (1, 2)
     assert (config.max_seconds, config.checkpoint.export_every) == (60.0, 7)
     assert config.model.fusion.inputs == "semantic"
     assert recipe.RecipeConfig().pixel_depths is None and recipe.RecipeConfig().semantic_depths is None

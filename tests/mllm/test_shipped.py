@@ -38,7 +38,8 @@ def shipped() -> DualTokenMLLM:
 def test_it_loads_by_name_with_the_embedded_tokenizer_at_128_px(shipped):
     assert NAME in list_mllms() and NAME not in list_models()  # not a tokenizer name
     assert shipped.config.tokenizer == "dualtoken-efflite0" and shipped.config.tokenizer_image_size == 128
-    assert shipped.image_size == (128, 128) and shipped.depths == {"pixel": 2, "semantic": 2}
+    assert shipped.image_size == (128, 128) and shipped.depths == {"pixel": 4, "semantic": 8}  # reads every depth
+    assert shipped.predict_depths == {"pixel": 2, "semantic": 2}  # draws the first 2 of each
     assert shipped.config.sampling.cfg_scale == 5.0  # its best measured guidance, the default of `generate`
     embedded = DualTokenizer.from_pretrained("dualtoken-efflite0").state_dict()
     for key, value in shipped.visual_tokenizer.state_dict().items():
