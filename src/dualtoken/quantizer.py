@@ -218,7 +218,8 @@ def _search_kernel(codebook_size: int, *tensors: torch.Tensor):
 class GramCache:
     """The Gram matrix E E^T (K, K) of a quantizer's codebook for :func:`residual_codes`, built once the rows
     searched at the current codebook would have paid for it (rows x (Q - 1) >= K: its one matmul costs what K rows'
-    search of one depth costs) and kept while the codebook stays equal to the copy it was built from."""
+    search of one depth costs) and kept while the codebook stays equal to the copy it was built from. On a CPU it is
+    mapped at once from the cache folder where an earlier process stored it (:func:`dualtoken.search_kernel.gram_matrix`)."""
 
     def __init__(self) -> None:
         self.source: torch.Tensor | None = None  # (K, D) the codebook the rows were counted at
@@ -226,13 +227,14 @@ class GramCache:
         self.rows = 0
 
     def get(self, codebook: torch.Tensor, rows: int, depth: int) -> torch.Tensor | None:
+        kernel = _search_kernel(codebook.shape[0], codebook)
         if self.source is None or self.source.shape != codebook.shape or not torch.equal(self.source, codebook):
-            self.source, self.gram, self.rows = codebook.clone(), None, 0
+            self.source, self.rows = codebook.clone(), 0
+            self.gram = kernel.stored_gram(codebook) if kernel else None
         if self.gram is None:
             self.rows += rows
             if self.rows * (depth - 1) >= codebook.shape[0]:
-                kernel = _search_kernel(codebook.shape[0], codebook)  # its GEMM where it serves the search
-                self.gram = kernel.matmul(codebook, codebook.t()) if kernel else codebook @ codebook.t()  # (K, K)
+                self.gram = kernel.gram_matrix(codebook) if kernel else codebook @ codebook.t()  # (K, K)
         return self.gram
 
 

@@ -133,3 +133,31 @@ def test_the_threaded_matmul_is_a_float32_matmul(threads, monkeypatch):
     torch.testing.assert_close(product, a.double().mm(b.double()).float(), rtol=0, atol=1e-4)
     monkeypatch.setattr(search_kernel, "_gemm", False)
     torch.testing.assert_close(search_kernel.matmul(a, b), a @ b)
+
+
+def test_the_gram_matrix_is_stored_when_built_a_second_time_and_mapped_from_then_on(tmp_path, monkeypatch):
+    """A codebook met once (training's evaluations) leaves a marker only; built again (the next command), its Gram
+    matrix is stored, and from then on mapped instead of built, with the same codes. A damaged file is ignored."""
+    monkeypatch.setenv("DUALTOKEN_CACHE", str(tmp_path))
+    vectors, codebook = crowded_case(seed=5)
+    expected = per_depth_codes(vectors, codebook, 4)
+    assert search_kernel.stored_gram(codebook) is None
+    first = search_kernel.gram_matrix(codebook)  # the first build: a marker
+    files = sorted(p.name for p in (tmp_path / "gram").iterdir())
+    assert len(files) == 1 and files[0].endswith(".seen")
+    second = search_kernel.gram_matrix(codebook)  # the second: stored on a worker thread
+    search_kernel._storing.submit(lambda: None).result()  # wait for the write
+    mapped = search_kernel.stored_gram(codebook)
+    assert mapped is not None and torch.equal(mapped, second) and torch.equal(first, second)
+    torch.testing.assert_close(mapped, codebook.double().mm(codebook.double().t()).float(), rtol=0, atol=1e-4)
+    assert torch.equal(residual_codes(vectors, codebook, 4, gram=mapped), expected)
+    q = ResidualQuantizer(QuantizerConfig(codebook_size=512, code_dim=80, depth=4)).eval()
+    q.codebook.copy_(codebook)
+    assert torch.equal(q(vectors[:3]).codes, expected[:3])  # 3 rows: too few to build it, but it is mapped
+    assert q._gram_cache.gram is not None
+    other = codebook.clone()
+    other[0, 0] += 1
+    assert search_kernel.stored_gram(other) is None  # another codebook, another file
+    path = next((tmp_path / "gram").glob("*.npy"))
+    path.write_bytes(path.read_bytes()[:1000])  # truncated
+    assert search_kernel.stored_gram(codebook) is None
