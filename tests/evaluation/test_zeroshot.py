@@ -78,3 +78,10 @@ def test_a_classifier_head_backbone_scores_with_its_own_logits():
 def test_no_pretrained_folder_means_no_zero_shot_and_says_why(tiny_tokenizer):
     classifier, reason = build_classifier(tiny_tokenizer, EvalConfig(), None)
     assert classifier is None and "pretrained" in reason
+
+
+def test_zero_shot_classifiers_are_kept_under_the_package_cache_folder(tmp_path, monkeypatch):
+    from dualtoken.evaluation.semantic import default_cache_dir
+
+    monkeypatch.setenv("DUALTOKEN_CACHE", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "zeroshot"

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ..backbones.base import Backbone
 from ..backbones.siglip import resolve_pretrained
+from ..backend import cache_root
 from ..errors import CheckpointError, DualTokenError
 from .config import EvalConfig
 from .templates import OPENAI_IMAGENET_TEMPLATES
@@ -73,7 +74,8 @@ def pretrained_folder(tokenizer) -> Path | None:
 
 
 def default_cache_dir() -> Path:
-    return Path.home() / ".cache" / "dualtoken" / "zeroshot"
+    """Where zero-shot classifiers are kept: ``zeroshot`` under the package's cache folder (``$DUALTOKEN_CACHE``)."""
+    return cache_root() / "zeroshot"
 
 
 def build_classifier(tokenizer, config: EvalConfig, classes_path: Path | None) -> tuple[Classifier | None, str | None]:
