@@ -196,7 +196,7 @@ class OnnxRuntime:
     """ONNX Runtime sessions of one tokenizer's two graphs: image -> latents at both taps, pixel codes -> image.
 
     A batch of at least as many images as threads is split across the threads, each image run by a one-thread
-    session on its own core (on 2 cores about 1.2x one session with two intra-op threads, docs/PERFORMANCE.md); a
+    session on its own core (on 2 cores about 1.1x one session with two intra-op threads, docs/PERFORMANCE.md); a
     smaller batch runs on one session with every thread, for the latency of a single image."""
 
     TAPS = "taps.onnx"
