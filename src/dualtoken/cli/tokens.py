@@ -160,16 +160,15 @@ def reconstruct_files(
     _check_depth(depth, tokenizer.pixel_depth)
     rows = []
     bar = _progress(len(files), "reconstruct")
-    with torch.inference_mode():
+    with torch.inference_mode(), BackgroundSaver() as saver:  # PNGs written while the next batch runs
         for paths, images in image_batches(files, tokenizer.image_size, batch_size, skip):
             tokens = tokenizer.encode(images)
             pixel = tokens.pixel if depth is None else tokens.pixel[..., :depth]
             recon = tokenizer.decode(pixel)
             scores_psnr, scores_ssim = psnr(recon, images), ssim(recon, images)
             for i, path in enumerate(paths):
-                save_image(side_by_side(images[i], recon[i]), out / f"{path.stem}_reconstruction.png")
-                maps = token_figure(tokenizer, tokens.pixel[i], tokens.semantic[i])
-                save_image(maps, out / f"{path.stem}_tokens.png")
+                saver.save(side_by_side(images[i], recon[i]), out / f"{path.stem}_reconstruction.png")
+                saver.save(token_figure(tokenizer, tokens.pixel[i], tokens.semantic[i]), out / f"{path.stem}_tokens.png")
                 rows.append(
                     {
                         "image": str(path),
