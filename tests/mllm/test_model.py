@@ -304,10 +304,29 @@ def test_the_mllm_trains_saves_and_draws_on_a_tokenizer_pair(mllm_config, tiny_i
     assert drawn.images.shape == (1, 3, 64, 64)
 
 
-def test_a_prefix_of_depths_is_read_trained_generated_saved_and_loaded(make_mllm, tiny_codes, mixed_batch, tmp_path):
+def _train_save_load_and_draw(model, codes, mixed_batch, folder):
+    """One training step, a save / load round trip and a drawing, each of the depths the model predicts; the loaded
+    model and its drawing."""
     from dualtoken.mllm import DualTokenMLLM
     from dualtoken.mllm.generation import generate_images
 
+    predicted = model.predict_depths
+    losses = model.train()(mixed_batch(model, codes))
+    assert losses.pixel_per_depth.shape == (predicted["pixel"],)
+    assert losses.semantic_per_depth.shape == (predicted["semantic"],)
+    losses.loss.backward()
+    assert all(p.grad is not None for p in (*model.semantic_head.parameters(), *model.fusion.parameters()))
+    model.save_pretrained(folder)
+    loaded = DualTokenMLLM.from_pretrained(folder)
+    assert loaded.depths == model.depths and loaded.predict_depths == predicted
+    drawn = generate_images(loaded, ["Draw a dog."], cfg_scale=2.0, seed=1)
+    assert drawn.pixel_codes.shape == (1, 8, 8, predicted["pixel"])
+    assert drawn.semantic_codes.shape == (1, 8, 8, predicted["semantic"])
+    torch.testing.assert_close(drawn.images, loaded.visual_tokenizer.decode(drawn.pixel_codes))
+    return loaded, drawn
+
+
+def test_a_prefix_of_depths_is_read_trained_generated_saved_and_loaded(make_mllm, tiny_codes, mixed_batch, tmp_path):
     model = make_mllm(pixel_depths=2, semantic_depths=1)
     assert model.depths == {"pixel": 2, "semantic": 1}
     assert model.pixel_head.depth == 2 and model.semantic_head.depth == 1
@@ -321,20 +340,11 @@ def test_a_prefix_of_depths_is_read_trained_generated_saved_and_loaded(make_mllm
     assert not torch.allclose(model.visual_inputs((pixel + 1) % 256, semantic), vectors)
     with pytest.raises(DataError, match="reads the first 2"):
         model.visual_inputs(pixel[..., :1], semantic)
-    losses = model.train()(mixed_batch(model, tiny_codes))
-    assert losses.pixel_per_depth.shape == (2,) and losses.semantic_per_depth.shape == (1,)
-    losses.loss.backward()
-    assert all(p.grad is not None for p in model.semantic_head.parameters())
-    model.save_pretrained(tmp_path / "mllm")
-    loaded = DualTokenMLLM.from_pretrained(tmp_path / "mllm")
-    assert loaded.depths == {"pixel": 2, "semantic": 1}
-    drawn = generate_images(loaded, ["Draw a dog."], cfg_scale=2.0, seed=1)
-    assert drawn.pixel_codes.shape == (1, 8, 8, 2) and drawn.semantic_codes.shape == (1, 8, 8, 1)
-    torch.testing.assert_close(drawn.images, loaded.visual_tokenizer.decode(drawn.pixel_codes))
+    assert model.predict_depths == model.depths  # it draws what it reads
+    _train_save_load_and_draw(model, tiny_codes, mixed_batch, tmp_path / "mllm")
 
 
 def test_it_can_read_every_depth_and_draw_a_prefix(make_mllm, tiny_codes, mixed_batch, tmp_path):
-    from dualtoken.mllm import DualTokenMLLM
     from dualtoken.mllm.generation import generate_images
 
     model = make_mllm(predict_pixel_depths=2, predict_semantic_depths=1)
@@ -351,18 +361,10 @@ def test_it_can_read_every_depth_and_draw_a_prefix(make_mllm, tiny_codes, mixed_
     fed_back = model.fuse(pixel[1:, ..., :2].flatten(1, 2), semantic[1:, ..., :1].flatten(1, 2))
     torch.testing.assert_close(read[1:], fed_back)
     torch.testing.assert_close(model.visual_inputs(pixel, semantic)[0], read[0])
-    losses = model.train()(mixed_batch(model, tiny_codes))
-    assert losses.pixel_per_depth.shape == (2,) and losses.semantic_per_depth.shape == (1,)
-    losses.loss.backward()
-    assert all(p.grad is not None for p in model.fusion.parameters())
-    model.save_pretrained(tmp_path / "mllm")
-    loaded = DualTokenMLLM.from_pretrained(tmp_path / "mllm")
-    assert loaded.depths == {"pixel": 4, "semantic": 4} and loaded.predict_depths == model.predict_depths
-    images = generate_images(loaded, ["Draw a dog."], cfg_scale=2.0, seed=1)
+    loaded, drawn = _train_save_load_and_draw(model, tiny_codes, mixed_batch, tmp_path / "mllm")
+    assert loaded.depths == {"pixel": 4, "semantic": 4}
     uncached = generate_images(loaded, ["Draw a dog."], cfg_scale=2.0, seed=1, use_cache=False)
-    assert images.pixel_codes.shape == (1, 8, 8, 2) and images.semantic_codes.shape == (1, 8, 8, 1)
-    assert torch.equal(images.pixel_codes, uncached.pixel_codes)
-    torch.testing.assert_close(images.images, loaded.visual_tokenizer.decode(images.pixel_codes))
+    assert torch.equal(drawn.pixel_codes, uncached.pixel_codes) and torch.equal(drawn.semantic_codes, uncached.semantic_codes)
 
 
 def test_it_cannot_draw_more_depths_than_it_reads(make_mllm):
